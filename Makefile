@@ -1,0 +1,30 @@
+# Two commands do all the set-up: `make demo` and `make test`. Each creates .venv and installs
+# what is missing on first use.
+VENV   ?= .venv
+PYTHON ?= python3
+STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+export ALIGN_CACHE_DIR ?= $(CURDIR)/.align/cache
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.align/cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test bench lint
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[api,worker,dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/align train examples/tiny-sft-dpo.yaml --fresh
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[bench]'
+	$(VENV)/bin/python bench/dpo_vs_trl.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check align services workers tests bench
