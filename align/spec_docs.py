@@ -1,0 +1,69 @@
+"""The job-spec reference in Markdown, generated from the field docstrings of :mod:`align.spec`."""
+
+from __future__ import annotations
+
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from align import spec
+
+SECTIONS = [
+    ("Job", spec.JobSpec),
+    ("adapter", spec.AdapterSpec),
+    ("quantization", spec.QuantizationSpec),
+    ("deepspeed", spec.DeepSpeedSpec),
+    ("resources", spec.ResourcesSpec),
+    ("stages[].data", spec.DataSpec),
+    ("Stage `sft`", spec.SFTStage),
+    ("Stage `rm`", spec.RewardModelStage),
+    ("Stage `dpo`", spec.DPOStage),
+]
+
+
+def _type_name(annotation) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " or ".join(f"`{a}`" for a in args)
+    if origin in (Union, UnionType):
+        names = dict.fromkeys(_type_name(a) for a in args if a is not type(None))
+        return " or ".join(names)
+    if origin is list:
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is Annotated:
+        return _type_name(args[0])
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping (below)" if annotation.__name__ != "JobSpec" else "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default(field) -> str:
+    if field.default is PydanticUndefined:
+        return "required"
+    value = field.default
+    if isinstance(value, BaseModel):
+        return "see below"
+    return f"`{value!r}`" if value is not None else "unset"
+
+
+def render_markdown() -> str:
+    lines = [
+        "# Job spec reference",
+        "",
+        "Generated from `align/spec.py` (`align spec-docs`); a test keeps it in step with the code.",
+        "Unknown fields are refused. YAML and JSON carry the same fields.",
+        "",
+    ]
+    for title, model in SECTIONS:
+        lines += [f"## {title}", ""]
+        if model.__doc__ and model.__module__ == spec.__name__ and title.startswith("Stage"):
+            lines += [model.__doc__.strip(), ""]
+        lines += ["| field | type | default | meaning |", "|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            meaning = (field.description or "").replace("|", "\\|").replace("\n", " ")
+            kind = _type_name(field.annotation)
+            lines.append(f"| `{name}` | {kind} | {_default(field)} | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""The job spec: examples validate, bad fields are named, cross-field rules hold, layering is kept."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from align.spec import JobSpec, SpecError, load_spec, parse_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def base(**changes) -> dict:
+    spec = {"name": "job", "base_model": "builtin:tiny", "stages": [{"type": "sft", "data": {"path": "d.jsonl"}}]}
+    spec.update(changes)
+    return spec
+
+
+def errors_of(data: dict) -> dict[str, str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    return dict(info.value.errors)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_validates(path):
+    job = load_spec(path)
+    assert job.stages
+
+
+def test_examples_exist():
+    names = {p.name for p in (REPO / "examples").glob("*.yaml")}
+    assert {"tiny-sft-dpo.yaml", "tiny-rm.yaml"} <= names
+
+
+def test_yaml_and_json_give_the_same_job(tmp_path):
+    data = base(stages=[{"type": "sft", "data": {"path": "a.jsonl"}}, {"type": "dpo", "data": {"path": "p.jsonl"}}])
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / "job.json").write_text(json.dumps(data))
+    from_yaml, from_json = load_spec(tmp_path / "job.yaml"), load_spec(tmp_path / "job.json")
+    assert from_yaml == from_json
+    assert from_yaml.hash() == from_json.hash()
+    assert from_yaml.stage_names() == ["sft", "dpo"]
+
+
+def test_defaults_are_filled():
+    job = parse_spec(base())
+    assert job.adapter.type == "lora" and job.adapter.r == 16
+    assert job.deepspeed.zero_stage == 0 and job.deepspeed.precision == "bf16"
+    assert job.resources.num_workers == 1
+    assert job.stages[0].lr == 2e-4
+
+
+def test_unknown_field_is_named():
+    errors = errors_of(base(stages=[{"type": "sft", "data": {"path": "x"}, "learning_rate": 1e-4}]))
+    assert errors == {"stages[0].learning_rate": "unknown field; remove it or check its spelling"}
+
+
+def test_bad_enum_value_names_field_value_and_choices():
+    errors = errors_of(base(stages=[{"type": "dpo", "data": {"path": "x"}, "loss": "kto"}]))
+    message = errors["stages[0].loss"]
+    assert "'sigmoid', 'ipo', 'hinge' or 'robust'" in message and "'kto'" in message
+
+
+def test_unknown_stage_type_lists_types():
+    assert errors_of(base(stages=[{"type": "orpo", "data": {"path": "x"}}])) == {
+        "stages[0]": "unknown stage type 'orpo'; use one of sft, rm, dpo"
+    }
+
+
+def test_ppo_is_reserved():
+    errors = errors_of(base(stages=[{"type": "ppo", "data": {"path": "x"}}]))
+    assert "reserved" in errors["stages[0].type"]
+
+
+def test_missing_data_is_named():
+    assert errors_of(base(stages=[{"type": "sft"}])) == {"stages[0].data": "required field is missing"}
+
+
+def test_qlora_with_zero3_is_refused_with_reason():
+    errors = errors_of(base(quantization={"bits": 4}, deepspeed={"zero_stage": 3}))
+    assert "ZeRO-3 shards parameters" in errors["quantization"]
+
+
+def test_quantized_full_fine_tuning_is_refused():
+    errors = errors_of(base(quantization={"bits": 4}, adapter={"type": "full"}))
+    assert "frozen" in errors["quantization"]
+
+
+def test_offload_needs_zero():
+    errors = errors_of(base(deepspeed={"zero_stage": 0, "offload_optimizer": True}))
+    assert "zero_stage 1, 2 or 3" in errors["deepspeed.offload_optimizer"]
+
+
+def test_label_smoothing_only_for_sigmoid_and_robust():
+    errors = errors_of(base(stages=[{"type": "dpo", "data": {"path": "x"}, "loss": "hinge", "label_smoothing": 0.1}]))
+    assert "only applies to loss 'sigmoid' or 'robust'" in errors["stages[0].label_smoothing"]
+
+
+def test_prompt_length_below_max_length():
+    errors = errors_of(base(stages=[{"type": "dpo", "data": {"path": "x"}, "max_length": 64, "max_prompt_length": 64}]))
+    assert "must be below max_length" in errors["stages[0].max_prompt_length"]
+
+
+def test_duplicate_stage_names_refused_and_repeated_types_numbered():
+    errors = errors_of(base(stages=[{"type": "sft", "name": "a", "data": {"path": "x"}},
+                                    {"type": "dpo", "name": "a", "data": {"path": "x"}}]))
+    assert "used twice" in errors["stages[1].name"]
+    job = parse_spec(base(stages=[{"type": "sft", "data": {"path": "x"}}, {"type": "sft", "data": {"path": "y"}}]))
+    assert job.stage_names() == ["sft-0", "sft-1"]
+
+
+def test_remote_and_unknown_models_refused():
+    assert "remote location" in errors_of(base(base_model="https://example.org/model"))["base_model"]
+    assert "builtin:tiny" in errors_of(base(base_model="builtin:huge"))["base_model"]
+
+
+def test_range_errors_name_the_value():
+    errors = errors_of(base(stages=[{"type": "sft", "data": {"path": "x"}, "lr": -1}]))
+    assert "greater than 0" in errors["stages[0].lr"] and "-1" in errors["stages[0].lr"]
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no docstring"
+            for arg in getattr(field.annotation, "__args__", ()) + (field.annotation,):
+                if isinstance(arg, type) and hasattr(arg, "model_fields"):
+                    walk(arg)
+
+    walk(JobSpec)
+    from align.spec import DPOStage, RewardModelStage, SFTStage
+
+    for stage in (SFTStage, RewardModelStage, DPOStage):
+        walk(stage)
+
+
+def test_training_library_imports_no_service_code():
+    forbidden = {"fastapi", "sqlalchemy", "alembic", "ray", "starlette", "services", "workers"}
+    for path in (REPO / "align").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in forbidden, f"{path.relative_to(REPO)} imports {name}"
+
+
+def test_spec_reference_in_docs_is_current():
+    from align.spec_docs import render_markdown
+
+    assert (REPO / "docs" / "spec.md").read_text() == render_markdown() + "\n", "run: align spec-docs > docs/spec.md"
