@@ -1,0 +1,269 @@
+"""Turning validated rows into token ids and loss masks with the tokenizer's chat template.
+
+Every row is rendered as a conversation by ``tokenizer.apply_chat_template``. The loss mask is the
+template's assistant mask (the ``{% generation %}`` spans): 1 on the tokens of assistant replies,
+their closing EOS included, 0 on system and user turns and on the role headers. It is never derived
+from ``input_ids != pad_id``, which would lose the EOS when the pad token is the EOS token.
+
+Truncation policy
+-----------------
+SFT rows longer than ``max_length``:
+
+* ``"right"`` keeps the first ``max_length`` tokens (the end of the reply, EOS included, is lost);
+* ``"left"`` removes tokens from the start of the prompt side and keeps the final assistant reply
+  whole; a final reply longer than ``max_length`` on its own is cut on the right instead;
+* ``"drop"`` skips the row.
+
+Preference rows: the prompt is cut from the left to ``max_prompt_length`` tokens, then each reply is
+cut on the right so that prompt + reply fits in ``max_length``.
+
+Prompts for generation are cut from the left to ``max_prompt_length``.
+
+A row left with no loss tokens after truncation (or whose prompt alone fills ``max_length``) is
+skipped: the tokenize functions return ``None`` and ``tokenize_dataset`` counts it as dropped.
+"""
+
+import logging
+from typing import Any, Literal
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from align.data.load import Format, Kind, split_implicit_prompt
+from align.data.templates import DEFAULT_CHAT_TEMPLATE, END_OF_TURN
+
+logger = logging.getLogger(__name__)
+
+Truncation = Literal["right", "left", "drop"]
+Message = dict[str, Any]
+
+
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a tokenizer without a chat template ``DEFAULT_CHAT_TEMPLATE``."""
+    if tokenizer.chat_template:
+        return
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.convert_tokens_to_ids(END_OF_TURN) in (None, tokenizer.unk_token_id):
+        logger.warning(
+            "The tokenizer has no chat template and no %s token; the default template will spell %s "
+            "out as text, so the model will not learn to stop with a single EOS token.",
+            END_OF_TURN,
+            END_OF_TURN,
+        )
+
+
+def _as_messages(value: str | list[Message], role: str) -> list[Message]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return [{"role": message["role"], "content": message["content"]} for message in value]
+
+
+def sft_conversation(row: dict[str, Any], fmt: Format) -> list[Message]:
+    """The whole conversation of an SFT row: a ``prompt`` string becomes a user turn, a ``completion``
+    string an assistant turn."""
+    if fmt == "messages":
+        return _as_messages(row["messages"], "user")
+    if fmt == "prompt_completion":
+        return _as_messages(row["prompt"], "user") + _as_messages(row["completion"], "assistant")
+    raise ValueError(f"format {fmt!r} is not an SFT format; expected 'messages' or 'prompt_completion'")
+
+
+def preference_conversations(
+    row: dict[str, Any], fmt: Format
+) -> tuple[list[Message], list[Message], list[Message]]:
+    """The prompt turns and the chosen and rejected reply turns of a preference row."""
+    if fmt == "preference":
+        prompt = _as_messages(row["prompt"], "user")
+        return prompt, _as_messages(row["chosen"], "assistant"), _as_messages(row["rejected"], "assistant")
+    if fmt == "preference_conversational":
+        chosen, rejected = (
+            _as_messages(row["chosen"], "assistant"),
+            _as_messages(row["rejected"], "assistant"),
+        )
+        if row.get("prompt") is not None:
+            return _as_messages(row["prompt"], "user"), chosen, rejected
+        return split_implicit_prompt(chosen, rejected)
+    raise ValueError(
+        f"format {fmt!r} is not a preference format; expected 'preference' or 'preference_conversational'"
+    )
+
+
+def prompt_and_reference(row: dict[str, Any], fmt: Format) -> tuple[list[Message], str | None]:
+    """The prompt turns of a row of any format, and the text of its reference answer if it has one."""
+    if fmt == "prompt":
+        return _as_messages(row["prompt"], "user"), None
+    if fmt == "prompt_completion":
+        completion = row.get("completion")
+        reference = None if completion is None else _as_messages(completion, "assistant")[-1]["content"]
+        return _as_messages(row["prompt"], "user"), reference
+    if fmt == "messages":
+        messages = _as_messages(row["messages"], "user")
+        if messages[-1]["role"] == "assistant":
+            return messages[:-1], messages[-1]["content"]
+        return messages, None
+    prompt, chosen, _ = preference_conversations(row, fmt)
+    return prompt, chosen[-1]["content"]
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and the template's assistant mask."""
+    encoding = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    input_ids, assistant_mask = list(encoding["input_ids"]), list(encoding["assistant_masks"])
+    if not any(assistant_mask) and any(message["role"] == "assistant" for message in messages):
+        raise ValueError(
+            "The tokenizer's chat template marks no assistant tokens: it needs {% generation %} ... "
+            "{% endgeneration %} around assistant replies (see align.data.templates.DEFAULT_CHAT_TEMPLATE)."
+        )
+    return input_ids, assistant_mask
+
+
+def _render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
+    """Token ids of the prompt turns followed by the template's generation prompt."""
+    encoding = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=True
+    )
+    return list(encoding["input_ids"])
+
+
+def _reply_tokens(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[Message], prompt_ids: list[int], reply: list[Message]
+) -> tuple[list[int], list[int]]:
+    """The tokens that follow ``prompt_ids`` when the reply is rendered after the prompt, with their mask."""
+    input_ids, assistant_mask = _render(tokenizer, prompt + reply)
+    if input_ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(
+            "The chat template renders the prompt with its generation prompt differently from the start "
+            "of the same conversation with the reply, so prompt and reply tokens cannot be separated. "
+            "Fix the template's add_generation_prompt branch to emit exactly the text that opens an "
+            "assistant turn."
+        )
+    return input_ids[len(prompt_ids) :], assistant_mask[len(prompt_ids) :]
+
+
+def _final_reply_start(loss_mask: list[int]) -> int:
+    """Index of the first token of the last run of loss tokens (the final assistant reply)."""
+    start = len(loss_mask)
+    while start > 0 and not loss_mask[start - 1]:
+        start -= 1
+    while start > 0 and loss_mask[start - 1]:
+        start -= 1
+    return start
+
+
+def tokenize_sft(
+    row: dict[str, Any],
+    fmt: Format,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    truncation: Truncation = "right",
+) -> dict[str, list[int]] | None:
+    """``{"input_ids", "loss_mask"}`` of an SFT row, or ``None`` if truncation leaves nothing to learn.
+
+    See the module docstring for the truncation policy.
+    """
+    ensure_chat_template(tokenizer)
+    input_ids, loss_mask = _render(tokenizer, sft_conversation(row, fmt))
+    if len(input_ids) > max_length:
+        if truncation == "drop":
+            return None
+        if truncation == "right":
+            keep = slice(0, max_length)
+        elif truncation == "left":
+            reply_start = _final_reply_start(loss_mask)
+            if len(input_ids) - reply_start <= max_length:
+                keep = slice(len(input_ids) - max_length, len(input_ids))
+            else:
+                keep = slice(reply_start, reply_start + max_length)
+        else:
+            raise ValueError(f"truncation must be 'right', 'left' or 'drop', got {truncation!r}")
+        input_ids, loss_mask = input_ids[keep], loss_mask[keep]
+    if not any(loss_mask):
+        return None
+    return {"input_ids": input_ids, "loss_mask": loss_mask}
+
+
+def tokenize_preference(
+    row: dict[str, Any],
+    fmt: Format,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int | None = None,
+) -> dict[str, Any] | None:
+    """Chosen and rejected sequences sharing one rendering of the prompt.
+
+    Returns ``chosen_input_ids``, ``chosen_loss_mask``, ``rejected_input_ids``, ``rejected_loss_mask``
+    and ``prompt_length`` (both sequences start with the same ``prompt_length`` tokens, masked 0), or
+    ``None`` when the prompt leaves no room for a reply token under ``max_length``.
+    """
+    ensure_chat_template(tokenizer)
+    prompt, chosen, rejected = preference_conversations(row, fmt)
+    prompt_ids = _render_prompt(tokenizer, prompt)
+    chosen_ids, chosen_mask = _reply_tokens(tokenizer, prompt, prompt_ids, chosen)
+    rejected_ids, rejected_mask = _reply_tokens(tokenizer, prompt, prompt_ids, rejected)
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
+    reply_room = max_length - len(prompt_ids)
+    chosen_ids, chosen_mask = chosen_ids[:reply_room], chosen_mask[:reply_room]
+    rejected_ids, rejected_mask = rejected_ids[:reply_room], rejected_mask[:reply_room]
+    if reply_room <= 0 or not any(chosen_mask) or not any(rejected_mask):
+        return None
+    prompt_mask = [0] * len(prompt_ids)
+    return {
+        "chosen_input_ids": prompt_ids + chosen_ids,
+        "chosen_loss_mask": prompt_mask + chosen_mask,
+        "rejected_input_ids": prompt_ids + rejected_ids,
+        "rejected_loss_mask": prompt_mask + rejected_mask,
+        "prompt_length": len(prompt_ids),
+    }
+
+
+def tokenize_prompt(
+    row: dict[str, Any],
+    fmt: Format,
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_length: int | None = None,
+) -> dict[str, Any]:
+    """``{"prompt_input_ids"}`` (generation prompt appended, cut from the left to ``max_prompt_length``),
+    plus ``"reference"``, the text of the completion or chosen answer, when the row has one."""
+    ensure_chat_template(tokenizer)
+    prompt, reference = prompt_and_reference(row, fmt)
+    prompt_ids = _render_prompt(tokenizer, prompt)
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
+    features: dict[str, Any] = {"prompt_input_ids": prompt_ids}
+    if reference is not None:
+        features["reference"] = reference
+    return features
+
+
+def tokenize_dataset(
+    dataset: datasets.Dataset,
+    fmt: Format,
+    kind: Kind,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    truncation: Truncation = "right",
+) -> tuple[list[dict[str, Any]], int]:
+    """Tokenize every row for ``kind``; returns the features and how many rows were dropped.
+
+    For ``kind="prompt"`` prompts are cut to ``max_prompt_length``, or to ``max_length`` if that is unset.
+    """
+    features: list[dict[str, Any]] = []
+    dropped = 0
+    for row in dataset:
+        if kind == "sft":
+            tokenized = tokenize_sft(row, fmt, tokenizer, max_length, truncation)
+        elif kind == "preference":
+            tokenized = tokenize_preference(row, fmt, tokenizer, max_length, max_prompt_length)
+        elif kind == "prompt":
+            tokenized = tokenize_prompt(row, fmt, tokenizer, max_prompt_length or max_length)
+        else:
+            raise ValueError(f"unknown dataset kind {kind!r}; expected one of 'sft', 'preference', 'prompt'")
+        if tokenized is None:
+            dropped += 1
+        else:
+            features.append(tokenized)
+    return features, dropped
