@@ -1,0 +1,132 @@
+"""Direct preference optimisation losses and their metrics.
+
+All functions take sequence log-probs of shape (batch,) (see ``align.ops.sequence_logprobs``) and
+return per-pair values, unreduced; the stage sums them and applies ``align.ops.accumulation_scale``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from align.losses.reward import pairwise_accuracy
+
+DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust"]
+
+
+class DPOOutput(NamedTuple):
+    """Per-pair DPO loss and implicit rewards, each (batch,)."""
+
+    losses: Tensor
+    """Differentiable per-pair loss."""
+    chosen_rewards: Tensor
+    """Detached ``β · (log π(y_c|x) - log π_ref(y_c|x))``."""
+    rejected_rewards: Tensor
+    """Detached ``β · (log π(y_r|x) - log π_ref(y_r|x))``."""
+
+
+def _check_arguments(beta: float, loss_type: str, label_smoothing: float) -> None:
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if loss_type not in get_args(DPOLossType):
+        raise ValueError(f"loss_type must be one of {list(get_args(DPOLossType))}, got {loss_type!r}")
+    if loss_type == "sigmoid" and not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(
+            f"label_smoothing must be in [0, 0.5] for loss_type 'sigmoid' (cDPO), got {label_smoothing!r}"
+        )
+    if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(
+            f"label_smoothing must be in [0, 0.5) for loss_type 'robust' (rDPO divides by "
+            f"1 - 2·label_smoothing), got {label_smoothing!r}"
+        )
+    if loss_type in ("hinge", "ipo") and label_smoothing != 0.0:
+        raise ValueError(
+            f"label_smoothing applies only to loss_type 'sigmoid' and 'robust'; "
+            f"got label_smoothing={label_smoothing!r} with loss_type {loss_type!r}"
+        )
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    loss_type: DPOLossType = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> DPOOutput:
+    """Preference loss on the log-ratio margin between chosen and rejected responses.
+
+    With ``h = (log π(y_c|x) - log π_ref(y_c|x)) - (log π(y_r|x) - log π_ref(y_r|x))``, β = ``beta``
+    and ε = ``label_smoothing``:
+
+    - ``sigmoid``: ``-(1-ε)·log σ(βh) - ε·log σ(-βh)``. Rafailov et al. 2023 (DPO), Eq. 7;
+      ε > 0 is conservative DPO (Mitchell 2023, cDPO): the label is assumed flipped with
+      probability ε. Requires 0 ≤ ε ≤ 0.5.
+    - ``robust``: ``((1-ε)·(-log σ(βh)) + ε·log σ(-βh)) / (1 - 2ε)``. Chowdhury et al. 2024
+      (rDPO), an unbiased estimate of the clean-label loss under flip rate ε. Requires 0 ≤ ε < 0.5.
+    - ``hinge``: ``relu(1 - βh)``. SLiC-HF (Zhao et al. 2023) with the reference log-ratio; 1/β is
+      the margin.
+    - ``ipo``: ``(h - 1/(2β))²``. Azar et al. 2023 (IPO), Eq. 17, β playing τ. The paper uses
+      summed log-probs; TRL passes length-averaged log-probs here, and callers may do the same.
+
+    Args:
+        policy_chosen_logps: (batch,) ``log π(y_c|x)``, differentiable.
+        policy_rejected_logps: (batch,) ``log π(y_r|x)``, differentiable.
+        reference_chosen_logps: (batch,) ``log π_ref(y_c|x)``.
+        reference_rejected_logps: (batch,) ``log π_ref(y_r|x)``.
+        beta: β > 0, strength of the KL constraint to the reference.
+        loss_type: one of ``DPOLossType``.
+        label_smoothing: ε, only for ``sigmoid`` and ``robust``.
+
+    Returns:
+        ``DPOOutput(losses, chosen_rewards, rejected_rewards)``, each (batch,).
+    """
+    _check_arguments(beta, loss_type, label_smoothing)
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    epsilon = label_smoothing
+
+    if loss_type == "sigmoid":
+        losses = -(1 - epsilon) * F.logsigmoid(beta * h) - epsilon * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = ((1 - epsilon) * -F.logsigmoid(beta * h) + epsilon * F.logsigmoid(-beta * h)) / (
+            1 - 2 * epsilon
+        )
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        losses = (h - 1 / (2 * beta)) ** 2
+
+    return DPOOutput(
+        losses=losses,
+        chosen_rewards=beta * chosen_logratios.detach(),
+        rejected_rewards=beta * rejected_logratios.detach(),
+    )
+
+
+def chosen_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """Length-normalised negative log-likelihood of the chosen response, ``-log π(y_c|x) / |y_c|``.
+
+    The NLL term of RPO (Pang et al. 2024, Iterative Reasoning Preference Optimization): the stage
+    adds ``α · chosen_nll`` to the DPO loss to keep the chosen responses likely.
+
+    Args:
+        policy_chosen_logps: (batch,) summed log-probs of the scored chosen tokens.
+        chosen_lengths: (batch,) number of scored chosen tokens; clamped to at least 1.
+
+    Returns:
+        (batch,) differentiable per-pair NLL.
+    """
+    return -policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
+
+
+def implicit_reward_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+    """(batch,) detached float: 1.0 where the implicit chosen reward is strictly higher (ties 0)."""
+    return pairwise_accuracy(chosen_rewards, rejected_rewards)
