@@ -1,0 +1,104 @@
+"""Load a base model and its tokenizer: safetensors only, never remote code, never a hub download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from align.data.templates import DEFAULT_CHAT_TEMPLATE
+from align.spec import QuantizationSpec
+
+
+class ModelError(ValueError):
+    """A base model that cannot be used; the message says which and why."""
+
+
+def resolve_base_model(base_model: str) -> Path:
+    """Turn a spec's ``base_model`` into a local model folder."""
+    if base_model == "builtin:tiny":
+        from align.tiny import build_tiny
+
+        return build_tiny()
+    path = Path(base_model).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"base_model: '{base_model}' is not a local model folder; give a folder with config.json")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"base_model: '{base_model}' has no config.json; is it a Hugging Face model folder?")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(
+            f"base_model: '{base_model}' has no *.safetensors weights; align loads safetensors only "
+            "(convert .bin weights with `transformers` save_pretrained(safe_serialization=True))"
+        )
+    return path
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _bnb_config(q: QuantizationSpec, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def _load(auto_class, path: Path, dtype: torch.dtype, quantization: QuantizationSpec | None, **kwargs):
+    options = dict(trust_remote_code=False, local_files_only=True, use_safetensors=True, dtype=dtype, **kwargs)
+    if quantization is not None:
+        options["quantization_config"] = _bnb_config(quantization, dtype)
+        options["device_map"] = {"": _device()}
+    model = auto_class.from_pretrained(path, **options)
+    if quantization is not None:
+        disable_bnb_cpu_inference_repack(model)
+    return model
+
+
+def _device() -> str:
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
+def load_causal_lm(path: Path, dtype: torch.dtype, quantization: QuantizationSpec | None = None) -> PreTrainedModel:
+    return _load(AutoModelForCausalLM, path, dtype, quantization)
+
+
+def load_reward_model(
+    path: Path, dtype: torch.dtype, pad_token_id: int, quantization: QuantizationSpec | None = None
+) -> PreTrainedModel:
+    """The base model with a one-output sequence-classification head (the reward)."""
+    model = _load(AutoModelForSequenceClassification, path, dtype, quantization, num_labels=1)
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def disable_bnb_cpu_inference_repack(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes 4-bit layers on their training kernel on CPUs with AVX512-BF16.
+
+    A ``Linear4bit`` called without gradients in ``eval()`` mode (a reference pass, ``generate``)
+    otherwise repacks its weight for an inference kernel that has no autograd; backward passes after
+    that give wrong LoRA gradients with only a warning. Returns the number of layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed

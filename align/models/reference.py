@@ -1,0 +1,58 @@
+"""The reference policy: the stage's starting policy, frozen, without a second copy of the base weights."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+REFERENCE_ADAPTER = "reference"
+
+
+class Reference:
+    """Runs forward passes as the starting policy.
+
+    - Fresh adapter on the base: the reference is the base, reached by disabling the adapter.
+    - Adapter continued from an earlier stage: a frozen copy of that adapter is loaded beside the
+      trainable one and switched in for reference passes.
+    - Full fine-tuning has no frozen weights to share; use precomputed reference log-probs instead.
+    """
+
+    def __init__(self, model: torch.nn.Module, start_adapter: Path | None):
+        if not isinstance(model, PeftModel):
+            raise ValueError("a live reference needs an adapter; use reference: precomputed with full fine-tuning")
+        self.model = model
+        self.frozen_copy = start_adapter is not None
+        if self.frozen_copy:
+            model.load_adapter(str(start_adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            model.set_adapter("default")
+            _freeze_adapter(model, REFERENCE_ADAPTER)
+
+    @contextmanager
+    def active(self):
+        """Inside this block the model computes the reference policy (no gradients)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                if self.frozen_copy:
+                    self.model.set_adapter(REFERENCE_ADAPTER)
+                    try:
+                        yield
+                    finally:
+                        self.model.set_adapter("default")
+                        _freeze_adapter(self.model, REFERENCE_ADAPTER)
+                else:
+                    with self.model.disable_adapter():
+                        yield
+        finally:
+            self.model.train(was_training)
+
+
+def _freeze_adapter(model: PeftModel, adapter_name: str) -> None:
+    # peft's set_adapter marks the adapter it activates as trainable; the reference never is.
+    for name, param in model.named_parameters():
+        if f".{adapter_name}." in name:
+            param.requires_grad_(False)
