@@ -1,0 +1,1 @@
+"""DeepSpeed engines built from the job spec, checkpoints, and metrics."""

@@ -1,0 +1,82 @@
+"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG of every rank, data position.
+
+A checkpoint lives in ``<root>/step-<N>/``. DeepSpeed writes the engine state; each rank adds its
+RNG state; ``align_state.json`` is written last, after every rank finished, and marks the checkpoint
+complete. Resuming picks the newest complete checkpoint, so a crash mid-save falls back to the one
+before it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from align.engine.dist import Rank, barrier
+
+MARKER = "align_state.json"
+
+
+def _tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint under ``root``, oldest first."""
+    found = []
+    for marker in Path(root).glob(f"step-*/{MARKER}"):
+        found.append((json.loads(marker.read_text())["step"], marker.parent))
+    return sorted(found)
+
+
+def save_checkpoint(engine, root: Path, step: int, rank: Rank, state: dict, keep: int = 2) -> Path:
+    """Save after optimizer step ``step``; every rank calls this. Keeps the newest ``keep`` checkpoints."""
+    root = Path(root)
+    tag = _tag(step)
+    engine.save_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True, save_latest=False)
+    torch.save(rng_state(), root / tag / f"rng_rank{rank.rank}.pt")
+    barrier()
+    if rank.is_main:
+        (root / tag / MARKER).write_text(json.dumps({"step": step, "world_size": rank.world_size, **state}))
+        for _, old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return root / tag
+
+
+def load_checkpoint(engine, folder: Path, rank: Rank) -> dict:
+    """Restore engine and RNG state from ``folder``; returns the saved align state (its ``step`` included)."""
+    folder = Path(folder)
+    state = json.loads((folder / MARKER).read_text())
+    if state["world_size"] != rank.world_size:
+        raise RuntimeError(
+            f"checkpoint {folder} was written by {state['world_size']} ranks, this run has {rank.world_size}; "
+            "resume with the same resources.num_workers"
+        )
+    engine.load_checkpoint(
+        str(folder.parent), tag=folder.name, load_module_strict=False, load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    set_rng_state(torch.load(folder / f"rng_rank{rank.rank}.pt", weights_only=False))
+    return state

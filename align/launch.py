@@ -1,0 +1,26 @@
+"""Entry point of one rank of a stage: ``python -m align.launch CONTEXT_JSON RESULT_JSON``.
+
+torchrun starts one of these per rank; rank 0 writes where the published artifact lives.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from align.runner import context_from_json, run_stage
+
+
+def main(context_file: str, result_file: str) -> None:
+    ctx = context_from_json(json.loads(Path(context_file).read_text()))
+    ctx.on_metrics = lambda record: print(json.dumps({"stage": ctx.name, **record}), flush=True)
+    result = run_stage(ctx)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        Path(result_file).write_text(json.dumps({"uri": result.artifact.uri, "metrics": result.metrics}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

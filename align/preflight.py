@@ -1,0 +1,28 @@
+"""Checks a job before any training: the base model exists and every stage's data loads and fits its stage.
+
+A bad file in the last stage fails the job before the first stage spends any compute.
+"""
+
+from __future__ import annotations
+
+from align.data import load
+from align.spec import JobSpec
+
+DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference"}
+
+
+def check_job(job: JobSpec, *, check_model: bool = True) -> None:
+    """Raise :class:`DataError` or :class:`ModelError` naming the stage's file, row and column."""
+    from align.stages.common import resolve_data_path
+
+    if check_model and not job.base_model.startswith(("builtin:", "artifact:")):
+        from align.models.load import resolve_base_model
+
+        resolve_base_model(job.base_model)
+    for stage in job.stages:
+        kind = DATA_KIND[stage.type]
+        for location in filter(None, (stage.data.path, stage.data.eval_path)):
+            path = str(resolve_data_path(location))
+            rows = load.load_rows(path)
+            fmt = load.detect_format(rows, kind, path)
+            load.validate_rows(rows, fmt, path, kind=kind)

@@ -1,0 +1,363 @@
+"""What every stage does the same way: its context, data, batch order, model set-up and artifact.
+
+The stage files (sft.py, rm.py, dpo.py) keep their training loop written out; this module holds the
+pieces around the loop so the maths and the bookkeeping live in one place.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from align.artifacts import ArtifactStore, PublishedArtifact
+from align.data import collate, fingerprint, load, tokenize
+from align.engine.checkpoint import complete_checkpoints, load_checkpoint
+from align.engine.dist import Rank, all_reduce_sum, init_distributed
+from align.engine.metrics import MetricsLog
+from align.models.adapters import apply_adapter, save_trainable
+from align.models.load import load_causal_lm, load_reward_model, load_tokenizer, resolve_base_model
+from align.spec import JobSpec
+
+
+@dataclass
+class StageContext:
+    """Everything one stage attempt needs. Built by the local runner or by a Ray worker."""
+
+    job: JobSpec
+    index: int
+    work_dir: Path
+    """This stage's own folder: checkpoints/, metrics.jsonl, the artifact before it is published."""
+    artifact_root: str
+    start_policy: Path | None = None
+    """Local folder of the policy this stage starts from (an earlier stage's artifact), if any."""
+    parents: list[str] = field(default_factory=list)
+    """Artifact ids this stage builds on, recorded in its manifest."""
+    threads: int | None = None
+    resume: bool = True
+    """Continue from the newest complete checkpoint in ``work_dir/checkpoints`` if there is one."""
+    require_checkpoint: bool = False
+    """A retried attempt: finding no checkpoint is an error, never a silent restart from step 0."""
+    on_metrics: Callable[[dict], None] | None = None
+    job_id: str | None = None
+
+    @property
+    def stage(self) -> Any:
+        return self.job.stages[self.index]
+
+    @property
+    def name(self) -> str:
+        return self.job.stage_names()[self.index]
+
+    @property
+    def lineage(self) -> str:
+        return f"{self.job.name}.{self.name}"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.work_dir / "checkpoints"
+
+
+@dataclass
+class StageResult:
+    artifact: PublishedArtifact
+    metrics: dict
+
+
+# --- start-up -------------------------------------------------------------------------------------
+
+
+def start(ctx: StageContext) -> Rank:
+    """Join the process group and seed every generator from the stage seed."""
+    rank = init_distributed(ctx.threads)
+    seed_everything(ctx.stage.seed)
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    return rank
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def dtype_of(job: JobSpec) -> torch.dtype:
+    return torch.bfloat16 if job.deepspeed.precision == "bf16" else torch.float32
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def resolve_data_path(path: str) -> Path:
+    if path.startswith("builtin:"):
+        from align.task import materialize
+
+        return materialize(path)
+    return Path(path)
+
+
+@dataclass
+class StageData:
+    train: list[dict]
+    eval: list[dict]
+    eval_rows: list[dict]
+    """Held-out rows as loaded (before tokenising), for generation-based evaluation."""
+    format: str
+    fingerprints: dict[str, str]
+    dropped: int
+
+
+def load_stage_data(ctx: StageContext, kind: str, tokenizer) -> StageData:
+    """Load, check, split and tokenise the stage's rows. Bad rows raise :class:`DataError`."""
+    spec = ctx.stage.data
+    stage = ctx.stage
+    paths = {"train": resolve_data_path(spec.path)}
+    if spec.eval_path:
+        paths["eval"] = resolve_data_path(spec.eval_path)
+    fingerprints = {name: fingerprint.file_fingerprint(p) for name, p in paths.items()}
+
+    train_ds = load.load_rows(str(paths["train"]))
+    fmt = load.detect_format(train_ds, kind, str(paths["train"]))
+    load.validate_rows(train_ds, fmt, str(paths["train"]), kind=kind)
+    train_rows = list(train_ds)
+    random.Random(stage.seed).shuffle(train_rows)
+    if "eval" in paths:
+        eval_ds = load.load_rows(str(paths["eval"]))
+        eval_fmt = load.detect_format(eval_ds, kind, str(paths["eval"]))
+        load.validate_rows(eval_ds, eval_fmt, str(paths["eval"]), kind=kind)
+        eval_rows = list(eval_ds)
+    else:
+        eval_fmt = fmt
+        held_out = int(round(spec.eval_fraction * len(train_rows)))
+        eval_rows, train_rows = train_rows[:held_out], train_rows[held_out:]
+    if spec.max_rows is not None:
+        train_rows = train_rows[: spec.max_rows]
+
+    max_prompt = getattr(stage, "max_prompt_length", None)
+
+    def encode(rows: list[dict], row_fmt: str) -> tuple[list[dict], int]:
+        out, dropped = [], 0
+        for row in rows:
+            if kind == "sft":
+                item = tokenize.tokenize_sft(row, row_fmt, tokenizer, stage.max_length, stage.truncation)
+            else:
+                item = tokenize.tokenize_preference(row, row_fmt, tokenizer, stage.max_length, max_prompt)
+            if item is None:
+                dropped += 1
+            else:
+                out.append(item)
+        return out, dropped
+
+    train, dropped = encode(train_rows, fmt)
+    evaluation, _ = encode(eval_rows, eval_fmt)
+    if not train:
+        raise load.DataError(str(paths["train"]), None, None, "no usable rows after tokenisation; check max_length")
+    for row in eval_rows:
+        row["_format"] = eval_fmt
+    return StageData(train, evaluation, eval_rows, fmt, fingerprints, dropped)
+
+
+# --- batch order ----------------------------------------------------------------------------------
+
+
+def steps_per_epoch(num_rows: int, global_batch: int) -> int:
+    return max(1, math.ceil(num_rows / global_batch))
+
+
+def total_steps(stage: Any, num_rows: int, world_size: int) -> int:
+    if stage.max_steps is not None:
+        return stage.max_steps
+    global_batch = stage.batch_size * stage.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(stage.epochs * steps_per_epoch(num_rows, global_batch)))
+
+
+def micro_batch_indices(
+    num_rows: int, step: int, batch_size: int, accumulation: int, rank: Rank, seed: int
+) -> list[list[int]]:
+    """Row indices of this rank's micro-batches for optimizer step ``step``.
+
+    The order is a pure function of (seed, step): each epoch is a fresh permutation, a global batch
+    takes the next ``batch_size * accumulation * world_size`` rows of it (wrapping around to the
+    epoch's start to fill the last one), and micro-batch m of rank r takes slice (m * world + r).
+    Resuming at a step therefore needs no saved sampler state, and 8x1 and 2x4 accumulation see
+    the same rows in each step.
+    """
+    global_batch = batch_size * accumulation * rank.world_size
+    epoch, position = divmod(step, steps_per_epoch(num_rows, global_batch))
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_rows, generator=generator).tolist()
+    rows = [order[(position * global_batch + j) % num_rows] for j in range(global_batch)]
+    slices = []
+    for m in range(accumulation):
+        begin = (m * rank.world_size + rank.rank) * batch_size
+        slices.append(rows[begin : begin + batch_size])
+    return slices
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def load_policy(ctx: StageContext):
+    """Tokenizer and trainable policy: the base model, continued from ``start_policy`` when given."""
+    job = ctx.job
+    base = resolve_base_model(job.base_model)
+    tokenizer = load_tokenizer(base)
+    full_start = job.adapter.type == "full" and ctx.start_policy is not None
+    model = load_causal_lm(ctx.start_policy if full_start else base, dtype_of(job), job.quantization)
+    model = apply_adapter(
+        model,
+        job.adapter,
+        task_type="CAUSAL_LM",
+        quantized=job.quantization is not None,
+        init_from=ctx.start_policy if job.adapter.type != "full" else None,
+        gradient_checkpointing=job.deepspeed.gradient_checkpointing,
+    )
+    return tokenizer, model
+
+
+def load_reward_model_for(ctx: StageContext):
+    """Tokenizer and trainable reward model: a scalar head on the starting policy or on the base."""
+    from peft import PeftConfig, PeftModel
+
+    job = ctx.job
+    base = resolve_base_model(job.base_model)
+    tokenizer = load_tokenizer(base)
+    from_policy = ctx.stage.init == "policy" and ctx.start_policy is not None
+    full_start = from_policy and job.adapter.type == "full"
+    model = load_reward_model(
+        ctx.start_policy if full_start else base, dtype_of(job), tokenizer.pad_token_id, job.quantization
+    )
+    if from_policy and not full_start:
+        # The policy's adapter becomes part of the reward model's frozen body.
+        config = PeftConfig.from_pretrained(ctx.start_policy)
+        config.task_type = None  # a causal-LM adapter, applied here to the same body under a reward head
+        model = PeftModel.from_pretrained(model, ctx.start_policy, config=config).merge_and_unload()
+    model = apply_adapter(
+        model,
+        job.adapter,
+        task_type="SEQ_CLS",
+        quantized=job.quantization is not None,
+        gradient_checkpointing=job.deepspeed.gradient_checkpointing,
+    )
+    return tokenizer, model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+class MissingCheckpoint(RuntimeError):
+    pass
+
+
+def resume(ctx: StageContext, engine, rank: Rank, metrics: MetricsLog) -> int:
+    """Restore the newest complete checkpoint; returns the number of optimizer steps already done."""
+    found = complete_checkpoints(ctx.checkpoint_dir) if ctx.resume else []
+    if not found:
+        if ctx.require_checkpoint:
+            raise MissingCheckpoint(
+                f"expected a checkpoint under {ctx.checkpoint_dir} to resume from, found none"
+            )
+        return 0
+    state = load_checkpoint(engine, found[-1][1], rank)
+    metrics.truncate_after(state["step"])
+    return state["step"]
+
+
+# --- metrics and artifact -------------------------------------------------------------------------
+
+
+class Throughput:
+    """Tokens per second over the steps since the last reading, summed over ranks."""
+
+    def __init__(self):
+        import time
+
+        self._clock = time.perf_counter
+        self.start = self._clock()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def read(self) -> float:
+        now = self._clock()
+        (total,) = all_reduce_sum([float(self.tokens)])
+        rate = total / max(now - self.start, 1e-9)
+        self.start, self.tokens = now, 0
+        return rate
+
+
+def publish(
+    ctx: StageContext,
+    model: torch.nn.Module,
+    tokenizer,
+    rank: Rank,
+    *,
+    kind: str,
+    metrics: dict,
+    fingerprints: dict[str, str],
+) -> StageResult:
+    """Save what the stage trained and publish it as a versioned artifact (manifest written last)."""
+    out_dir = ctx.work_dir / "artifact"
+    save_trainable(model, out_dir, ctx.job.deepspeed.zero_stage, write=rank.is_main)
+    published = None
+    if rank.is_main:
+        tokenizer.save_pretrained(out_dir)
+        metrics_file = ctx.work_dir / "metrics.jsonl"
+        if metrics_file.exists():
+            (out_dir / "metrics.jsonl").write_bytes(metrics_file.read_bytes())
+        published = ArtifactStore(ctx.artifact_root).publish(
+            out_dir,
+            lineage=ctx.lineage,
+            kind=kind,
+            stage={"type": ctx.stage.type, "index": ctx.index, "name": ctx.name},
+            base_model=ctx.job.base_model,
+            spec_hash=ctx.job.hash(),
+            parents=list(ctx.parents),
+            data_fingerprints=fingerprints,
+            metrics=metrics,
+            job={"id": ctx.job_id, "name": ctx.job.name},
+        )
+    published = _broadcast(published)
+    return StageResult(published, metrics)
+
+
+def _broadcast(obj):
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def final_metrics(records: list[dict], keys: list[str]) -> dict:
+    """The last value of each key among the logged records."""
+    out: dict[str, Any] = {}
+    for record in records:
+        for key in keys:
+            if key in record:
+                out[key] = record[key]
+    return out
+
+
+def collate_for(kind: str):
+    return collate.collate_sft if kind == "sft" else collate.collate_preference

@@ -1,0 +1,201 @@
+"""Stage behaviour on a small model in one process: numbers, resume, accumulation, artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.artifacts import ArtifactStore, sha256_file
+from align.runner import run_job
+from align.stages.common import MissingCheckpoint, StageContext
+
+
+def metrics_of(work: Path, stage: str) -> list[dict]:
+    return [json.loads(line) for line in (work / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(records: list[dict]) -> list[float]:
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def adapter_digest(artifact_dir: Path) -> str:
+    tensors = load_file(artifact_dir / "adapter_model.safetensors")
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def sft_stage(path: Path, **extra) -> dict:
+    stage = {"type": "sft", "data": {"path": str(path)}, "batch_size": 4, "max_steps": 6, "lr": 1e-3,
+             "checkpoint_every": 3, "seed": 7}
+    stage.update(extra)
+    return stage
+
+
+class StopAt(Exception):
+    pass
+
+
+def test_sft_artifact_file_set_and_manifest(small_model, small_data, job_factory, tmp_path):
+    job = job_factory(small_model, [sft_stage(small_data["sft"], data={"path": str(small_data["sft"]),
+                                                                         "eval_fraction": 0.25})])
+    (result,) = run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
+
+    folder = Path(result.artifact.uri)
+    assert folder == tmp_path / "artifacts" / "test.sft" / "v1"
+    files = {p.name for p in folder.iterdir()}
+    assert files == {
+        "adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer.json", "tokenizer_config.json",
+        "chat_template.jinja", "metrics.jsonl", "manifest.json",
+    }
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["files"]) == files - {"manifest.json"}
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256_file(folder / name)
+    assert manifest["base_model"] == str(small_model)
+    assert manifest["spec_hash"] == job.hash()
+    assert manifest["stage"] == {"type": "sft", "index": 0, "name": "sft"}
+    assert manifest["data_fingerprints"]["train"].startswith("sha256:")
+    assert manifest["metrics"]["steps"] == 6
+    assert math.isfinite(manifest["metrics"]["eval_loss"])
+    ArtifactStore(str(tmp_path / "artifacts")).verify(result.artifact.uri)
+
+    # The adapter loads back with peft and changes the model's output.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(small_model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, folder)
+    assert not torch.allclose(tuned(ids).logits, before)
+
+
+def test_full_fine_tuning_loss_falls_and_saves_full_weights(small_model, small_data, job_factory, tmp_path):
+    job = job_factory(small_model, [sft_stage(small_data["sft"], max_steps=20, lr=3e-3)], adapter={"type": "full"})
+    (result,) = run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
+    losses = train_losses(metrics_of(tmp_path / "work", "sft"))
+    assert len(losses) == 20
+    assert losses[-1] < 0.6 * losses[0]
+    assert result.artifact.manifest.kind == "full"
+    assert (Path(result.artifact.uri) / "model.safetensors").is_file()
+
+
+def test_accumulation_8x1_equals_2x4(small_model, small_data, job_factory, tmp_path):
+    """Token-weighted loss over the optimizer step: same loss and same update for 8x1 and 2x4."""
+    results = {}
+    for batch, accumulation in [(8, 1), (2, 4)]:
+        job = job_factory(small_model, [sft_stage(small_data["sft"], batch_size=batch,
+                                                  gradient_accumulation_steps=accumulation, max_steps=3)])
+        work = tmp_path / f"{batch}x{accumulation}"
+        (result,) = run_job(job, work_root=work, artifact_root=str(tmp_path / f"a{batch}"))
+        results[(batch, accumulation)] = (train_losses(metrics_of(work, "sft")), Path(result.artifact.uri))
+    (losses_a, dir_a), (losses_b, dir_b) = results.values()
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    a, b = load_file(dir_a / "adapter_model.safetensors"), load_file(dir_b / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_reproduces_uninterrupted_run(small_model, small_data, job_factory, tmp_path):
+    job = job_factory(small_model, [sft_stage(small_data["sft"], max_steps=7, checkpoint_every=3)],
+                      adapter={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.1})
+    (straight,) = run_job(job, work_root=tmp_path / "straight", artifact_root=str(tmp_path / "a1"))
+
+    def crash_after_step_5(stage, record):
+        if record.get("step") == 5 and "loss" in record:
+            raise StopAt()
+
+    with pytest.raises(StopAt):
+        run_job(job, work_root=tmp_path / "resumed", artifact_root=str(tmp_path / "a2"), on_metrics=crash_after_step_5)
+    checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "sft" / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000003"]
+    (resumed,) = run_job(job, work_root=tmp_path / "resumed", artifact_root=str(tmp_path / "a2"))
+
+    assert train_losses(metrics_of(tmp_path / "resumed", "sft")) == train_losses(metrics_of(tmp_path / "straight", "sft"))
+    assert adapter_digest(Path(resumed.artifact.uri)) == adapter_digest(Path(straight.artifact.uri))
+
+
+def test_retry_without_checkpoint_is_an_error(small_model, small_data, job_factory, tmp_path):
+    from align.runner import run_stage
+
+    job = job_factory(small_model, [sft_stage(small_data["sft"])])
+    ctx = StageContext(job=job, index=0, work_dir=tmp_path / "w", artifact_root=str(tmp_path / "a"),
+                       require_checkpoint=True)
+    with pytest.raises(MissingCheckpoint, match="expected a checkpoint"):
+        run_stage(ctx)
+
+
+def test_dpo_step0_loss_is_ln2_and_reference_is_the_sft_policy(small_model, small_data, job_factory, tmp_path):
+    job = job_factory(
+        small_model,
+        [
+            sft_stage(small_data["sft"], max_steps=4),
+            {"type": "dpo", "data": {"path": str(small_data["prefs"]), "eval_fraction": 0.25}, "batch_size": 4,
+             "max_steps": 3, "beta": 0.1, "lr": 1e-3},
+        ],
+    )
+    sft, dpo = run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
+    records = metrics_of(tmp_path / "work", "dpo")
+    assert records[0]["step"] == 0 and records[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    first = next(r for r in records if r["step"] == 1 and "loss" in r)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert train_losses(records)[-1] < math.log(2)
+    # The DPO adapter continues the SFT adapter; its manifest names SFT as parent.
+    manifest = json.loads((Path(dpo.artifact.uri) / "manifest.json").read_text())
+    assert manifest["parents"] == [sft.artifact.artifact_id]
+    assert adapter_digest(Path(dpo.artifact.uri)) != adapter_digest(Path(sft.artifact.uri))
+
+
+def test_dpo_precomputed_reference_matches_live(small_model, small_data, job_factory, tmp_path):
+    losses = {}
+    for mode in ("live", "precomputed"):
+        job = job_factory(small_model, [{"type": "dpo", "data": {"path": str(small_data["prefs"])}, "batch_size": 4,
+                                         "max_steps": 3, "lr": 1e-3, "reference": mode}])
+        run_job(job, work_root=tmp_path / mode, artifact_root=str(tmp_path / "a" / mode))
+        losses[mode] = train_losses(metrics_of(tmp_path / mode, "dpo"))
+    assert losses["live"] == pytest.approx(losses["precomputed"], abs=1e-5)
+
+
+def test_reward_model_learns_pairs(small_model, small_data, job_factory, tmp_path):
+    job = job_factory(small_model, [{"type": "rm", "data": {"path": str(small_data["prefs"])}, "batch_size": 8,
+                                     "max_steps": 30, "lr": 3e-3, "init": "base"}])
+    (rm,) = run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
+    losses = train_losses(metrics_of(tmp_path / "work", "rm"))
+    assert losses[0] == pytest.approx(math.log(2), abs=0.05)
+    assert losses[-1] < 0.5
+    assert rm.artifact.manifest.kind == "reward_model"
+    saved = load_file(Path(rm.artifact.uri) / "adapter_model.safetensors")
+    assert any("score" in name for name in saved), "the reward head is saved with the adapter"
+
+
+def test_bad_rows_fail_before_training_and_name_file_row_column(small_model, small_data, job_factory, tmp_path):
+    from align.data.load import DataError
+
+    bad = tmp_path / "prefs.jsonl"
+    rows = [json.loads(line) for line in small_data["prefs"].read_text().splitlines()[:10]]
+    rows[6]["chosen"] = None
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = job_factory(small_model, [sft_stage(small_data["sft"]), {"type": "dpo", "data": {"path": str(bad)}}])
+    with pytest.raises(DataError) as info:
+        run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
+    assert "prefs.jsonl" in str(info.value) and "row 6" in str(info.value) and "'chosen'" in str(info.value)
+    assert not (tmp_path / "work").exists(), "the SFT stage must not run when the DPO data is bad"
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_sft_data_in_a_dpo_stage_names_the_missing_columns(small_model, small_data, job_factory, tmp_path):
+    from align.data.load import DataError
+
+    job = job_factory(small_model, [{"type": "dpo", "data": {"path": str(small_data["sft"])}, "max_steps": 2}])
+    with pytest.raises(DataError, match="chosen"):
+        run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
