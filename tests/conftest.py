@@ -84,3 +84,116 @@ def make_job(model: Path, stages: list[dict], **overrides):
 @pytest.fixture
 def job_factory():
     return make_job
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Database fixtures (services/): every test gets a migrated, empty database on SQLite and on Postgres.
+# SQLite: a copy of a file migrated once per session. Postgres: one database per session, created with a
+# random name on the local server, migrated once, emptied before each test and dropped at the end.
+# ---------------------------------------------------------------------------------------------------------
+
+POSTGRES_ADMIN_URL = os.environ.get("ALIGN_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+DB_TABLES = ("events", "artifacts", "stage_runs", "jobs", "api_keys", "tenants")
+
+
+def _postgres_admin():
+    from sqlalchemy import create_engine
+
+    from services.db.session import normalize_url
+
+    return create_engine(normalize_url(POSTGRES_ADMIN_URL), isolation_level="AUTOCOMMIT")
+
+
+def create_postgres_database(prefix: str = "align_test") -> str:
+    """A new empty database on the test server; skips the test when the server cannot be reached."""
+    import secrets
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    engine = _postgres_admin()
+    try:
+        with engine.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as error:
+        pytest.skip(f"no Postgres at {POSTGRES_ADMIN_URL}: {error.orig}")
+    finally:
+        engine.dispose()
+    return POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_postgres_database(url: str) -> None:
+    from sqlalchemy import text
+
+    engine = _postgres_admin()
+    with engine.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def _migrated_sqlite_template(tmp_path_factory) -> Path:
+    from services.db.session import upgrade
+
+    path = tmp_path_factory.mktemp("sqlite-template") / "align.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def _migrated_postgres_url():
+    from services.db.session import upgrade
+
+    url = create_postgres_database()
+    upgrade(url)
+    yield url
+    drop_postgres_database(url)
+
+
+def _empty_postgres(url: str) -> None:
+    from sqlalchemy import text
+
+    from services.db.session import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        # A connection left idle in a transaction would block TRUNCATE: fail loudly instead of hanging.
+        connection.execute(text("SET LOCAL lock_timeout = '10s'"))
+        connection.execute(text(f"TRUNCATE {', '.join(DB_TABLES)} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path) -> str:
+    """A migrated, empty database: a fresh SQLite file, or the session's Postgres database truncated."""
+    import shutil
+
+    if request.param == "sqlite":
+        path = tmp_path / "align.db"
+        shutil.copyfile(request.getfixturevalue("_migrated_sqlite_template"), path)
+        return f"sqlite:///{path}"
+    url = request.getfixturevalue("_migrated_postgres_url")
+    _empty_postgres(url)
+    return url
+
+
+@pytest.fixture
+def session_factory(database_url):
+    """A sessionmaker on ``database_url`` (``expire_on_commit=False``); the engine is disposed afterwards."""
+    from services.db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(database_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_database_url(request, tmp_path):
+    """URL of a database with no tables at all (for migration tests); Postgres ones are dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    url = create_postgres_database("align_migrations")
+    yield url
+    drop_postgres_database(url)

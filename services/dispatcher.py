@@ -1,0 +1,259 @@
+"""The dispatcher: claims queued stage runs, submits one Ray job per attempt and follows it to the end.
+
+One :meth:`Dispatcher.tick` is one pass over the database and Ray's view of it:
+1. stop the Ray jobs of stage runs cancelled while running;
+2. reconcile running stage runs with Ray: success needs an artifact reported by that attempt; a failure
+   is decided by the attempt's "failed" report (none: the worker was lost, retryable); an expired lease
+   is rescued (Ray job stopped, its end confirmed, the stage requeued or failed);
+3. claim queued stage runs (the ones step 2 just queued too) and submit them
+   (``align-<stage_run_id>-a<attempt>``, looked up in Ray first).
+Several dispatchers may run against one database: every change is a guarded, attempt-fenced update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.db import jobs
+from services.db.models import RUNNING, SUCCEEDED, Job, StageRun, utcnow
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PASSED_ENV_VARS = ("ALIGN_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM",
+                   "OMP_NUM_THREADS")
+ACTIVE, ENDED = ("PENDING", "RUNNING"), ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class RayJobsLike(Protocol):
+    def submit_job(self, *, entrypoint: str, submission_id: str, runtime_env: dict,
+                   entrypoint_num_cpus: float = 0) -> str: ...
+    def get_job_status(self, submission_id: str) -> str | None: ...
+    def stop_job(self, submission_id: str) -> bool: ...
+    def get_job_info(self, submission_id: str) -> dict | None: ...
+    def get_job_logs(self, submission_id: str) -> str: ...
+
+
+def _is_missing(error: RuntimeError) -> bool:
+    return "status code 404" in str(error) or "does not exist" in str(error)
+
+
+class RayJobs:
+    """The Ray Jobs API as the dispatcher uses it; an unknown submission id reads as None, not an error."""
+
+    def __init__(self, address: str):
+        from ray.job_submission import JobSubmissionClient
+
+        self.address = address
+        self._client = JobSubmissionClient(address)
+
+    @classmethod
+    def connect(cls, ray_address: str | None) -> RayJobs:
+        """Connect to ``ray_address``, or start a local Ray (its dashboard serves the Jobs API)."""
+        if ray_address:
+            return cls(ray_address)
+        import ray
+
+        context = ray.init(include_dashboard=True, ignore_reinit_error=True)
+        return cls("http://" + context.dashboard_url)
+
+    def submit_job(self, *, entrypoint: str, submission_id: str, runtime_env: dict,
+                   entrypoint_num_cpus: float = 0) -> str:
+        return self._client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                       runtime_env=runtime_env, entrypoint_num_cpus=entrypoint_num_cpus)
+
+    def get_job_status(self, submission_id: str) -> str | None:
+        try:
+            return str(self._client.get_job_status(submission_id).value)
+        except RuntimeError as error:
+            if _is_missing(error):
+                return None
+            raise
+
+    def stop_job(self, submission_id: str) -> bool:
+        try:
+            return self._client.stop_job(submission_id)
+        except RuntimeError as error:
+            if _is_missing(error):
+                return False
+            raise
+
+    def get_job_info(self, submission_id: str) -> dict | None:
+        try:
+            info = self._client.get_job_info(submission_id)
+        except RuntimeError as error:
+            if _is_missing(error):
+                return None
+            raise
+        return {"status": str(info.status.value), "message": info.message, "error_type": info.error_type,
+                "start_time": info.start_time, "end_time": info.end_time}
+
+    def get_job_logs(self, submission_id: str) -> str:
+        return self._client.get_job_logs(submission_id)
+
+
+def _failure(run: StageRun, status: str | None) -> tuple[str, str, str | None, bool]:
+    """Why an attempt without a usable result failed: its own "failed" report, else what Ray saw."""
+    if status == "SUCCEEDED":
+        return "no_artifact", "the worker exited without reporting an artifact", None, True
+    if run.error_code is not None:
+        return run.error_code, run.error_message or "", run.error_field, bool(run.retryable)
+    if status is None:
+        return "lease_expired", "Ray has no job for this attempt and its lease expired", None, True
+    message = f"Ray job {status} without a failure report (worker lost, killed or out of memory)"
+    return "worker_lost", message, None, True
+
+
+def default_owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], ray_client: RayJobsLike,
+                 owner_id: str | None = None, entrypoint: str | None = None, max_claims_per_tick: int = 32):
+        self.settings = settings
+        self.session_factory = session_factory
+        self.ray = ray_client
+        self.owner_id = owner_id or default_owner_id()
+        # A local Ray runs the entrypoint with its own PATH: name this interpreter so the venv is used.
+        self.entrypoint = entrypoint or (
+            "python -m workers.entrypoint" if settings.ray_address
+            else f"{shlex.quote(sys.executable)} -m workers.entrypoint"
+        )
+        self.max_claims_per_tick = max_claims_per_tick
+
+    def tick(self) -> None:
+        """One pass: stop cancelled, reconcile running stage runs with Ray, claim and submit."""
+        self.stop_cancelled()
+        self.reconcile()
+        self.claim_and_submit()
+
+    def run_forever(self, stop_event: threading.Event) -> None:
+        """Tick every ``dispatcher_poll_seconds`` until ``stop_event`` is set; a failed tick is logged."""
+        while not stop_event.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("dispatcher tick failed; next in %.1f s", self.settings.dispatcher_poll_seconds)
+            stop_event.wait(self.settings.dispatcher_poll_seconds)
+
+    def stop_cancelled(self) -> None:
+        with self.session_factory() as s:
+            runs = [(r.id, r.attempt, r.submission_id) for r in jobs.cancelled_with_live_submission(s)]
+        for run_id, attempt, submission_id in runs:
+            if self.ray.get_job_status(submission_id) in ACTIVE:
+                self.ray.stop_job(submission_id)
+            if self.ray.get_job_status(submission_id) not in ACTIVE:
+                with self.session_factory.begin() as s:
+                    jobs.release_cancelled(s, run_id, attempt)
+
+    def claim_and_submit(self) -> None:
+        for _ in range(self.max_claims_per_tick):
+            with self.session_factory.begin() as s:
+                run = jobs.claim_next(s, self.owner_id, self.settings.lease_seconds)
+                if run is None:
+                    return
+                ticket = self.ticket(s, run)
+            self.submit(ticket)
+
+    def ticket(self, s: Session, run: StageRun) -> dict[str, Any]:
+        """The attempt ticket the worker reads from ``ALIGN_TICKET``."""
+        job = s.get(Job, run.job_id)
+        start_policy, parents = jobs.stage_inputs(s, run)
+        return {
+            "stage_run_id": run.id,
+            "attempt": run.attempt,
+            "job_id": run.job_id,
+            "spec": job.spec,
+            "index": run.index,
+            "start_policy": start_policy,
+            "parents": parents,
+            "artifact_root": self.settings.artifact_root,
+            "work_dir": f"{self.settings.work_root.rstrip('/')}/{run.job_id}/{run.id}",
+            "require_checkpoint": run.checkpoint_uri is not None,
+            "report_url": f"{self.settings.public_url.rstrip('/')}/internal/reports",
+            "report_token": self.settings.report_token(run.id, run.attempt),
+        }
+
+    def runtime_env(self, ticket: dict[str, Any]) -> dict[str, Any]:
+        env = {name: os.environ[name] for name in PASSED_ENV_VARS if name in os.environ}
+        env["ALIGN_TICKET"] = json.dumps(ticket)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+        return {"env_vars": env}
+
+    def submit(self, ticket: dict[str, Any]) -> None:
+        """Submit one attempt unless Ray already has its submission id (a restarted dispatcher)."""
+        submission_id = jobs.submission_id_for(ticket["stage_run_id"], ticket["attempt"])
+        if self.ray.get_job_status(submission_id) is not None:
+            return
+        self.ray.submit_job(entrypoint=self.entrypoint, submission_id=submission_id,
+                            runtime_env=self.runtime_env(ticket), entrypoint_num_cpus=0)
+        log.info("submitted %s", submission_id)
+
+    def reconcile(self) -> None:
+        with self.session_factory() as s:
+            running = [(r.id, r.attempt) for r in jobs.running_stage_runs(s)]
+        for run_id, attempt in running:
+            try:
+                self.reconcile_one(run_id, attempt)
+            except Exception:
+                log.exception("could not reconcile stage run %s attempt %d", run_id, attempt)
+
+    def reconcile_one(self, run_id: str, attempt: int) -> None:
+        with self.session_factory() as s:
+            run = s.get(StageRun, run_id)
+            if run is None or run.state != RUNNING or run.attempt != attempt:
+                return
+            submission_id, owner = run.submission_id, run.lease_owner
+            rescued = run.error_code == "lease_expired"
+            expired = run.lease_expires_at is not None and run.lease_expires_at < utcnow()
+        status = self.ray.get_job_status(submission_id)
+        if status is None and owner == self.owner_id and not expired:
+            # Claimed but never submitted (a crash or a Ray error in between): submit it now.
+            with self.session_factory() as s:
+                ticket = self.ticket(s, s.get(StageRun, run_id))
+            self.submit(ticket)
+            return
+        if status in ACTIVE and expired:
+            self.rescue(run_id, attempt, submission_id, record=not rescued)
+            status = self.ray.get_job_status(submission_id)
+        elif status == "PENDING":
+            # Ray is still preparing the job: nothing can report yet, so the dispatcher keeps the lease.
+            with self.session_factory.begin() as s:
+                jobs.renew_lease(s, run_id, attempt, self.settings.lease_seconds)
+        if status in ENDED or (status is None and expired):
+            self.finish(run_id, attempt, status)
+
+    def rescue(self, run_id: str, attempt: int, submission_id: str, record: bool = True) -> None:
+        """An expired lease: record why, then stop the Ray job (its end is confirmed before requeueing)."""
+        if record:
+            message = f"no report for {self.settings.lease_seconds:g} s; stopped Ray job {submission_id}"
+            failure = {"code": "lease_expired", "message": message, "field": None, "retryable": True}
+            with self.session_factory.begin() as s:
+                jobs.apply_report(s, run_id, attempt, "failed", failure)
+        self.ray.stop_job(submission_id)
+        log.warning("stage run %s attempt %d: lease expired, stopping %s", run_id, attempt, submission_id)
+
+    def finish(self, run_id: str, attempt: int, status: str | None) -> None:
+        """Decide an attempt whose Ray job has ended (or that Ray never had)."""
+        with self.session_factory.begin() as s:
+            run = s.get(StageRun, run_id)
+            if run is None or run.state != RUNNING or run.attempt != attempt:
+                return
+            if status == "SUCCEEDED" and jobs.artifact_for(s, run_id, attempt) is not None:
+                jobs.transition(s, run_id, RUNNING, attempt, SUCCEEDED)
+                return
+            code, message, field, retryable = _failure(run, status)
+            outcome = jobs.fail_attempt(s, run_id, attempt, code, message, field, retryable)
+        log.info("stage run %s attempt %d: Ray %s -> %s", run_id, attempt, status, outcome)

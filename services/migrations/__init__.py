@@ -1,0 +1,1 @@
+"""Alembic migrations, located by services.db.session (no alembic.ini)."""

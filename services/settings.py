@@ -1,0 +1,72 @@
+"""Service settings, read from ``ALIGN_*`` environment variables (``ALIGN_DATABASE_URL``, ...)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _under_cwd(*parts: str) -> str:
+    return str(Path.cwd().joinpath(*parts))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGN_", extra="ignore", use_attribute_docstrings=True)
+
+    database_url: str = Field(default_factory=lambda: "sqlite:///" + _under_cwd(".align", "align.db"))
+    """SQLAlchemy URL: `sqlite:///path` (embedded) or `postgresql://user@host/db`."""
+    ray_address: str | None = None
+    """Ray Jobs API address (`http://head:8265`); unset starts a local Ray."""
+    artifact_root: str = Field(default_factory=lambda: _under_cwd(".align", "artifacts"))
+    """Artifact store root: a local path or an fsspec URL (`s3://bucket/prefix`)."""
+    work_root: str = Field(default_factory=lambda: _under_cwd(".align", "work"))
+    """Checkpoints and logs per stage run, `<work_root>/<job_id>/<stage_run_id>`; shared on clusters."""
+    data_roots: list[str] = Field(default_factory=lambda: [str(Path.cwd())])
+    """Local folders a job's data may be read from."""
+    model_roots: list[str] = Field(default_factory=lambda: [str(Path.cwd())])
+    """Local folders a job's base model may be read from."""
+    allowed_schemes: list[str] = Field(default_factory=lambda: ["file"])
+    """URL schemes allowed for data and model locations."""
+    bootstrap_api_key: str | None = None
+    """An API key created for tenant `default` at start-up, if set."""
+    report_secret: str = Field(default_factory=lambda: secrets.token_hex(32))
+    """HMAC secret for worker report tokens. Set it when more than one API process runs."""
+    host: str = "127.0.0.1"
+    """Address the API listens on."""
+    port: int = 8321
+    """Port the API listens on."""
+    public_url: str | None = None
+    """URL workers use to reach the API (default `http://{host}:{port}`)."""
+    max_attempts: int = Field(3, ge=1)
+    """Attempts per stage run before a retryable failure becomes final."""
+    lease_seconds: float = Field(300.0, gt=0)
+    """A running stage run with no report for this long is rescued (Ray job stopped, stage requeued)."""
+    dispatcher_poll_seconds: float = Field(1.0, gt=0)
+    """Pause between dispatcher passes."""
+    run_dispatcher: bool = True
+    """Run the dispatcher in the API process."""
+
+    @model_validator(mode="after")
+    def _default_public_url(self) -> Settings:
+        if self.public_url is None:
+            self.public_url = f"http://{self.host}:{self.port}"
+        return self
+
+    def report_token(self, stage_run_id: str, attempt: int) -> str:
+        """Bearer token for one stage attempt's reports: HMAC-SHA256(secret, "<stage_run_id>:<attempt>")."""
+        message = f"{stage_run_id}:{attempt}".encode()
+        return hmac.new(self.report_secret.encode(), message, hashlib.sha256).hexdigest()
+
+    def check_report_token(self, stage_run_id: str, attempt: int, token: str) -> bool:
+        return hmac.compare_digest(self.report_token(stage_run_id, attempt), token)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,447 @@
+"""The dispatcher against a real database and a fake Ray Jobs API with the same five methods."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from align.spec import parse_spec
+from services.db import jobs
+from services.db.models import StageRun, utcnow
+from services.dispatcher import REPO_ROOT, Dispatcher, RayJobs
+from services.settings import Settings
+
+STAGES = [
+    {"type": "sft", "data": {"path": "data/sft.jsonl"}},
+    {"type": "rm", "data": {"path": "data/prefs.jsonl"}},
+    {"type": "dpo", "data": {"path": "data/prefs.jsonl"}},
+]
+
+
+class FakeRay:
+    """Ray's view of submissions: ``status[id]``; tests move jobs along by setting it."""
+
+    def __init__(self, stop_ends_job: bool = True):
+        self.status: dict[str, str] = {}
+        self.submissions: list[dict] = []
+        self.stopped: list[str] = []
+        self.stop_ends_job = stop_ends_job
+        self._lock = threading.Lock()
+
+    def submit_job(self, *, entrypoint, submission_id, runtime_env, entrypoint_num_cpus=0):
+        with self._lock:
+            if submission_id in self.status:
+                raise RuntimeError(f"Job with submission_id {submission_id} already exists.")
+            self.status[submission_id] = "PENDING"
+            self.submissions.append(
+                {
+                    "entrypoint": entrypoint,
+                    "submission_id": submission_id,
+                    "runtime_env": runtime_env,
+                    "entrypoint_num_cpus": entrypoint_num_cpus,
+                }
+            )
+            return submission_id
+
+    def get_job_status(self, submission_id):
+        return self.status.get(submission_id)
+
+    def stop_job(self, submission_id):
+        self.stopped.append(submission_id)
+        if self.stop_ends_job and self.status.get(submission_id) in ("PENDING", "RUNNING"):
+            self.status[submission_id] = "STOPPED"
+        return submission_id in self.status
+
+    def get_job_info(self, submission_id):
+        return {"status": self.status[submission_id]} if submission_id in self.status else None
+
+    def get_job_logs(self, submission_id):
+        return ""
+
+    def ticket(self, n: int = -1) -> dict:
+        return json.loads(self.submissions[n]["runtime_env"]["env_vars"]["ALIGN_TICKET"])
+
+
+@pytest.fixture
+def settings(database_url) -> Settings:
+    return Settings(
+        database_url=database_url,
+        artifact_root="/store",
+        work_root="/work-root/",
+        report_secret="s3cret",
+        max_attempts=3,
+        lease_seconds=60,
+        dispatcher_poll_seconds=0.01,
+        ray_address="http://ray:8265",
+    )
+
+
+@pytest.fixture
+def tenant_id(session_factory) -> str:
+    with session_factory.begin() as s:
+        return jobs.create_tenant(s, "acme").id
+
+
+@pytest.fixture
+def ray() -> FakeRay:
+    return FakeRay()
+
+
+@pytest.fixture
+def dispatcher(settings, session_factory, ray) -> Dispatcher:
+    return Dispatcher(settings, session_factory, ray, owner_id="d1")
+
+
+def new_job(session_factory, tenant_id, stages=STAGES) -> str:
+    spec = parse_spec({"name": "demo", "base_model": "builtin:tiny", "stages": stages})
+    with session_factory.begin() as s:
+        return jobs.create_job(s, tenant_id, spec, None, None, max_attempts=3)[0].id
+
+
+def stage_runs(session_factory, job_id) -> list[StageRun]:
+    with session_factory() as s:
+        return list(s.scalars(select(StageRun).where(StageRun.job_id == job_id).order_by(StageRun.index)))
+
+
+def states(session_factory, job_id) -> list[tuple[str, int]]:
+    return [(r.state, r.attempt) for r in stage_runs(session_factory, job_id)]
+
+
+def report(session_factory, run_id, attempt, type, payload) -> bool:
+    with session_factory.begin() as s:
+        return jobs.apply_report(s, run_id, attempt, type, payload, lease_seconds=60)
+
+
+def publish(session_factory, ticket: dict, name: str) -> str:
+    artifact_id = f"demo.{name}-v1-{ticket['attempt']:012d}"
+    assert report(
+        session_factory,
+        ticket["stage_run_id"],
+        ticket["attempt"],
+        "artifact",
+        {
+            "artifact_id": artifact_id,
+            "uri": f"/store/{artifact_id}",
+            "lineage": f"demo.{name}",
+            "version": 1,
+            "kind": "adapter",
+            "manifest_hash": "sha256:" + "0" * 64,
+            "parents": ticket["parents"],
+            "metrics": {},
+        },
+    )
+    return artifact_id
+
+
+def expire_lease(session_factory, run_id: str) -> None:
+    with session_factory.begin() as s:
+        s.execute(
+            update(StageRun)
+            .where(StageRun.id == run_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+def test_submits_one_ray_job_per_attempt_with_its_ticket(
+    dispatcher, session_factory, tenant_id, ray, settings, monkeypatch
+):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    job_id = new_job(session_factory, tenant_id)
+    dispatcher.tick()
+    run = stage_runs(session_factory, job_id)[0]
+    assert [s["submission_id"] for s in ray.submissions] == [f"align-{run.id}-a1"]
+    submission = ray.submissions[0]
+    assert submission["entrypoint"] == "python -m workers.entrypoint"
+    assert submission["entrypoint_num_cpus"] == 0
+    env = submission["runtime_env"]["env_vars"]
+    assert env["OMP_NUM_THREADS"] == "2" and env["DS_ACCELERATOR"] == "cpu"
+    assert env["PYTHONPATH"].split(":")[0] == str(REPO_ROOT)
+    assert set(submission["runtime_env"]) == {"env_vars"}
+    ticket = ray.ticket()
+    assert ticket == {
+        "stage_run_id": run.id,
+        "attempt": 1,
+        "job_id": job_id,
+        "spec": ticket["spec"],
+        "index": 0,
+        "start_policy": None,
+        "parents": [],
+        "artifact_root": "/store",
+        "work_dir": f"/work-root/{job_id}/{run.id}",
+        "require_checkpoint": False,
+        "report_url": "http://127.0.0.1:8321/internal/reports",
+        "report_token": settings.report_token(run.id, 1),
+    }
+    assert parse_spec(ticket["spec"]).stage_names() == ["sft", "rm", "dpo"]
+    for _ in range(2):
+        dispatcher.tick()
+    assert len(ray.submissions) == 1
+    assert states(session_factory, job_id) == [("running", 1), ("pending", 0), ("pending", 0)]
+
+
+def test_a_restarted_dispatcher_does_not_submit_again(settings, session_factory, tenant_id, ray, dispatcher):
+    job_id = new_job(session_factory, tenant_id, STAGES[:1])
+    dispatcher.tick()
+    restarted = Dispatcher(settings, session_factory, ray, owner_id="d1")
+    restarted.tick()
+    assert len(ray.submissions) == 1
+    # A claim that crashed before submitting is submitted by the restarted dispatcher, exactly once.
+    second_job = new_job(session_factory, tenant_id, STAGES[:1])
+    with session_factory.begin() as s:
+        claimed = jobs.claim_next(s, "d1", 60)
+    assert claimed.job_id == second_job
+    restarted.tick()
+    restarted.tick()
+    assert [s["submission_id"] for s in ray.submissions][1:] == [f"align-{claimed.id}-a1"]
+    assert states(session_factory, job_id) == [("running", 1)]
+
+
+def test_success_runs_the_stages_in_order(dispatcher, session_factory, tenant_id, ray):
+    job_id = new_job(session_factory, tenant_id)
+    published = {}
+    for index, name in enumerate(["sft", "rm", "dpo"]):
+        dispatcher.tick()
+        ticket = ray.ticket()
+        assert (ticket["index"], ticket["attempt"], len(ray.submissions)) == (index, 1, index + 1)
+        expected_policy = None if index == 0 else published["sft"]
+        assert ticket["start_policy"] == (expected_policy and f"/store/{expected_policy}")
+        assert ticket["parents"] == ([] if index == 0 else [published["sft"]])
+        ray.status[ray.submissions[-1]["submission_id"]] = "RUNNING"
+        assert report(session_factory, ticket["stage_run_id"], 1, "heartbeat", {"step": 1, "total_steps": 4})
+        published[name] = publish(session_factory, ticket, name)
+        ray.status[ray.submissions[-1]["submission_id"]] = "SUCCEEDED"
+    dispatcher.tick()
+    assert states(session_factory, job_id) == [("succeeded", 1)] * 3
+    assert all(r.lease_owner is None for r in stage_runs(session_factory, job_id))
+    with session_factory() as s:
+        assert jobs.job_status(jobs.get_job(s, tenant_id, job_id)) == "succeeded"
+
+
+def test_ray_success_without_an_artifact_is_retried(dispatcher, session_factory, tenant_id, ray):
+    job_id = new_job(session_factory, tenant_id, STAGES[:1])
+    dispatcher.tick()
+    ray.status[ray.submissions[0]["submission_id"]] = "SUCCEEDED"
+    dispatcher.tick()
+    assert states(session_factory, job_id) == [("running", 2)]
+    with session_factory() as s:
+        retry = [
+            e.payload for e in jobs.list_events(s, job_id, type="state") if e.payload["to"] == "retrying"
+        ]
+    assert [(p["error_code"], p["attempt"]) for p in retry] == [("no_artifact", 1)]
+
+
+def test_retryable_failure_resumes_from_the_checkpoint(dispatcher, session_factory, tenant_id, ray, settings):
+    job_id = new_job(session_factory, tenant_id)
+    dispatcher.tick()
+    run_id = ray.ticket()["stage_run_id"]
+    ray.status[f"align-{run_id}-a1"] = "RUNNING"
+    assert report(
+        session_factory, run_id, 1, "checkpoint", {"step": 50, "uri": f"/work-root/{job_id}/ckpt-50"}
+    )
+    assert report(
+        session_factory,
+        run_id,
+        1,
+        "failed",
+        {"code": "nccl_timeout", "message": "collective timed out", "field": None, "retryable": True},
+    )
+    ray.status[f"align-{run_id}-a1"] = "FAILED"
+    dispatcher.tick()
+    assert states(session_factory, job_id) == [("running", 2), ("pending", 0), ("pending", 0)]
+    with session_factory() as s:
+        moves = [
+            (e.payload["from"], e.payload["to"], e.attempt, e.payload.get("error_code"))
+            for e in jobs.list_events(s, job_id, type="state")
+        ][-3:]
+    assert moves == [
+        ("running", "retrying", 1, "nccl_timeout"),
+        ("retrying", "queued", 1, None),
+        ("queued", "running", 2, None),
+    ]
+    assert [s["submission_id"] for s in ray.submissions] == [f"align-{run_id}-a1", f"align-{run_id}-a2"]
+    ticket = ray.ticket()
+    assert (ticket["attempt"], ticket["require_checkpoint"]) == (2, True)
+    assert ticket["report_token"] == settings.report_token(run_id, 2) != settings.report_token(run_id, 1)
+    assert ticket["work_dir"] == f"/work-root/{job_id}/{run_id}"
+    assert not report(session_factory, run_id, 1, "heartbeat", {"step": 51, "total_steps": 100})
+    assert states(session_factory, job_id)[0] == ("running", 2)
+
+
+def test_non_retryable_failure_fails_the_job(dispatcher, session_factory, tenant_id, ray):
+    job_id = new_job(session_factory, tenant_id)
+    dispatcher.tick()
+    run_id = ray.ticket()["stage_run_id"]
+    assert report(
+        session_factory,
+        run_id,
+        1,
+        "failed",
+        {
+            "code": "bad_data",
+            "message": "row 7: no 'messages'",
+            "field": "stages[0].data.path",
+            "retryable": False,
+        },
+    )
+    ray.status[f"align-{run_id}-a1"] = "FAILED"
+    dispatcher.tick()
+    dispatcher.tick()
+    assert states(session_factory, job_id) == [("failed", 1), ("cancelled", 0), ("cancelled", 0)]
+    failed = stage_runs(session_factory, job_id)[0]
+    assert (failed.error_code, failed.error_field, failed.retryable) == (
+        "bad_data",
+        "stages[0].data.path",
+        False,
+    )
+    assert len(ray.submissions) == 1
+
+
+def test_lost_worker_is_retried_until_the_attempts_are_used_up(dispatcher, session_factory, tenant_id, ray):
+    job_id = new_job(session_factory, tenant_id, STAGES[:1])
+    dispatcher.tick()
+    for attempt in (1, 2, 3):
+        assert states(session_factory, job_id) == [("running", attempt)]
+        ray.status[ray.submissions[-1]["submission_id"]] = "FAILED"
+        dispatcher.tick()
+    assert states(session_factory, job_id) == [("failed", 3)]
+    failed = stage_runs(session_factory, job_id)[0]
+    assert failed.error_code == "worker_lost"
+    assert failed.error_message.endswith("(gave up after 3 of 3 attempts)")
+    assert len(ray.submissions) == 3
+
+
+@pytest.mark.parametrize("stop_ends_job", [True, False])
+def test_expired_lease_is_rescued(dispatcher, session_factory, tenant_id, ray, stop_ends_job):
+    ray.stop_ends_job = stop_ends_job
+    job_id = new_job(session_factory, tenant_id, STAGES[:1])
+    dispatcher.tick()
+    submission_id = ray.submissions[0]["submission_id"]
+    ray.status[submission_id] = "RUNNING"
+    run_id = ray.ticket()["stage_run_id"]
+    expire_lease(session_factory, run_id)
+    dispatcher.tick()
+    assert ray.stopped == [submission_id]
+    if not stop_ends_job:
+        # Requeued only once Ray confirms the job has ended.
+        assert states(session_factory, job_id) == [("running", 1)]
+        ray.status[submission_id] = "STOPPED"
+        dispatcher.tick()
+    assert states(session_factory, job_id) == [("running", 2)]
+    with session_factory() as s:
+        assert (
+            sum("lease_expired" in str(e.payload) for e in jobs.list_events(s, job_id, type="message")) == 1
+        )
+        retry = [
+            e.payload for e in jobs.list_events(s, job_id, type="state") if e.payload["to"] == "retrying"
+        ]
+    assert [(p["error_code"], p["retryable"], p["attempt"]) for p in retry] == [("lease_expired", True, 1)]
+    assert [s["submission_id"] for s in ray.submissions] == [submission_id, submission_id[:-1] + "2"]
+
+
+def test_dispatcher_renews_the_lease_while_ray_prepares_the_job(dispatcher, session_factory, tenant_id, ray):
+    job_id = new_job(session_factory, tenant_id, STAGES[:1])
+    dispatcher.tick()
+    run_id = ray.ticket()["stage_run_id"]
+    soon = utcnow() + timedelta(seconds=5)
+    with session_factory.begin() as s:
+        s.execute(update(StageRun).where(StageRun.id == run_id).values(lease_expires_at=soon))
+    dispatcher.tick()
+    assert stage_runs(session_factory, job_id)[0].lease_expires_at > utcnow() + timedelta(seconds=50)
+    ray.status[ray.submissions[0]["submission_id"]] = "RUNNING"
+    with session_factory.begin() as s:
+        s.execute(update(StageRun).where(StageRun.id == run_id).values(lease_expires_at=soon))
+    dispatcher.tick()
+    assert stage_runs(session_factory, job_id)[0].lease_expires_at == soon
+    assert ray.stopped == []
+
+
+def test_another_owners_claim_is_left_alone_until_its_lease_expires(
+    dispatcher, session_factory, tenant_id, ray
+):
+    job_id = new_job(session_factory, tenant_id, STAGES[:1])
+    with session_factory.begin() as s:
+        run_id = jobs.claim_next(s, "crashed-dispatcher", 60).id
+    dispatcher.tick()
+    assert ray.submissions == [] and states(session_factory, job_id) == [("running", 1)]
+    expire_lease(session_factory, run_id)
+    dispatcher.tick()
+    assert states(session_factory, job_id) == [("running", 2)]
+    assert [s["submission_id"] for s in ray.submissions] == [f"align-{run_id}-a2"]
+
+
+def test_cancelled_stage_has_its_ray_job_stopped(dispatcher, session_factory, tenant_id, ray):
+    job_id = new_job(session_factory, tenant_id)
+    dispatcher.tick()
+    submission_id = ray.submissions[0]["submission_id"]
+    ray.status[submission_id] = "RUNNING"
+    with session_factory.begin() as s:
+        jobs.cancel_job(s, tenant_id, job_id)
+    dispatcher.tick()
+    dispatcher.tick()
+    assert ray.stopped == [submission_id] and ray.status[submission_id] == "STOPPED"
+    assert states(session_factory, job_id) == [("cancelled", 1), ("cancelled", 0), ("cancelled", 0)]
+    assert stage_runs(session_factory, job_id)[0].lease_owner is None
+    assert len(ray.submissions) == 1
+
+
+def test_two_dispatchers_claim_each_stage_run_once(settings, session_factory, tenant_id, ray):
+    count = 20
+    for _ in range(count):
+        new_job(session_factory, tenant_id, STAGES[:1])
+    dispatchers = [
+        Dispatcher(settings, session_factory, ray, owner_id=o, max_claims_per_tick=100) for o in "ab"
+    ]
+    barrier = threading.Barrier(2)
+
+    def run(d: Dispatcher) -> None:
+        barrier.wait()
+        d.claim_and_submit()
+
+    threads = [threading.Thread(target=run, args=(d,)) for d in dispatchers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    submitted = [s["submission_id"] for s in ray.submissions]
+    assert len(submitted) == len(set(submitted)) == count
+    with session_factory() as s:
+        runs = list(s.scalars(select(StageRun)))
+    assert {f"align-{r.id}-a1" for r in runs} == set(submitted)
+    assert {(r.state, r.attempt) for r in runs} == {("running", 1)}
+    assert {r.lease_owner for r in runs} <= {"a", "b"}
+
+
+def test_run_forever_survives_a_failing_tick(dispatcher, caplog, monkeypatch):
+    stop, calls = threading.Event(), []
+
+    def tick() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("ray unreachable")
+        stop.set()
+
+    monkeypatch.setattr(dispatcher, "tick", tick)
+    with caplog.at_level(logging.ERROR, logger="services.dispatcher"):
+        dispatcher.run_forever(stop)
+    assert len(calls) == 2
+    assert "dispatcher tick failed" in caplog.text and "ray unreachable" in caplog.text
+
+
+def test_ray_jobs_reads_an_unknown_submission_as_none():
+    class Client:
+        def get_job_status(self, submission_id):
+            raise RuntimeError(f"Request failed with status code 404: Job {submission_id} does not exist.")
+
+        def stop_job(self, submission_id):
+            raise RuntimeError("Request failed with status code 500: boom.")
+
+    ray_jobs = RayJobs.__new__(RayJobs)
+    ray_jobs._client = Client()
+    assert ray_jobs.get_job_status("align-sr_x-a1") is None
+    with pytest.raises(RuntimeError, match="500"):
+        ray_jobs.stop_job("align-sr_x-a1")
