@@ -1,0 +1,145 @@
+"""The FastAPI application: routes, error bodies, and start-up (schema check, bootstrap key, dispatcher).
+
+``create_app(settings)`` builds the app; ``uvicorn`` (through ``align serve``) runs it. Starting a local
+Ray is the serve command's job: the app only talks to the Ray address it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.db import jobs
+from services.db.models import Tenant
+from services.db.session import NotMigrated, check_migrated, make_engine, make_sessionmaker
+from services.deps import FieldErrors
+from services.routes import artifacts, health, reports
+from services.routes import jobs as job_routes
+from services.schemas import ErrorBody
+from services.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+DISPATCHER_STOP_SECONDS = 30.0
+BOOTSTRAP_TENANT = "default"
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    session_factory: sessionmaker[Session] | None = None,
+    ray_client: Any = None,
+) -> FastAPI:
+    """The API for ``settings`` (default: from ``ALIGN_*`` variables).
+
+    ``session_factory`` replaces the one built from ``settings.database_url``; ``ray_client`` (a
+    ``services.dispatcher.RayJobs``) the one built from ``settings.ray_address`` for the dispatcher.
+    """
+    settings = settings or get_settings()
+    owns_engine = session_factory is None
+    if session_factory is None:
+        session_factory = make_sessionmaker(make_engine(settings.database_url))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop, thread = threading.Event(), None
+        try:
+            try:
+                check_migrated(session_factory.kw["bind"])
+            except NotMigrated as error:
+                raise RuntimeError(f"align API refuses to start: {error}") from None
+            if settings.bootstrap_api_key:
+                with session_factory.begin() as session:
+                    _ensure_bootstrap_key(session, settings.bootstrap_api_key)
+            if settings.run_dispatcher:
+                thread = _start_dispatcher(app, settings, session_factory, stop)
+            yield
+        finally:
+            stop.set()
+            if thread is not None:
+                thread.join(DISPATCHER_STOP_SECONDS)
+            if owns_engine:
+                session_factory.kw["bind"].dispose()
+
+    app = FastAPI(
+        title="align",
+        summary="Preference-alignment trainer: submit SFT, reward-model and DPO jobs and follow them.",
+        version="0.1.0",
+        lifespan=lifespan,
+        responses={422: {"model": ErrorBody, "description": "Invalid input; each entry names its field"}},
+    )
+    app.state.settings = settings
+    app.state.session_factory = session_factory
+    app.state.ray_client = ray_client
+    app.add_exception_handler(FieldErrors, _field_errors)
+    app.add_exception_handler(RequestValidationError, _request_validation_errors)
+    for module in (job_routes, artifacts, reports, health):
+        app.include_router(module.router)
+    return app
+
+
+def _start_dispatcher(app: FastAPI, settings: Settings, session_factory, stop: threading.Event) -> threading.Thread:
+    from services.dispatcher import Dispatcher, RayJobs
+
+    if app.state.ray_client is None:
+        app.state.ray_client = RayJobs.connect(settings.ray_address)
+    dispatcher = Dispatcher(settings, session_factory, app.state.ray_client)
+    thread = threading.Thread(target=dispatcher.run_forever, args=(stop,), name="align-dispatcher", daemon=True)
+    thread.start()
+    logger.info("dispatcher %s started", dispatcher.owner_id)
+    return thread
+
+
+def _ensure_bootstrap_key(session: Session, plaintext: str) -> None:
+    """Register the configured key for tenant ``default`` unless it is already registered."""
+    if jobs.tenant_for_key(session, plaintext) is not None:
+        return
+    tenant = session.scalars(select(Tenant).where(Tenant.name == BOOTSTRAP_TENANT)).first()
+    if tenant is None:
+        tenant = jobs.create_tenant(session, BOOTSTRAP_TENANT)
+    jobs.create_api_key(session, tenant.id, "bootstrap", plaintext=plaintext)
+
+
+def _field_errors(_request: Request, error: FieldErrors) -> JSONResponse:
+    return _unprocessable(error.errors)
+
+
+def _request_validation_errors(_request: Request, error: RequestValidationError) -> JSONResponse:
+    return _unprocessable([(_field_name(e["loc"]), _message(e)) for e in error.errors()])
+
+
+def _unprocessable(errors: list[tuple[str, str]]) -> JSONResponse:
+    body = ErrorBody(detail=[{"field": field, "message": message} for field, message in errors])
+    return JSONResponse(body.model_dump(), status_code=422)
+
+
+def _field_name(loc: tuple | list) -> str:
+    """``("body", "stages", 1, "lr")`` -> ``stages[1].lr``; a query, path or header parameter by its name."""
+    if len(loc) == 2 and loc[0] == "body" and isinstance(loc[1], int):
+        return "(body)"  # a JSON syntax error: the number is a character position
+    parts: list[str] = []
+    for item in loc[1:]:
+        parts.append(f"[{item}]" if isinstance(item, int) else ("." if parts else "") + str(item))
+    if loc and loc[0] == "header" and parts:
+        return parts[0].title()
+    return "".join(parts) or f"({loc[0] if loc else 'request'})"
+
+
+def _message(error: dict) -> str:
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "json_invalid":
+        return f"the body is not valid JSON: {error.get('ctx', {}).get('error', message)} at character {error['loc'][-1]}"
+    value = error.get("input")
+    if error["type"] != "missing" and isinstance(value, (str, int, float, bool)):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        return f"{message} (got {shown})"
+    return message

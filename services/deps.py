@@ -1,0 +1,78 @@
+"""Dependencies the routes declare with ``Annotated``: settings, a database session, the caller's tenant."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request, status
+from sqlalchemy.orm import Session
+
+from services.db import jobs
+from services.db.models import Tenant
+from services.settings import Settings
+
+
+class FieldErrors(Exception):
+    """Bad input, answered as 422 ``{"detail": [{"field", "message"}, ...]}``."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        super().__init__("; ".join(f"{field}: {message}" for field, message in errors))
+        self.errors = errors
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request, committed when the route returns and rolled back when it raises."""
+    with request.app.state.session_factory() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+# scope="function": commit before the response is sent, so a client sees its own writes at once.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def current_tenant(
+    session: SessionDep, authorization: Annotated[str | None, Header()] = None
+) -> Tenant:
+    """The tenant whose API key is in ``Authorization: Bearer <key>``; 401 when missing or unknown."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing API key: send the header 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    tenant = jobs.tenant_for_key(session, token)
+    if tenant is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "invalid or revoked API key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    # End the look-up's transaction: on SQLite every transaction holds the write lock, and a route may
+    # spend seconds checking data before it writes.
+    session.commit()
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]

@@ -1,0 +1,162 @@
+"""Where a submitted job may read from, checked before the job is accepted.
+
+``check_locations`` refuses data and model locations outside the configured roots and schemes (no
+``..``, no ``file:///etc``, no ``http://169.254.169.254``). ``check_data`` then opens each local
+dataset and checks it has the columns its stage needs, so a bad file fails the request, not a worker.
+Each returns a list of ``(field, message)`` pairs; an empty list means the job may run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
+
+from align.preflight import DATA_KIND
+from align.spec import JobSpec
+from services.settings import Settings
+
+Problem = tuple[str, str]
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_ALWAYS_REFUSED_SCHEMES = ("http", "https")
+LOCAL_PREFIXES = ("builtin:", "artifact:")
+
+
+def check_job(spec: JobSpec, settings: Settings, find_artifact: Callable[[str], object | None]) -> list[Problem]:
+    """Every check a submitted job passes before it is queued, each problem naming its field.
+
+    Locations come first, so nothing outside the roots is ever opened; ``find_artifact`` looks up an
+    ``artifact:<id>`` base model among the caller's artifacts.
+    """
+    problems = check_locations(
+        spec, data_roots=settings.data_roots, model_roots=settings.model_roots, allowed_schemes=settings.allowed_schemes
+    )
+    if problems:
+        return problems
+    if spec.base_model.startswith("artifact:"):
+        artifact_id = spec.base_model.removeprefix("artifact:")
+        if find_artifact(artifact_id) is None:
+            problems.append(("base_model", f"no artifact '{artifact_id}'; give the id of an artifact of one of your jobs"))
+    return problems + check_model(spec) + check_data(spec)
+
+
+def spec_locations(spec: JobSpec) -> Iterator[tuple[str, str, str]]:
+    """``(field, kind, location)`` for the base model and every stage's data files; kind is model or data."""
+    yield "base_model", "model", spec.base_model
+    for index, stage in enumerate(spec.stages):
+        yield f"stages[{index}].data.path", "data", stage.data.path
+        if stage.data.eval_path is not None:
+            yield f"stages[{index}].data.eval_path", "data", stage.data.eval_path
+
+
+def check_locations(
+    spec: JobSpec, *, data_roots: Sequence[str | Path], model_roots: Sequence[str | Path], allowed_schemes: Sequence[str]
+) -> list[Problem]:
+    """Every data path and local base model must lie under its roots and use an allowed scheme."""
+    problems = []
+    for field, kind, location in spec_locations(spec):
+        roots = data_roots if kind == "data" else model_roots
+        message = location_problem(location, roots, allowed_schemes, allow_artifact=kind == "model")
+        if message is not None:
+            problems.append((field, message))
+    return problems
+
+
+def location_problem(
+    location: str, roots: Sequence[str | Path], allowed_schemes: Sequence[str], *, allow_artifact: bool = False
+) -> str | None:
+    """Why ``location`` may not be read, or None when it may."""
+    if "\0" in location:
+        return "contains a NUL character"
+    if location.startswith("builtin:") or (allow_artifact and location.startswith("artifact:")):
+        return None
+    match = _SCHEME_RE.match(location)
+    scheme = match.group(1).lower() if match else "file"
+    if scheme in _ALWAYS_REFUSED_SCHEMES:
+        return f"'{location}' is a web address; {scheme}:// locations are never read, give a path under {_roots(roots)}"
+    if scheme not in [s.lower() for s in allowed_schemes]:
+        allowed = ", ".join(f"{s}://" for s in allowed_schemes) or "none"
+        return f"scheme '{scheme}://' is not allowed (allowed: {allowed})"
+    path = location[match.end():] if match else location
+    if ".." in PurePosixPath(path).parts:
+        return f"'{location}' contains '..'; give a path without parent-directory steps"
+    if scheme != "file":
+        return None
+    if not os.path.isabs(path):
+        return (
+            f"'{location}' is not an absolute path; the service and its workers do not share your working "
+            "folder, so give the full path (align submit makes paths in a spec file absolute)"
+        )
+    resolved = Path(os.path.realpath(path))
+    for root in roots:
+        if resolved.is_relative_to(os.path.realpath(root)):
+            return None
+    return f"'{location}' is outside the allowed folders {_roots(roots)}"
+
+
+def _roots(roots: Sequence[str | Path]) -> str:
+    return "[" + ", ".join(str(r) for r in roots) + "]"
+
+
+def local_path(location: str) -> str | None:
+    """The local file a location names, or None for built-in, artifact and remote locations."""
+    if location.startswith(LOCAL_PREFIXES):
+        return None
+    match = _SCHEME_RE.match(location)
+    if match is None:
+        return location
+    return location[match.end():] if match.group(1).lower() == "file" else None
+
+
+def check_data(spec: JobSpec) -> list[Problem]:
+    """Open each stage's local data and check its rows fit the stage; built-in names must exist.
+
+    Nothing is downloaded: remote locations (allowed schemes other than file) are left to the worker.
+    """
+    from align.data.load import DataError, detect_format, load_rows, validate_rows
+
+    problems = []
+    for field, kind, location in spec_locations(spec):
+        if kind != "data":
+            continue
+        stage = spec.stages[int(field.split("[", 1)[1].split("]", 1)[0])]
+        if location.startswith("builtin:"):
+            message = _builtin_data_problem(location)
+            if message:
+                problems.append((field, message))
+            continue
+        path = local_path(location)
+        if path is None:
+            continue
+        data_kind = DATA_KIND[stage.type]
+        try:
+            rows = load_rows(path)
+            fmt = detect_format(rows, data_kind, path)
+            validate_rows(rows, fmt, path, kind=data_kind)
+        except DataError as error:
+            problems.append((field, str(error).replace(path, location, 1)))
+    return problems
+
+
+def _builtin_data_problem(location: str) -> str | None:
+    from align.task import BUILTIN_DATASETS
+
+    if location in BUILTIN_DATASETS:
+        return None
+    return f"unknown built-in dataset '{location}'; known: {', '.join(BUILTIN_DATASETS)}"
+
+
+def check_model(spec: JobSpec) -> list[Problem]:
+    """A local base model must be a Hugging Face folder with safetensors weights (nothing is loaded)."""
+    path = local_path(spec.base_model)
+    if path is None:
+        return []
+    from align.models.load import ModelError, resolve_base_model
+
+    try:
+        resolve_base_model(path)
+    except ModelError as error:
+        return [("base_model", str(error).removeprefix("base_model: "))]
+    return []

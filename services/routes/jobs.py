@@ -1,0 +1,186 @@
+"""Jobs: submit, list, read, cancel, and follow their events and metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
+
+from align.spec import JobSpec, SpecError, parse_spec
+from services import paths
+from services.db import jobs
+from services.db.models import TERMINAL_STATES
+from services.deps import FieldErrors, SessionDep, SettingsDep, TenantDep
+from services.schemas import JOB_STATUSES, EventPublic, JobPublic, Page, StageMetrics, StageRunPublic
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+SSE_POLL_SECONDS = 0.5
+SSE_KEEPALIVE_SECONDS = 15.0
+SSE_BATCH = 500
+_SPEC_SCHEMA = JobSpec.model_json_schema(
+    ref_template="#/paths/~1jobs/post/requestBody/content/application~1json/schema/$defs/{model}"
+)
+
+
+def job_public(session, job) -> JobPublic:
+    """A job row with its stages, their artifact ids and the derived status."""
+    stages = []
+    for run in job.stage_runs:
+        artifact = jobs.artifact_for(session, run.id, run.attempt) if run.attempt else None
+        stages.append(StageRunPublic.from_row(run, artifact.id if artifact else None))
+    return JobPublic(
+        id=job.id,
+        name=job.name,
+        status=jobs.job_status(job),
+        spec=job.spec,
+        spec_hash=job.spec_hash,
+        idempotency_key=job.idempotency_key,
+        stages=stages,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+    )
+
+
+def _owned_job(session, tenant_id: str, job_id: str):
+    job = jobs.get_job(session, tenant_id, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
+    return job
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    responses={200: {"model": JobPublic, "description": "Replay of an earlier request with the same Idempotency-Key"}},
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _SPEC_SCHEMA}}}},
+)
+def create_job(
+    body: Annotated[dict[str, Any], Body()],
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobPublic:
+    """Check the spec, its locations and its data, then queue the job (201); a replay answers 200."""
+    try:
+        spec = parse_spec(body)
+    except SpecError as error:
+        raise FieldErrors(error.errors) from None
+    problems = paths.check_job(spec, settings, lambda artifact_id: jobs.get_artifact(session, tenant.id, artifact_id))
+    if problems:
+        raise FieldErrors(problems)
+    try:
+        job, created = jobs.create_job(
+            session, tenant.id, spec, idempotency_key, spec.hash(), max_attempts=settings.max_attempts
+        )
+    except jobs.IdempotencyConflict:
+        raise FieldErrors(
+            [("Idempotency-Key", f"'{idempotency_key}' was already used for a different job spec; use a new key")]
+        ) from None
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return job_public(session, job)
+
+
+@router.get("", response_model=Page[JobPublic])
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    state: Annotated[str | None, Query(description="One of " + ", ".join(JOB_STATUSES))] = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Page[JobPublic]:
+    """The caller's jobs, newest first."""
+    if state is not None and state not in JOB_STATUSES:
+        raise FieldErrors([("state", f"'{state}' is not a job status; use one of {', '.join(JOB_STATUSES)}")])
+    try:
+        rows, next_cursor = jobs.list_jobs(session, tenant.id, state, cursor, limit)
+    except ValueError:
+        raise FieldErrors([("cursor", "not a cursor this server handed out; start again without ?cursor=")]) from None
+    return Page[JobPublic](data=[job_public(session, job) for job in rows], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    return job_public(session, _owned_job(session, tenant.id, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    """Cancel the job's unfinished stages; a running stage's Ray job is stopped by the dispatcher."""
+    _owned_job(session, tenant.id, job_id)
+    return job_public(session, jobs.cancel_job(session, tenant.id, job_id))
+
+
+@router.get("/{job_id}/metrics", response_model=list[StageMetrics])
+def job_metrics(job_id: str, session: SessionDep, tenant: TenantDep) -> list[StageMetrics]:
+    """Metrics records reported by each stage, in stage order."""
+    job = _owned_job(session, tenant.id, job_id)
+    records = jobs.metrics(session, job_id)
+    return [
+        StageMetrics(stage_run_id=run.id, index=run.index, name=run.name, records=records.get(run.name, []))
+        for run in job.stage_runs
+    ]
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=Page[EventPublic],
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON page, or a live SSE stream"}},
+)
+def job_events(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    tenant: TenantDep,
+    after: Annotated[int | None, Query(ge=0, description="Return events with a larger id")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    type: Annotated[str | None, Query(pattern="^(state|message|metrics)$")] = None,
+    accept: Annotated[str | None, Header()] = None,
+) -> Any:
+    """A page of the job's events; with ``Accept: text/event-stream``, a stream that ends with the job."""
+    _owned_job(session, tenant.id, job_id)
+    if accept and "text/event-stream" in accept:
+        last_event_id = request.headers.get("last-event-id")
+        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+        factory = request.app.state.session_factory
+        return EventSourceResponse(_event_stream(request, factory, tenant.id, job_id, start, type))
+    rows = jobs.list_events(session, job_id, after or 0, limit, type)
+    next_cursor = str(rows[-1].id) if len(rows) == limit else None
+    return Page[EventPublic](data=[EventPublic.model_validate(row) for row in rows], next_cursor=next_cursor)
+
+
+async def _event_stream(request: Request, session_factory, tenant_id: str, job_id: str, after, type):
+    """SSE frames for new events, polled from the database, until the job is terminal and drained."""
+
+    def poll(after_id):
+        with session_factory() as session:
+            # Status first: every event of a job that was already terminal is then in this read.
+            job = jobs.get_job(session, tenant_id, job_id)
+            finished = job is None or jobs.job_status(job) in TERMINAL_STATES
+            rows = jobs.list_events(session, job_id, after_id or 0, SSE_BATCH, type)
+            return [EventPublic.model_validate(row) for row in rows], finished
+
+    last_sent = time.monotonic()
+    while not await request.is_disconnected():
+        events, finished = await run_in_threadpool(poll, after)
+        for event in events:
+            yield format_sse_event(data_str=event.model_dump_json(), event=event.type, id=str(event.id))
+            after, last_sent = event.id, time.monotonic()
+        if len(events) == SSE_BATCH:
+            continue
+        if finished:
+            yield format_sse_event(data_str='{"status": "end"}', event="end")
+            return
+        if time.monotonic() - last_sent > SSE_KEEPALIVE_SECONDS:
+            # A comment line keeps proxies from closing a quiet stream; clients ignore it.
+            yield KEEPALIVE_COMMENT
+            last_sent = time.monotonic()
+        await anyio.sleep(SSE_POLL_SECONDS)

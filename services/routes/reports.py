@@ -1,0 +1,38 @@
+"""The worker report endpoint: heartbeats, metrics, checkpoints, artifacts and failures of one attempt."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, status
+
+from services.db import jobs
+from services.deps import SessionDep, SettingsDep, bearer_token
+from services.schemas import Ok, ReportIn
+
+router = APIRouter(prefix="/internal", tags=["internal"])
+
+
+@router.post(
+    "/reports",
+    response_model=Ok,
+    responses={401: {"description": "Bad report token"}, 409: {"description": "Stale attempt or stage not running"}},
+)
+def post_report(
+    report: ReportIn,
+    session: SessionDep,
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header()] = None,
+) -> Ok:
+    """Apply a report if it comes from the stage run's current, running attempt; 409 tells the worker to stop."""
+    token = bearer_token(authorization)
+    if token is None or not settings.check_report_token(report.stage_run_id, report.attempt, token):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "bad report token for this stage run and attempt")
+    if not jobs.apply_report(
+        session, report.stage_run_id, report.attempt, report.type, report.payload, settings.lease_seconds
+    ):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"attempt {report.attempt} of {report.stage_run_id} is stale or no longer running; stop training",
+        )
+    return Ok()

@@ -1,0 +1,447 @@
+"""The HTTP API against SQLite and Postgres: jobs, events, metrics, artifacts, reports, tenants, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from align.artifacts import ArtifactStore
+from services.app import create_app
+from services.db import jobs
+from services.db.models import Job
+from services.settings import Settings
+
+SECRET = "test-report-secret"
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    sft = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(4)]
+    prefs = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(4)]
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    (root / "no-rejected.jsonl").write_text("".join(json.dumps({"prompt": "q", "chosen": "a"}) + "\n" for _ in range(2)))
+    return root
+
+
+@pytest.fixture
+def settings(tmp_path, database_url, data_dir):
+    (tmp_path / "models").mkdir()
+    return Settings(
+        database_url=database_url,
+        artifact_root=str(tmp_path / "artifacts"),
+        work_root=str(tmp_path / "work"),
+        data_roots=[str(data_dir)],
+        model_roots=[str(tmp_path / "models")],
+        bootstrap_api_key="bootstrap-key",
+        report_secret=SECRET,
+        run_dispatcher=False,
+    )
+
+
+@pytest.fixture
+def client(settings, session_factory):
+    with TestClient(create_app(settings, session_factory=session_factory)) as test_client:
+        yield test_client
+
+
+def _key_for(session_factory, tenant_name: str) -> dict[str, str]:
+    with session_factory() as session:
+        tenant = jobs.create_tenant(session, tenant_name)
+        _, plaintext = jobs.create_api_key(session, tenant.id, "test")
+        session.commit()
+    return {"Authorization": f"Bearer {plaintext}"}
+
+
+@pytest.fixture
+def alice(client, session_factory):
+    return _key_for(session_factory, "alice")
+
+
+@pytest.fixture
+def bob(client, session_factory):
+    return _key_for(session_factory, "bob")
+
+
+def make_spec(data_dir, name: str = "demo", **overrides) -> dict:
+    spec = {
+        "name": name,
+        "base_model": "builtin:tiny",
+        "stages": [
+            {"type": "sft", "data": {"path": str(data_dir / "sft.jsonl")}, "max_steps": 2},
+            {"type": "dpo", "data": {"path": str(data_dir / "prefs.jsonl")}, "max_steps": 2},
+        ],
+    }
+    spec.update(overrides)
+    return spec
+
+
+def submit(client, headers, spec, **kwargs) -> dict:
+    response = client.post("/jobs", json=spec, headers=headers, **kwargs)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def claim_first_stage(session_factory) -> tuple[str, int]:
+    with session_factory() as session:
+        run = jobs.claim_next(session, "test-owner", 300)
+        session.commit()
+        return run.id, run.attempt
+
+
+def report(client, stage_run_id, attempt, type, payload, token=None):
+    token = token or Settings(report_secret=SECRET).report_token(stage_run_id, attempt)
+    body = {"stage_run_id": stage_run_id, "attempt": attempt, "type": type, "payload": payload}
+    return client.post("/internal/reports", json=body, headers={"Authorization": f"Bearer {token}"})
+
+
+def fields(response) -> dict[str, str]:
+    assert response.status_code == 422, response.text
+    return {item["field"]: item["message"] for item in response.json()["detail"]}
+
+
+def test_api_keys(client, alice):
+    assert client.get("/jobs").status_code == 401
+    assert "Authorization: Bearer" in client.get("/jobs").json()["detail"]
+    assert client.get("/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/jobs", headers={"Authorization": "Basic abc"}).status_code == 401
+    assert client.get("/jobs", headers={"Authorization": "Bearer bootstrap-key"}).status_code == 200
+    assert client.get("/jobs", headers=alice).json() == {"data": [], "next_cursor": None}
+
+
+def test_bootstrap_key_survives_a_restart(settings, session_factory, client):
+    with TestClient(create_app(settings, session_factory=session_factory)) as again:
+        assert again.get("/jobs", headers={"Authorization": "Bearer bootstrap-key"}).status_code == 200
+    with session_factory() as session:
+        assert jobs.tenant_for_key(session, "bootstrap-key").name == "default"
+
+
+def test_unauthenticated_bad_body_is_401(client):
+    assert client.post("/jobs", json={"nonsense": True}).status_code == 401
+
+
+class FakeRay:
+    """Answers the Jobs API calls the dispatcher makes; ``down`` makes every call fail like a dead head."""
+
+    def __init__(self, down: bool = False):
+        self.down, self.submitted = down, {}
+
+    def _check(self) -> None:
+        if self.down:
+            raise ConnectionError("Ray head at http://127.0.0.1:8265 refused the connection")
+
+    def submit_job(self, *, entrypoint, submission_id, runtime_env, entrypoint_num_cpus=0):
+        self._check()
+        self.submitted[submission_id] = json.loads(runtime_env["env_vars"]["ALIGN_TICKET"])
+        return submission_id
+
+    def get_job_status(self, submission_id):
+        self._check()
+        return "RUNNING" if submission_id in self.submitted else None
+
+    def stop_job(self, submission_id):
+        self._check()
+        return True
+
+    def get_job_info(self, submission_id):
+        return {"status": self.get_job_status(submission_id)}
+
+    def get_job_logs(self, submission_id):
+        return ""
+
+
+def test_health(client, settings, session_factory):
+    assert client.get("/healthz").json()["status"] == "ok"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok"}
+    with TestClient(create_app(settings, session_factory=session_factory, ray_client=FakeRay(down=True))) as down:
+        unready = down.get("/readyz")
+    assert unready.status_code == 503
+    assert unready.json()["checks"]["database"] == "ok" and "refused" in unready.json()["checks"]["ray"]
+
+
+def test_app_runs_the_dispatcher_when_asked(settings, session_factory, data_dir):
+    ray = FakeRay()
+    settings = settings.model_copy(update={"run_dispatcher": True, "dispatcher_poll_seconds": 0.1})
+    headers = {"Authorization": "Bearer bootstrap-key"}
+    with TestClient(create_app(settings, session_factory=session_factory, ray_client=ray)) as client:
+        job = submit(client, headers, make_spec(data_dir))
+        deadline = time.monotonic() + 20
+        while client.get(f"/jobs/{job['id']}", headers=headers).json()["stages"][0]["state"] != "running":
+            assert time.monotonic() < deadline, "the dispatcher never claimed the stage"
+            time.sleep(0.1)
+    stage_run_id = client.get(f"/jobs/{job['id']}", headers=headers).json()["stages"][0]["id"]
+    ticket = ray.submitted[f"align-{stage_run_id}-a1"]
+    assert ticket["report_token"] == settings.report_token(stage_run_id, 1) and ticket["index"] == 0
+    assert not any(t.name == "align-dispatcher" and t.is_alive() for t in threading.enumerate())
+
+
+def test_submit_and_read_a_job(client, alice, data_dir):
+    job = submit(client, alice, make_spec(data_dir))
+    assert job["id"].startswith("job_") and job["status"] == "queued" and job["name"] == "demo"
+    assert [s["state"] for s in job["stages"]] == ["queued", "pending"]
+    assert [s["name"] for s in job["stages"]] == ["sft", "dpo"]
+    assert job["stages"][0]["progress"] == {"step": None, "total_steps": None}
+    assert job["spec"]["stages"][1]["beta"] == 0.1  # stored with defaults filled in
+    fetched = client.get(f"/jobs/{job['id']}", headers=alice).json()
+    assert fetched == job
+
+
+def test_list_newest_first_with_cursor_and_filter(client, alice, data_dir):
+    ids = [submit(client, alice, make_spec(data_dir, name=f"job{i}"))["id"] for i in range(5)]
+    seen, cursor = [], None
+    while True:
+        page = client.get("/jobs", params={"limit": 2, **({"cursor": cursor} if cursor else {})}, headers=alice)
+        body = page.json()
+        seen += [job["id"] for job in body["data"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    client.post(f"/jobs/{ids[1]}/cancel", headers=alice)
+    cancelled = client.get("/jobs", params={"state": "cancelled"}, headers=alice).json()["data"]
+    assert [job["id"] for job in cancelled] == [ids[1]]
+    assert len(client.get("/jobs", params={"state": "queued"}, headers=alice).json()["data"]) == 4
+    assert "state" in fields(client.get("/jobs", params={"state": "bogus"}, headers=alice))
+    assert "limit" in fields(client.get("/jobs", params={"limit": 0}, headers=alice))
+
+
+def test_idempotency_key(client, alice, data_dir):
+    spec = make_spec(data_dir)
+    first = submit(client, {**alice, "Idempotency-Key": "k1"}, spec)
+    again = client.post("/jobs", json=spec, headers={**alice, "Idempotency-Key": "k1"})
+    assert again.status_code == 200 and again.json()["id"] == first["id"]
+    other = client.post("/jobs", json=make_spec(data_dir, name="other"), headers={**alice, "Idempotency-Key": "k1"})
+    assert "Idempotency-Key" in fields(other)
+    assert len(client.get("/jobs", headers=alice).json()["data"]) == 1
+
+
+def test_cancel(client, alice, data_dir):
+    job = submit(client, alice, make_spec(data_dir))
+    cancelled = client.post(f"/jobs/{job['id']}/cancel", headers=alice)
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "cancelled"
+    assert {s["state"] for s in cancelled.json()["stages"]} == {"cancelled"}
+    assert client.post(f"/jobs/{job['id']}/cancel", headers=alice).json()["status"] == "cancelled"
+
+
+def test_events_pages(client, alice, data_dir, session_factory):
+    job = submit(client, alice, make_spec(data_dir))
+    stage_run_id, attempt = claim_first_stage(session_factory)
+    for i in range(3):
+        assert report(client, stage_run_id, attempt, "message", {"level": "info", "text": f"hello {i}"}).status_code == 200
+    everything = client.get(f"/jobs/{job['id']}/events", headers=alice).json()["data"]
+    assert [e["id"] for e in everything] == sorted(e["id"] for e in everything)
+    messages = client.get(f"/jobs/{job['id']}/events", params={"type": "message"}, headers=alice).json()
+    assert [e["payload"]["text"] for e in messages["data"]] == ["hello 0", "hello 1", "hello 2"]
+    first = client.get(f"/jobs/{job['id']}/events", params={"type": "message", "limit": 2}, headers=alice).json()
+    assert len(first["data"]) == 2 and first["next_cursor"] == str(first["data"][-1]["id"])
+    rest = client.get(
+        f"/jobs/{job['id']}/events", params={"type": "message", "after": first["next_cursor"]}, headers=alice
+    ).json()
+    assert [e["payload"]["text"] for e in rest["data"]] == ["hello 2"] and rest["next_cursor"] is None
+    assert "type" in fields(client.get(f"/jobs/{job['id']}/events", params={"type": "x"}, headers=alice))
+
+
+def _read_sse(response) -> list[tuple[str, dict]]:
+    events, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+def test_event_stream_follows_the_job_until_it_ends(client, alice, data_dir, session_factory):
+    job = submit(client, alice, make_spec(data_dir))
+    stage_run_id, attempt = claim_first_stage(session_factory)
+    report(client, stage_run_id, attempt, "message", {"level": "info", "text": "before"})
+
+    def later() -> None:
+        time.sleep(1.0)
+        report(client, stage_run_id, attempt, "message", {"level": "info", "text": "live"})
+        time.sleep(0.5)
+        with session_factory.begin() as session:
+            tenant_id = session.get(Job, job["id"]).tenant_id
+            jobs.cancel_job(session, tenant_id, job["id"])
+
+    writer = threading.Thread(target=later)
+    writer.start()
+    headers = {**alice, "Accept": "text/event-stream"}
+    with client.stream("GET", f"/jobs/{job['id']}/events", headers=headers, timeout=30) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = _read_sse(response)
+    writer.join()
+    texts = [payload["payload"]["text"] for name, payload in events if name == "message"]
+    assert texts == ["before", "live"]
+    assert events[-1][0] == "end"
+    states = [payload["payload"] for name, payload in events if name == "state"]
+    assert states and "cancelled" in json.dumps(states[-1])
+
+
+def test_metrics(client, alice, data_dir, session_factory):
+    job = submit(client, alice, make_spec(data_dir))
+    stage_run_id, attempt = claim_first_stage(session_factory)
+    for step in (1, 2):
+        assert report(client, stage_run_id, attempt, "metrics", {"step": step, "loss": 1.0 / step}).status_code == 200
+    assert report(client, stage_run_id, attempt, "heartbeat", {"step": 2, "total_steps": 10}).status_code == 200
+    metrics = client.get(f"/jobs/{job['id']}/metrics", headers=alice).json()
+    assert [m["name"] for m in metrics] == ["sft", "dpo"]
+    assert [r["step"] for r in metrics[0]["records"]] == [1, 2] and metrics[0]["records"][1]["loss"] == 0.5
+    assert metrics[1]["records"] == []
+    stage = client.get(f"/jobs/{job['id']}", headers=alice).json()["stages"][0]
+    assert stage["state"] == "running" and stage["attempt"] == 1
+    assert stage["progress"] == {"step": 2, "total_steps": 10}
+
+
+def test_reports_are_fenced(client, alice, data_dir, session_factory):
+    job = submit(client, alice, make_spec(data_dir))
+    stage_run_id, attempt = claim_first_stage(session_factory)
+    heartbeat = {"step": 1, "total_steps": 4}
+    assert report(client, stage_run_id, attempt, "heartbeat", heartbeat, token="forged").status_code == 401
+    stale = report(client, stage_run_id, attempt + 1, "heartbeat", heartbeat)
+    assert stale.status_code == 409 and "stale" in stale.json()["detail"]
+    assert report(client, stage_run_id, attempt, "heartbeat", heartbeat).json() == {"ok": True}
+    client.post(f"/jobs/{job['id']}/cancel", headers=alice)
+    assert report(client, stage_run_id, attempt, "heartbeat", heartbeat).status_code == 409
+    assert report(client, "sr_unknown", 1, "heartbeat", heartbeat).status_code == 409
+    bad_type = report(client, stage_run_id, attempt, "bogus", {})
+    assert "type" in fields(bad_type)
+
+
+def publish_artifact(settings, tmp_path, job_id) -> tuple:
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"r": 4}')
+    (folder / "weights").mkdir()
+    (folder / "weights" / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 64)
+    store = ArtifactStore(settings.artifact_root)
+    published = store.publish(
+        folder, lineage="demo-sft", kind="adapter", stage={"type": "sft", "index": 0, "name": "sft"},
+        base_model="builtin:tiny", spec_hash="sha256:0", job={"id": job_id, "name": "demo"},
+    )
+    manifest_bytes = (tmp_path / "artifacts" / "demo-sft" / "v1" / "manifest.json").read_bytes()
+    return published, "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+
+
+def test_artifacts(client, alice, bob, data_dir, session_factory, settings, tmp_path):
+    job = submit(client, alice, make_spec(data_dir))
+    stage_run_id, attempt = claim_first_stage(session_factory)
+    published, manifest_hash = publish_artifact(settings, tmp_path, job["id"])
+    payload = {
+        "artifact_id": published.artifact_id, "uri": published.uri, "lineage": "demo-sft", "version": 1,
+        "kind": "adapter", "manifest_hash": manifest_hash, "parents": [], "metrics": {"loss": 0.5},
+    }
+    assert report(client, stage_run_id, attempt, "artifact", payload).status_code == 200
+
+    artifact = client.get(f"/artifacts/{published.artifact_id}", headers=alice).json()
+    assert artifact["id"] == published.artifact_id and artifact["job_id"] == job["id"]
+    assert artifact["manifest_hash"] == manifest_hash and artifact["metrics"] == {"loss": 0.5}
+    manifest = artifact["manifest"]
+    assert set(manifest["files"]) == {"adapter_config.json", "weights/adapter_model.safetensors"}
+    for path, entry in manifest["files"].items():
+        response = client.get(f"/artifacts/{published.artifact_id}/files/{path}", headers=alice)
+        assert response.status_code == 200
+        assert hashlib.sha256(response.content).hexdigest() == entry["sha256"]
+        assert len(response.content) == entry["size"]
+    raw_manifest = client.get(f"/artifacts/{published.artifact_id}/files/manifest.json", headers=alice)
+    assert "sha256:" + hashlib.sha256(raw_manifest.content).hexdigest() == manifest_hash
+    for bad in ("nope.bin", "weights", "../demo-sft/v1/adapter_config.json", "%2e%2e/%2e%2e/etc/passwd"):
+        assert client.get(f"/artifacts/{published.artifact_id}/files/{bad}", headers=alice).status_code == 404
+    stage = client.get(f"/jobs/{job['id']}", headers=alice).json()["stages"][0]
+    assert stage["artifact_id"] == published.artifact_id
+    assert client.get(f"/artifacts/{published.artifact_id}", headers=bob).status_code == 404
+    assert client.get(f"/artifacts/{published.artifact_id}/files/adapter_config.json", headers=bob).status_code == 404
+    # A later job may start from the artifact, but only its owner's.
+    follow_up = make_spec(data_dir, name="next", base_model=f"artifact:{published.artifact_id}")
+    assert client.post("/jobs", json=follow_up, headers=alice).status_code == 201
+    assert "base_model" in fields(client.post("/jobs", json=follow_up, headers=bob))
+
+
+def test_another_tenants_job_is_not_found(client, alice, bob, data_dir):
+    job = submit(client, alice, make_spec(data_dir))
+    for method, path in [
+        ("GET", f"/jobs/{job['id']}"),
+        ("POST", f"/jobs/{job['id']}/cancel"),
+        ("GET", f"/jobs/{job['id']}/events"),
+        ("GET", f"/jobs/{job['id']}/metrics"),
+        ("GET", "/artifacts/some-v1-0123456789ab"),
+    ]:
+        assert client.request(method, path, headers=bob).status_code == 404, path
+    assert client.get("/jobs", headers=bob).json()["data"] == []
+    assert client.get(f"/jobs/{job['id']}", headers=alice).json()["status"] == "queued"
+    stream = client.get(f"/jobs/{job['id']}/events", headers={**bob, "Accept": "text/event-stream"})
+    assert stream.status_code == 404
+
+
+def test_bad_specs_name_their_fields(client, alice, data_dir):
+    spec = make_spec(data_dir)
+    spec["stages"][1]["beta"] = -1
+    spec["stages"][0]["colour"] = "red"
+    spec["adapter"] = {"type": "lora", "r": 0}
+    problems = fields(client.post("/jobs", json=spec, headers=alice))
+    assert set(problems) == {"stages[1].beta", "stages[0].colour", "adapter.r"}
+    assert "unknown field" in problems["stages[0].colour"]
+    assert "stages" in fields(client.post("/jobs", json={"name": "x", "base_model": "builtin:tiny"}, headers=alice))
+    assert "(body)" in fields(client.post("/jobs", json=[1, 2], headers=alice))
+    not_json = client.post("/jobs", content=b"{not json", headers={**alice, "Content-Type": "application/json"})
+    assert not_json.status_code == 422 and not_json.json()["detail"][0]["field"]
+
+
+def test_missing_data_and_columns_are_refused(client, alice, data_dir):
+    spec = make_spec(data_dir)
+    spec["stages"][0]["data"]["path"] = str(data_dir / "missing.jsonl")
+    spec["stages"][1]["data"]["path"] = str(data_dir / "no-rejected.jsonl")
+    problems = fields(client.post("/jobs", json=spec, headers=alice))
+    assert "no such file" in problems["stages[0].data.path"]
+    assert "'rejected'" in problems["stages[1].data.path"]
+    builtin = make_spec(data_dir)
+    builtin["stages"][0]["data"] = {"path": "builtin:arith/sft", "eval_path": "builtin:arith/eval"}
+    assert client.post("/jobs", json=builtin, headers=alice).status_code == 201
+
+
+def test_local_base_model_must_be_a_model_folder(client, alice, data_dir, tmp_path):
+    model = tmp_path / "models" / "llama"
+    model.mkdir()
+    spec = make_spec(data_dir, base_model=str(model))
+    assert "config.json" in fields(client.post("/jobs", json=spec, headers=alice))["base_model"]
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    assert client.post("/jobs", json=spec, headers=alice).status_code == 201
+
+
+@pytest.mark.parametrize(
+    "field, location",
+    [
+        ("stages[1].data.path", "{data}/../secret.jsonl"),
+        ("stages[1].data.path", "/etc/passwd"),
+        ("stages[1].data.path", "http://169.254.169.254/latest/meta-data/iam"),
+        ("stages[0].data.eval_path", "file:///etc/shadow"),
+        ("base_model", "/etc"),
+    ],
+)
+def test_forbidden_locations_are_refused(client, alice, data_dir, field, location):
+    spec = make_spec(data_dir)
+    value = location.format(data=data_dir)
+    if field == "base_model":
+        spec["base_model"] = value
+    elif field.endswith("eval_path"):
+        spec["stages"][0]["data"]["eval_path"] = value
+    else:
+        spec["stages"][1]["data"]["path"] = value
+    assert field in fields(client.post("/jobs", json=spec, headers=alice))
+
+
+def test_refuses_to_start_on_an_unmigrated_database(tmp_path):
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'empty.db'}", run_dispatcher=False)
+    with pytest.raises(RuntimeError, match="align db upgrade"), TestClient(create_app(settings)):
+        pass

@@ -1,0 +1,86 @@
+"""Data and model locations: roots, schemes, `..`, and the data check before a job is accepted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from align.spec import parse_spec
+from services.paths import check_data, check_locations, check_model, location_problem
+
+
+@pytest.fixture
+def roots(tmp_path):
+    data, models, outside = tmp_path / "data", tmp_path / "models", tmp_path / "outside"
+    for folder in (data, models, outside):
+        folder.mkdir()
+    return data, models, outside
+
+
+def spec_with(data_path: str, base_model: str = "builtin:tiny", eval_path: str | None = None, kind: str = "sft"):
+    data = {"path": data_path} | ({"eval_path": eval_path} if eval_path else {})
+    return parse_spec({"name": "t", "base_model": base_model, "stages": [{"type": kind, "data": data}]})
+
+
+@pytest.mark.parametrize(
+    "location, fragment",
+    [
+        ("{data}/../outside/x.jsonl", "'..'"),
+        ("{outside}/x.jsonl", "outside the allowed folders"),
+        ("/etc/passwd", "outside the allowed folders"),
+        ("file:///etc/passwd", "outside the allowed folders"),
+        ("http://169.254.169.254/latest/meta-data", "web address"),
+        ("https://example.com/data.jsonl", "web address"),
+        ("s3://bucket/data.jsonl", "scheme 's3://' is not allowed"),
+        ("data/sft.jsonl", "not an absolute path"),
+        ("~/sft.jsonl", "not an absolute path"),
+    ],
+)
+def test_refused_locations(roots, location, fragment):
+    data, _, outside = roots
+    problem = location_problem(location.format(data=data, outside=outside), [data], ["file"])
+    assert problem is not None and fragment in problem
+
+
+def test_allowed_locations(roots):
+    data, _, _ = roots
+    assert location_problem(f"{data}/sft.jsonl", [data], ["file"]) is None
+    assert location_problem(f"file://{data}/sft.jsonl", [data], ["file"]) is None
+    assert location_problem("builtin:arith/sft", [data], ["file"]) is None
+    assert location_problem("s3://bucket/x.jsonl", [data], ["file", "s3"]) is None
+    assert location_problem("s3://bucket/../x.jsonl", [data], ["file", "s3"]) is not None
+    assert location_problem("artifact:m-v1-0123456789ab", [data], ["file"], allow_artifact=True) is None
+    assert location_problem("artifact:m-v1-0123456789ab", [data], ["file"]) is not None
+
+
+def test_symlink_out_of_a_root_is_refused(roots):
+    data, _, outside = roots
+    (outside / "secret.jsonl").write_text("{}\n")
+    (data / "link.jsonl").symlink_to(outside / "secret.jsonl")
+    assert "outside the allowed folders" in location_problem(str(data / "link.jsonl"), [data], ["file"])
+
+
+def test_check_locations_names_each_field(roots):
+    data, models, outside = roots
+    spec = spec_with(str(outside / "a.jsonl"), base_model=str(outside / "model"), eval_path=f"{data}/../b.jsonl")
+    problems = dict(check_locations(spec, data_roots=[data], model_roots=[models], allowed_schemes=["file"]))
+    assert set(problems) == {"base_model", "stages[0].data.path", "stages[0].data.eval_path"}
+
+
+def test_check_data_names_missing_files_and_columns(roots):
+    data, _, _ = roots
+    (data / "prefs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+    missing = dict(check_data(spec_with(str(data / "nope.jsonl"))))
+    assert "no such file" in missing["stages[0].data.path"]
+    columns = dict(check_data(spec_with(str(data / "prefs.jsonl"), kind="dpo")))
+    assert "'rejected'" in columns["stages[0].data.path"] and "missing column" in columns["stages[0].data.path"]
+    assert check_data(spec_with("builtin:arith/sft")) == []
+    assert "unknown built-in dataset" in dict(check_data(spec_with("builtin:nope")))["stages[0].data.path"]
+
+
+def test_check_model_needs_a_model_folder(roots):
+    _, models, _ = roots
+    assert check_model(spec_with("builtin:arith/sft")) == []
+    problems = dict(check_model(spec_with("builtin:arith/sft", base_model=str(models))))
+    assert "config.json" in problems["base_model"]
