@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -42,8 +42,8 @@ def _quiet_libraries() -> None:
 @app.command()
 def train(
     spec: Path = typer.Argument(..., help="Job spec, YAML or JSON."),
-    work_dir: Optional[Path] = typer.Option(None, help="Checkpoints and logs (default .align/runs/<job name>)."),
-    artifact_root: Optional[str] = typer.Option(None, help="Artifact store root, a path or fsspec URL."),
+    work_dir: Path | None = typer.Option(None, help="Checkpoints and logs (default .align/runs/<job name>)."),
+    artifact_root: str | None = typer.Option(None, help="Artifact store root, a path or fsspec URL."),
     fresh: bool = typer.Option(False, help="Ignore checkpoints from an earlier run of this job."),
     log_every: int = typer.Option(10, help="Print every N-th logged step."),
 ) -> None:
@@ -114,6 +114,183 @@ def spec_docs() -> None:
     from align.spec_docs import render_markdown
 
     print(render_markdown())
+
+
+# --- the service's client side: submit, jobs, artifacts --------------------------------------------
+
+jobs_app = typer.Typer(no_args_is_help=True, help="List, inspect and cancel jobs on the service.")
+artifacts_app = typer.Typer(no_args_is_help=True, help="Inspect and download artifacts from the service.")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(artifacts_app, name="artifacts")
+URL_OPTION = typer.Option(None, "--url", envvar="ALIGN_URL", help="Service URL (default http://127.0.0.1:8321).")
+
+
+def _client(url: str | None):
+    from align.client import Client
+
+    return Client(url)
+
+
+def _service_call(call):
+    """Run a client call; a refusal prints the service's per-field messages and exits 2."""
+    import httpx
+
+    from align.client import ServiceError
+
+    try:
+        return call()
+    except ServiceError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2 if exc.status < 500 else 1)
+    except httpx.ConnectError as exc:
+        console.print(f"[red]cannot reach the service: {exc}; is `align serve` running?[/red]")
+        raise typer.Exit(1)
+
+
+def _job_table(job: dict) -> Table:
+    table = Table(title=f"{job['id']}  {job['name']}  [bold]{job['status']}[/bold]")
+    for column in ("stage", "type", "state", "attempt", "step", "artifact", "error"):
+        table.add_column(column)
+    for stage in job["stages"]:
+        progress = stage.get("progress") or {}
+        step = f"{progress.get('step') or 0}/{progress.get('total_steps') or '?'}"
+        error = stage.get("error") or {}
+        message = (f"{error.get('code')}: {error.get('message')}" if error else "")[:80]
+        table.add_row(stage["name"], stage["type"], stage["state"], f"{stage['attempt']}/{stage['max_attempts']}",
+                      step, stage.get("artifact_id") or "", message)
+    return table
+
+
+@app.command()
+def submit(
+    spec: Path = typer.Argument(..., help="Job spec, YAML or JSON; relative data paths are taken from its folder."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Show live progress until the job ends."),
+    idempotency_key: str | None = typer.Option(None, help="Resubmitting with the same key never makes a second job."),
+    url: str | None = URL_OPTION,
+) -> None:
+    """Submit a job to the service."""
+    from align.client import read_spec
+
+    with _client(url) as client:
+        job = _service_call(lambda: client.submit(read_spec(spec), idempotency_key))
+        console.print(f"submitted [bold]{job['id']}[/bold] ({job['name']}: {' -> '.join(s['name'] for s in job['stages'])})")
+        if follow:
+            job = follow_job(client, job["id"])
+            raise typer.Exit(0 if job["status"] == "succeeded" else 1)
+
+
+def follow_job(client, job_id: str) -> dict:
+    """Live progress bars (step, loss, ETA) per stage from the event stream; returns the finished job."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    job = client.job(job_id)
+    columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed:>5.0f}/{task.total:<5.0f}"),
+               TextColumn("{task.fields[state]:<10} {task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bars = {s["id"]: progress.add_task(s["name"], total=None, state=s["state"], info="") for s in job["stages"]}
+        for event in client.stream_events(job_id):
+            bar = bars.get(event.get("stage_run_id"))
+            if bar is None:
+                continue
+            payload = event["payload"]
+            if event["type"] == "state":
+                progress.update(bar, state=payload.get("to", ""))
+                if payload.get("to") in ("failed", "cancelled") and payload.get("error_message"):
+                    progress.console.print(f"[red]{payload.get('error_code')}: {payload['error_message']}[/red]")
+            elif event["type"] == "metrics":
+                total = payload.get("total_steps")
+                if total:
+                    progress.update(bar, total=total)
+                if "step" in payload:
+                    progress.update(bar, completed=payload["step"])
+                shown = {k: payload[k] for k in ("loss", "eval_loss", "eval_exact_match", "eval_rewards_accuracy")
+                         if k in payload}
+                if shown:
+                    progress.update(bar, info="  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+            elif event["type"] == "message" and event.get("level") in ("warning", "error"):
+                progress.console.print(f"[yellow]{payload.get('text', payload)}[/yellow]")
+    job = client.job(job_id)
+    console.print(_job_table(job))
+    return job
+
+
+@jobs_app.command("list")
+def jobs_list(
+    state: str | None = typer.Option(None, help="queued, running, succeeded, failed or cancelled."),
+    limit: int = typer.Option(20, help="Jobs per page."),
+    url: str | None = URL_OPTION,
+) -> None:
+    """Newest jobs first."""
+    with _client(url) as client:
+        page = _service_call(lambda: client.jobs(state=state, limit=limit))
+    table = Table()
+    for column in ("id", "name", "status", "stages", "created"):
+        table.add_column(column)
+    for job in page["data"]:
+        stages = " ".join(f"{s['name']}:{s['state']}" for s in job["stages"])
+        table.add_row(job["id"], job["name"], job["status"], stages, job["created_at"][:19])
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, url: str | None = URL_OPTION) -> None:
+    """A job and its stages."""
+    with _client(url) as client:
+        console.print(_job_table(_service_call(lambda: client.job(job_id))))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, url: str | None = URL_OPTION) -> None:
+    """Cancel a job: its running stage is stopped and later stages never start."""
+    with _client(url) as client:
+        console.print(_job_table(_service_call(lambda: client.cancel(job_id))))
+
+
+@jobs_app.command("events")
+def jobs_events(
+    job_id: str,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
+    url: str | None = URL_OPTION,
+) -> None:
+    """A job's events: state changes, messages and metrics."""
+    with _client(url) as client:
+        events = client.stream_events(job_id) if follow else _service_call(lambda: client.events(job_id, limit=1000))["data"]
+        for event in events:
+            console.print(f"{event['time'][:19]}  {event['type']:<8} {event.get('stage_run_id') or '':<28} "
+                          f"{json.dumps(event['payload'])}", soft_wrap=True, markup=False)
+
+
+@artifacts_app.command("show")
+def artifacts_show(artifact_id: str, url: str | None = URL_OPTION) -> None:
+    """An artifact: lineage, parents, metrics and files."""
+    with _client(url) as client:
+        artifact = _service_call(lambda: client.artifact(artifact_id))
+    print_artifact(artifact)
+
+
+def print_artifact(artifact: dict) -> None:
+    table = Table(title=f"{artifact['id']}  ({artifact['kind']})", show_header=False)
+    table.add_row("lineage", f"{artifact['lineage']} v{artifact['version']}")
+    table.add_row("parents", ", ".join(artifact["parents"]) or "(base model)")
+    table.add_row("uri", artifact["uri"])
+    table.add_row("manifest", artifact["manifest_hash"])
+    for key, value in artifact.get("metrics", {}).items():
+        table.add_row(key, _fmt(value))
+    files = (artifact.get("manifest") or {}).get("files", {})
+    table.add_row("files", "\n".join(f"{name}  ({entry.get('size', '?')} B)" for name, entry in sorted(files.items())))
+    console.print(table)
+
+
+@artifacts_app.command("download")
+def artifacts_download(
+    artifact_id: str,
+    dest: Path = typer.Argument(..., help="Folder to write the files into."),
+    url: str | None = URL_OPTION,
+) -> None:
+    """Download an artifact's files (checked against its manifest)."""
+    with _client(url) as client:
+        folder = _service_call(lambda: client.download_artifact(artifact_id, dest))
+    console.print(f"{artifact_id} -> {folder}")
 
 
 if __name__ == "__main__":

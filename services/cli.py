@@ -1,0 +1,181 @@
+"""The ``align`` command: the training and client commands of :mod:`align.cli` plus the service's own.
+
+``align serve`` runs the API (and by default the dispatcher); ``align dispatcher`` runs a dispatcher
+alone; ``align db upgrade`` migrates the database. They live here because the training library
+never imports service code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import threading
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from align.cli import app, console
+
+db_app = typer.Typer(no_args_is_help=True, help="Database schema migrations.")
+app.add_typer(db_app, name="db")
+
+
+def _settings(**overrides):
+    from services.settings import Settings
+
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**values)
+
+
+def _embedded_sqlite(url: str) -> Path | None:
+    """The file of a SQLite database under the local state folder (the embedded default), else None."""
+    from align.paths import home_dir
+
+    if not url.startswith("sqlite:///"):
+        return None
+    path = Path(url.removeprefix("sqlite:///")).absolute()
+    return path if home_dir() in path.parents else None
+
+
+def prepare_database(url: str) -> None:
+    """Refuse an un-migrated database, except the embedded SQLite file, which is migrated in place."""
+    from services.db.session import NotMigrated, check_migrated, make_engine, upgrade
+
+    embedded = _embedded_sqlite(url)
+    if embedded is not None:
+        embedded.parent.mkdir(parents=True, exist_ok=True)
+        upgrade(url)
+        return
+    engine = make_engine(url)
+    try:
+        check_migrated(engine)
+    except NotMigrated as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
+
+
+def ensure_local_api_key(settings) -> None:
+    """With no key configured and none in the database, create tenant `default` and write its key to disk."""
+    from sqlalchemy import func, select
+
+    from align.paths import home_dir
+    from services.db import jobs
+    from services.db.models import ApiKey
+    from services.db.session import make_engine, make_sessionmaker
+
+    if settings.bootstrap_api_key:
+        return
+    key_file = home_dir() / "api_key"
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            if session.scalar(select(func.count()).select_from(ApiKey)):
+                return
+            tenant = jobs.create_tenant(session, "default")
+            _, plaintext = jobs.create_api_key(session, tenant.id, "local", plaintext="al-" + secrets.token_urlsafe(24))
+    finally:
+        engine.dispose()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.touch(mode=0o600)
+    key_file.write_text(plaintext + "\n")
+    console.print(f"created API key for tenant 'default' in {key_file} (the CLI reads it from there)")
+
+
+def start_local_ray(num_cpus: Optional[int]):
+    """A local Ray for the embedded set-up; returns the Jobs API client of its dashboard."""
+    from services.dispatcher import RayJobs
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    console.print(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs), jobs API at {context.dashboard_url}")
+    return RayJobs("http://" + context.dashboard_url)
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="Listen address (ALIGN_HOST, default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (ALIGN_PORT, default 8321)."),
+    dispatcher: bool = typer.Option(True, help="Run the dispatcher in this process."),
+    ray_cpus: Optional[int] = typer.Option(None, help="CPUs of the local Ray (default: all); ignored with ALIGN_RAY_ADDRESS."),
+) -> None:
+    """Run the job service: HTTP API and dispatcher, on embedded defaults unless ALIGN_* settings say otherwise."""
+    import uvicorn
+
+    from services.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(host=host, port=port, run_dispatcher=dispatcher)
+    prepare_database(settings.database_url)
+    ensure_local_api_key(settings)
+    ray_client = None
+    if dispatcher and not settings.ray_address:
+        ray_client = start_local_ray(ray_cpus)
+    try:
+        app = create_app(settings, ray_client=ray_client)
+        console.print(f"align service on http://{settings.host}:{settings.port} (database {settings.database_url})")
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        if ray_client is not None:
+            import ray
+
+            ray.shutdown()
+
+
+@app.command("dispatcher")
+def run_dispatcher() -> None:
+    """Run a dispatcher alone (several may run against one database); needs ALIGN_RAY_ADDRESS."""
+    from services.db.session import make_engine, make_sessionmaker
+    from services.dispatcher import Dispatcher, RayJobs
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings()
+    if not settings.ray_address:
+        console.print("[red]ALIGN_RAY_ADDRESS: set it to the Ray cluster's jobs API, e.g. http://head:8265[/red]")
+        raise typer.Exit(2)
+    prepare_database(settings.database_url)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    worker = Dispatcher(settings, make_sessionmaker(make_engine(settings.database_url)), RayJobs(settings.ray_address))
+    console.print(f"dispatcher {worker.owner_id} on {settings.ray_address}")
+    try:
+        worker.run_forever(stop)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Migrate the database (ALIGN_DATABASE_URL) up to ``revision``."""
+    from services.db.session import upgrade
+
+    settings = _settings()
+    embedded = _embedded_sqlite(settings.database_url)
+    if embedded is not None:
+        embedded.parent.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url, revision)
+    console.print(f"database at {revision}: {settings.database_url}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str = typer.Argument(..., help="Target revision, e.g. base.")) -> None:
+    """Migrate the database down to ``revision``."""
+    from services.db.session import downgrade
+
+    settings = _settings()
+    downgrade(settings.database_url, revision)
+    console.print(f"database at {revision}: {settings.database_url}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
