@@ -44,6 +44,8 @@ class StageContext:
     require_checkpoint: bool = False
     """A retried attempt: finding no checkpoint is an error, never a silent restart from step 0."""
     on_metrics: Callable[[dict], None] | None = None
+    on_checkpoint: Callable[[int, str], None] | None = None
+    """Called on every rank with (step, folder) once the checkpoint after that step is complete."""
     job_id: str | None = None
 
     @property
@@ -266,6 +268,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 class MissingCheckpoint(RuntimeError):
     pass
+
+
+def checkpoint_saved(ctx: StageContext, step: int) -> None:
+    """Tell ``ctx.on_checkpoint``, if set, that the checkpoint after ``step`` is complete."""
+    if ctx.on_checkpoint is not None:
+        ctx.on_checkpoint(step, str(dict(complete_checkpoints(ctx.checkpoint_dir))[step]))
 
 
 def resume(ctx: StageContext, engine, rank: Rank, metrics: MetricsLog) -> int:

@@ -92,6 +92,7 @@ def run(ctx: StageContext) -> StageResult:
             metrics.log({"step": done, **evaluate(engine, reference, tokenizer, data, ctx, rank)})
         if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < steps:
             save_checkpoint(engine, ctx.checkpoint_dir, done, rank, {"stage": ctx.name})
+            common.checkpoint_saved(ctx, done)
 
     final = common.final_metrics(
         metrics.records,

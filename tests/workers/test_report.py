@@ -1,0 +1,104 @@
+"""The reporter's delivery rules and the entrypoint's failure classification, without Ray or training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from worker_helpers import TOKEN, make_ticket
+
+from align.data.load import DataError
+from align.stages.common import MissingCheckpoint
+from workers.entrypoint import EXIT_BAD_TICKET, Ticket, classify, main
+from workers.report import Fenced, Reporter
+
+
+def reporter_for(receiver, **options) -> Reporter:
+    return Reporter(receiver.url, TOKEN, "sr_1", 2, backoff=0.01, **options)
+
+
+def test_reports_carry_the_attempt_and_payload(receiver):
+    reporter = reporter_for(receiver)
+    assert reporter.send("message", {"level": "info", "text": "hi"})
+    reporter.checkpoint(3, "/work/checkpoints/step-00000003")
+    assert [(r["stage_run_id"], r["attempt"], r["type"]) for r in receiver.reports] == [
+        ("sr_1", 2, "message"),
+        ("sr_1", 2, "checkpoint"),
+    ]
+    assert receiver.reports[1]["payload"] == {"step": 3, "uri": "/work/checkpoints/step-00000003"}
+
+
+def test_a_409_raises_fenced(receiver):
+    receiver.fence_when = lambda report: report["type"] == "metrics"
+    reporter = reporter_for(receiver)
+    reporter.heartbeat(1, 10)
+    with pytest.raises(Fenced):
+        reporter.metrics({"step": 2, "loss": 1.0})
+    assert len(receiver.reports) == 2  # a 409 is final: never retried
+
+
+def test_unavailable_service_is_retried_then_given_up(receiver):
+    receiver.unavailable = 2
+    assert reporter_for(receiver, retries=2).send("heartbeat", {"step": 1, "total_steps": 2})
+    assert [r["status"] for r in receiver.reports] == [503, 503, 200]
+    receiver.unavailable = 5
+    assert not reporter_for(receiver, retries=1).send("heartbeat", {"step": 1, "total_steps": 2})
+
+
+def test_bad_token_is_not_retried_and_does_not_stop_training(receiver):
+    reporter = Reporter(receiver.url, "wrong", "sr_1", 2, backoff=0.01)
+    assert not reporter.send("heartbeat", {"step": 1, "total_steps": 2})
+    assert [r["status"] for r in receiver.reports] == [401]
+
+
+def test_unreachable_service_does_not_stop_training():
+    reporter = Reporter("http://127.0.0.1:9/internal/reports", TOKEN, "sr_1", 1, timeout=0.5, backoff=0.01)
+    assert not reporter.send("heartbeat", {"step": 1, "total_steps": 2})
+
+
+def test_heartbeats_are_throttled(receiver):
+    reporter = reporter_for(receiver, heartbeat_every=60)
+    for step in [1, 2, 3, 4, 4]:
+        reporter.heartbeat(step, 4, force=step == 4)
+    assert [r["payload"]["step"] for r in receiver.reports] == [1, 4]
+
+
+def ticket_for(receiver, tmp_path, data_path="/data/sft.jsonl") -> Ticket:
+    spec = {"name": "t", "base_model": "builtin:tiny", "stages": [{"type": "sft", "data": {"path": data_path}}]}
+    return Ticket.from_json(json.dumps(make_ticket(receiver, spec, tmp_path)))
+
+
+def test_user_errors_inside_ray_train_errors_are_not_retryable(receiver, tmp_path):
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    ticket = ticket_for(receiver, tmp_path)
+    data_error = DataError("/data/sft.jsonl", 4, "messages", "expected a list")
+    wrapped = WorkerGroupError("worker failed", {0: UserExceptionWithTraceback(data_error, "Traceback ...")})
+    assert classify(wrapped, ticket) == {
+        "code": "bad_data",
+        "message": "/data/sft.jsonl row 4 column 'messages': expected a list",
+        "field": "stages[0].data.path",
+        "retryable": False,
+    }
+    missing = classify(RuntimeError("launch failed"), ticket)
+    assert missing["retryable"] is True and missing["message"] == "RuntimeError: launch failed"
+    assert classify(MissingCheckpoint("none found"), ticket)["code"] == "missing_checkpoint"
+    crash = WorkerGroupError("worker failed", {1: UserExceptionWithTraceback(OSError("disk full"), "tb")})
+    assert classify(crash, ticket) == {
+        "code": "stage_error", "message": "OSError: disk full", "field": None, "retryable": True,
+    }
+
+
+def test_bad_spec_in_the_ticket_fails_for_good_naming_the_field(receiver, tmp_path, monkeypatch):
+    ticket = make_ticket(receiver, {"name": "t", "base_model": "builtin:tiny", "stages": []}, tmp_path)
+    monkeypatch.setenv("ALIGN_TICKET", json.dumps(ticket))
+    assert main() == 1
+    (failed,) = receiver.reports
+    assert failed["payload"]["code"] == "bad_spec" and failed["payload"]["field"] == "stages"
+    assert failed["payload"]["retryable"] is False
+
+
+def test_missing_ticket_fields_exit_without_reporting(monkeypatch):
+    monkeypatch.setenv("ALIGN_TICKET", json.dumps({"stage_run_id": "sr_1"}))
+    assert main() == EXIT_BAD_TICKET

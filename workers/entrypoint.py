@@ -1,0 +1,230 @@
+"""One stage attempt on Ray: ``python -m workers.entrypoint`` with the ticket in env ALIGN_TICKET.
+
+The dispatcher submits this as a Ray job. It checks the stage's spec and data, tells the service it
+started (a 409 here stops it before any compute), runs the stage on a Ray Train ``TorchTrainer``
+(one rank per worker, see :mod:`workers.train_func`) and exits 0 once rank 0 has reported the artifact.
+On an error it sends a "failed" report and exits 1; fenced off by the service it exits 3 silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from workers.report import Fenced, Reporter
+
+logger = logging.getLogger("workers.entrypoint")
+
+EXIT_FAILED = 1
+EXIT_BAD_TICKET = 2
+EXIT_FENCED = 3
+# Environment the training ranks need wherever Ray places them: caches and compiled-op locations.
+PASSED_ENV = (
+    "ALIGN_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "HF_HOME",
+    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """What the dispatcher hands one stage attempt (the contract's "attempt ticket")."""
+
+    stage_run_id: str
+    attempt: int
+    job_id: str
+    spec: dict
+    index: int
+    start_policy: str | None
+    parents: list[str]
+    artifact_root: str
+    work_dir: str
+    require_checkpoint: bool
+    report_url: str
+    report_token: str
+
+    @classmethod
+    def from_json(cls, text: str) -> Ticket:
+        data = json.loads(text)
+        missing = [f.name for f in fields(cls) if f.name not in data]
+        if missing:
+            raise ValueError(f"ticket is missing field(s) {missing}")
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+    @property
+    def run_name(self) -> str:
+        """Ray Train run name, unique per attempt: a reused name would reload an earlier run's state."""
+        return f"{self.stage_run_id}-a{self.attempt}"
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        ticket = Ticket.from_json(os.environ["ALIGN_TICKET"])
+    except (KeyError, ValueError, TypeError) as error:
+        logger.error("no usable ticket in ALIGN_TICKET: %s", error)
+        return EXIT_BAD_TICKET
+    reporter = Reporter(ticket.report_url, ticket.report_token, ticket.stage_run_id, ticket.attempt)
+    try:
+        run_attempt(ticket, reporter)
+        return 0
+    except Exception as error:  # noqa: BLE001 - every error ends the attempt with a report
+        if any(isinstance(cause, Fenced) for cause in causes(error)):
+            logger.error("stopped: %s attempt %s is fenced off by the service", ticket.stage_run_id, ticket.attempt)
+            return EXIT_FENCED
+        failure = classify(error, ticket)
+        logger.error("stage attempt failed (%s): %s", failure["code"], failure["message"])
+        try:
+            reporter.failed(**failure)
+        except Fenced:
+            return EXIT_FENCED
+        return EXIT_FAILED
+    finally:
+        reporter.close()
+
+
+def run_attempt(ticket: Ticket, reporter: Reporter) -> None:
+    from align.spec import parse_spec
+
+    job = parse_spec(ticket.spec)
+    planned = check_stage(job, ticket.index)
+    reporter.heartbeat(0, planned, force=True)
+    trainer = build_trainer(ticket, job, planned)
+    started = time.perf_counter()
+    trainer.fit()
+    logger.info("%s finished in %.1fs of Ray Train", ticket.run_name, time.perf_counter() - started)
+
+
+def check_stage(job, index: int) -> int:
+    """Load and check the stage's data before Ray starts; returns the planned number of steps."""
+    from align.data import load
+    from align.preflight import DATA_KIND
+    from align.stages.common import resolve_data_path, total_steps
+
+    stage = job.stages[index]
+    kind = DATA_KIND[stage.type]
+    counts = {}
+    for name, location in (("path", stage.data.path), ("eval_path", stage.data.eval_path)):
+        if location:
+            path = str(resolve_data_path(location))
+            rows = load.load_rows(path)
+            load.validate_rows(rows, load.detect_format(rows, kind, path), path, kind=kind)
+            counts[name] = len(rows)
+    if stage.max_steps is not None:
+        return stage.max_steps
+    train_rows = counts["path"]
+    if not stage.data.eval_path:
+        train_rows -= round(stage.data.eval_fraction * train_rows)
+    if stage.data.max_rows is not None:
+        train_rows = min(train_rows, stage.data.max_rows)
+    return total_steps(stage, train_rows, job.resources.num_workers)
+
+
+def build_trainer(ticket: Ticket, job, planned_steps: int):
+    """A TorchTrainer with one rank per worker; no Ray-level retries (the dispatcher retries attempts)."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from workers.train_func import train_func
+
+    if not ray.is_initialized():
+        started = time.perf_counter()
+        ray.init()  # RAY_ADDRESS from the job submission; a fresh local Ray without it
+        logger.info("joined Ray in %.1fs", time.perf_counter() - started)
+    resources = job.resources
+    use_gpu = resources.gpus_per_worker > 0
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
+    return TorchTrainer(
+        train_func,
+        train_loop_config={
+            "ticket": asdict(ticket),
+            "threads": max(1, int(resources.cpus_per_worker)),
+            "total_steps": planned_steps,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=ticket.run_name,
+            storage_path=str(Path(ticket.work_dir).resolve() / "ray"),
+            failure_config=FailureConfig(max_failures=0),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and what it wraps: chained exceptions and the workers' errors inside Ray Train's."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending.extend(getattr(current, "worker_failures", {}).values())
+        # Ray Train wraps a worker's exception with its traceback text.
+        pending.extend(getattr(current, name, None) for name in ("_base_exc", "controller_failure", "cause"))
+        pending.extend([current.__cause__, current.__context__])
+
+
+def classify(error: BaseException, ticket: Ticket) -> dict[str, Any]:
+    """The "failed" payload: errors in the user's spec, data, model or checkpoints are not retryable."""
+    from align.data.load import DataError
+    from align.models.load import ModelError
+    from align.spec import SpecError
+    from align.stages.common import MissingCheckpoint
+
+    found = list(causes(error))
+    for cause in found:
+        if isinstance(cause, SpecError):
+            return _failure("bad_spec", cause, cause.errors[0][0] if cause.errors else None)
+        if isinstance(cause, DataError):
+            return _failure("bad_data", cause, _data_field(ticket, cause.path))
+        if isinstance(cause, ModelError):
+            return _failure("bad_model", cause, "base_model")
+        if isinstance(cause, MissingCheckpoint):
+            return _failure("missing_checkpoint", cause, None)
+    # The worker's own exception says more than the Ray Train errors wrapped around it.
+    wrappers = ("worker_failures", "_base_exc", "controller_failure")
+    origin = next((c for c in found if not any(hasattr(c, name) for name in wrappers)), error)
+    return {
+        "code": "stage_error",
+        "message": f"{type(origin).__name__}: {_text(origin)}",
+        "field": None,
+        "retryable": True,
+    }
+
+
+def _failure(code: str, error: BaseException, field: str | None) -> dict[str, Any]:
+    return {"code": code, "message": _text(error), "field": field, "retryable": False}
+
+
+def _text(error: BaseException) -> str:
+    text = str(error)
+    return text if len(text) <= 4000 else text[:4000] + " ..."
+
+
+def _data_field(ticket: Ticket, path: str) -> str:
+    from align.stages.common import resolve_data_path
+
+    data = ticket.spec["stages"][ticket.index]["data"]
+    eval_path = data.get("eval_path")
+    is_eval = eval_path and str(resolve_data_path(eval_path)) == str(path)
+    return f"stages[{ticket.index}].data.{'eval_path' if is_eval else 'path'}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
