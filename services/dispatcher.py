@@ -127,10 +127,8 @@ class Dispatcher:
         self.ray = ray_client
         self.owner_id = owner_id or default_owner_id()
         # A local Ray runs the entrypoint with its own PATH: name this interpreter so the venv is used.
-        self.entrypoint = entrypoint or (
-            "python -m workers.entrypoint" if settings.ray_address
-            else f"{shlex.quote(sys.executable)} -m workers.entrypoint"
-        )
+        python = settings.worker_python or ("python" if settings.ray_address else sys.executable)
+        self.entrypoint = entrypoint or f"{shlex.quote(python)} -m workers.entrypoint"
         self.max_claims_per_tick = max_claims_per_tick
 
     def tick(self) -> None:

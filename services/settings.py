@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     """A running stage run with no report for this long is rescued (Ray job stopped, stage requeued)."""
     dispatcher_poll_seconds: float = Field(1.0, gt=0)
     """Pause between dispatcher passes."""
+    worker_python: str | None = None
+    """Python interpreter the Ray job runs the worker with (default: `python` on a cluster's PATH, this
+    interpreter for a local Ray)."""
     run_dispatcher: bool = True
     """Run the dispatcher in the API process."""
 
