@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/align train examples/tiny-sft-dpo.yaml --fresh
+	$(VENV)/bin/python examples/service_demo.py
 
 test: $(STAMP)
 	$(VENV)/bin/pytest

@@ -184,10 +184,10 @@ def follow_job(client, job_id: str) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     job = client.job(job_id)
-    columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed:>5.0f}/{task.total:<5.0f}"),
+    columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.fields[steps]:>11}"),
                TextColumn("{task.fields[state]:<10} {task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        bars = {s["id"]: progress.add_task(s["name"], total=None, state=s["state"], info="") for s in job["stages"]}
+        bars = {s["id"]: progress.add_task(s["name"], total=None, state=s["state"], info="", steps="") for s in job["stages"]}
         for event in client.stream_events(job_id):
             bar = bars.get(event.get("stage_run_id"))
             if bar is None:
@@ -198,11 +198,11 @@ def follow_job(client, job_id: str) -> dict:
                 if payload.get("to") in ("failed", "cancelled") and payload.get("error_message"):
                     progress.console.print(f"[red]{payload.get('error_code')}: {payload['error_message']}[/red]")
             elif event["type"] == "metrics":
-                total = payload.get("total_steps")
+                total = progress.tasks[bar].total or _total_steps(client, job_id, event["stage_run_id"])
                 if total:
                     progress.update(bar, total=total)
                 if "step" in payload:
-                    progress.update(bar, completed=payload["step"])
+                    progress.update(bar, completed=payload["step"], steps=f"{payload['step']}/{total or '?'}")
                 shown = {k: payload[k] for k in ("loss", "eval_loss", "eval_exact_match", "eval_rewards_accuracy")
                          if k in payload}
                 if shown:
@@ -212,6 +212,11 @@ def follow_job(client, job_id: str) -> dict:
     job = client.job(job_id)
     console.print(_job_table(job))
     return job
+
+
+def _total_steps(client, job_id: str, stage_run_id: str) -> int | None:
+    stage = next(s for s in client.job(job_id)["stages"] if s["id"] == stage_run_id)
+    return (stage.get("progress") or {}).get("total_steps")
 
 
 @jobs_app.command("list")
