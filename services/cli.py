@@ -139,6 +139,10 @@ def run_dispatcher() -> None:
     if not settings.ray_address:
         console.print("[red]ALIGN_RAY_ADDRESS: set it to the Ray cluster's jobs API, e.g. http://head:8265[/red]")
         raise typer.Exit(2)
+    if not os.environ.get("ALIGN_REPORT_SECRET"):
+        console.print("[red]ALIGN_REPORT_SECRET: set the same secret here and on the API servers; the API checks "
+                      "the report tokens this dispatcher hands to workers[/red]")
+        raise typer.Exit(2)
     prepare_database(settings.database_url)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
