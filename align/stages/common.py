@@ -314,6 +314,12 @@ class Throughput:
         return rate
 
 
+def grad_norm(engine) -> float:
+    """The global gradient norm of the last optimizer step (NaN before the first)."""
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
 def publish(
     ctx: StageContext,
     model: torch.nn.Module,

@@ -49,7 +49,7 @@ def run(ctx: StageContext) -> StageResult:
             totals = all_reduce_sum(sums.tolist())
             record = {key: value / step_pairs for key, value in zip(METRIC_KEYS, totals)}
             record.update(
-                step=done, lr=scheduler.get_last_lr()[0], grad_norm=_grad_norm(engine), tokens_per_s=throughput.read()
+                step=done, lr=scheduler.get_last_lr()[0], grad_norm=common.grad_norm(engine), tokens_per_s=throughput.read()
             )
             metrics.log(record)
         if (stage.eval_every and done % stage.eval_every == 0) or done == steps:
@@ -105,8 +105,3 @@ def evaluate(engine, tokenizer, data: common.StageData, stage, rank: Rank) -> di
     pairs = max(totals.pop(), 1.0)
     engine.train()
     return {"eval_" + key: value / pairs for key, value in zip(METRIC_KEYS, totals)}
-
-
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")

@@ -55,7 +55,7 @@ def run(ctx: StageContext) -> StageResult:
                     "step": done,
                     "loss": nll_total / step_tokens,
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": _grad_norm(engine),
+                    "grad_norm": common.grad_norm(engine),
                     "tokens_per_s": throughput.read(),
                 }
             )
@@ -106,11 +106,6 @@ def evaluate(engine, tokenizer, data: common.StageData, ctx: StageContext, rank:
         )
     engine.train()
     return result
-
-
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
 
 
 def _artifact_kind(job) -> str:
