@@ -1,21 +1,23 @@
-"""The built-in ``arith`` task: small sums and differences on which alignment is measurable.
+"""The built-in ``parity`` task: is a number even or odd? Alignment is measurable on it.
 
-Every prompt asks for one *fact* ``a + b`` or ``a - b`` (operands ``0..OPERAND_MAX``, no negative
-results). The built-in model (:mod:`align.tiny`) is pretrained on all facts, so it knows the answers;
-what the alignment stages change is how it answers a chat prompt.
+Every prompt names one number (1 to 5 digits) and asks whether it is even or odd, in one of two
+families of phrasing: ``ask`` ("Is 4719 even or odd?") and ``tell`` ("Tell me whether 4719 is even or
+odd."). The answer is one word, ``even`` or ``odd``. The built-in model (:mod:`align.tiny`) is
+pretrained on text that states the parity of numbers, so it knows the answers; what the alignment
+stages change is how it answers a chat prompt.
 
-The splits partition the facts, so no two splits share a prompt (or a fact):
+The splits use disjoint numbers, so no two splits share a prompt:
 
 | split | rows | purpose |
 |---|---|---|
-| ``sft`` | ``messages`` | demonstrations of mixed quality: most subtraction answers carry a fencepost error (one too many), a few addition answers are off by one, so supervised fine-tuning alone learns the mistakes |
-| ``prefs`` | ``prompt``, ``chosen``, ``rejected`` | chosen is the correct answer, rejected a mistake of the kinds found in ``sft`` |
+| ``sft`` | ``messages`` | demonstrations of mixed quality: most ``tell`` answers give the wrong parity, a few ``ask`` answers do too, so supervised fine-tuning alone learns the mistake |
+| ``prefs`` | ``prompt``, ``chosen``, ``rejected`` | chosen is the right parity, rejected the wrong one |
 | ``prefs_eval`` | as ``prefs`` | held-out pairs (implicit-reward or reward-model accuracy) |
 | ``eval`` | ``prompt``, ``completion`` | held-out prompts with the correct answer (greedy exact match) |
 | ``prompts`` | ``prompt`` | prompts only, for reinforcement learning with :func:`exact_answer_reward` |
 
 Everything is generated from ``SEED``; :func:`materialize` writes a split as JSON Lines under the
-cache and returns the path, so ``builtin:arith/<split>`` can be used wherever a dataset path is.
+cache and returns the path, so ``builtin:parity/<split>`` can be used wherever a dataset path is.
 """
 
 from __future__ import annotations
@@ -33,99 +35,87 @@ import torch
 
 from align.paths import cache_dir
 
-TASK_VERSION = 1
+TASK_VERSION = 3
 SEED = 1234
-OPERAND_MAX = 39
-OPERATIONS = ("+", "-")
-OPERATION_WORDS = {"+": "plus", "-": "minus"}
-PHRASINGS = (
-    "What is {a} {symbol} {b}?",
-    "What is {a} {word} {b}?",
-    "Compute {a} {symbol} {b}.",
-)
-SPLIT_SIZES = {"sft": 512, "prefs": 768, "prefs_eval": 128, "eval": 192, "prompts": 256}
-MISTAKE_RATE = {"+": 0.1, "-": 0.9}
-"""Fraction of ``sft`` demonstrations, per operation, that give a wrong answer."""
+MAX_DIGITS = 5
+PHRASINGS = {
+    "ask": ("Is {number} even or odd?", "Is the number {number} even or odd?"),
+    "tell": ("Tell me whether {number} is even or odd.", "Say if {number} is even or odd."),
+}
+FAMILIES = tuple(PHRASINGS)
+ANSWERS = ("even", "odd")
+SPLIT_SIZES = {"sft": 512, "prefs": 640, "prefs_eval": 128, "eval": 160, "prompts": 192}
+MISTAKE_RATE = {"ask": 0.1, "tell": 0.9}
+"""Fraction of ``sft`` demonstrations, per family, that give the wrong parity."""
 
-BUILTIN_DATASETS = tuple(f"builtin:arith/{split}" for split in SPLIT_SIZES)
+BUILTIN_DATASETS = tuple(f"builtin:parity/{split}" for split in SPLIT_SIZES)
 
-_FACT_PATTERN = re.compile(r"(\d+) (\+|-|plus|minus) (\d+)")
-_SYMBOLS = {"+": "+", "-": "-", "plus": "+", "minus": "-"}
+_NUMBER_PATTERN = re.compile(r"\d+")
 
 
 @dataclass(frozen=True)
-class Fact:
-    a: int
-    operation: str
-    b: int
+class Item:
+    """One prompt of the task: a number and how the question is phrased."""
+
+    number: int
+    family: str
+    phrasing: int
 
     @property
-    def answer(self) -> int:
-        return self.a + self.b if self.operation == "+" else self.a - self.b
+    def answer(self) -> str:
+        return parity(self.number)
 
-    def equation(self) -> str:
-        """``"17 + 25"``."""
-        return f"{self.a} {self.operation} {self.b}"
-
-    def prompt(self, phrasing: int) -> str:
-        template = PHRASINGS[phrasing]
-        return template.format(a=self.a, b=self.b, symbol=self.operation, word=OPERATION_WORDS[self.operation])
+    def prompt(self) -> str:
+        return PHRASINGS[self.family][self.phrasing].format(number=self.number)
 
 
-def all_facts() -> list[Fact]:
-    """Every fact of the task in a fixed order: all sums, then the differences with ``a >= b``."""
-    operands = range(OPERAND_MAX + 1)
-    sums = [Fact(a, "+", b) for a in operands for b in operands]
-    differences = [Fact(a, "-", b) for a in operands for b in operands if a >= b]
-    return sums + differences
+def parity(number: int) -> str:
+    return ANSWERS[number % 2]
 
 
-def fact_of(prompt: str) -> Fact:
-    """The fact a prompt asks about; ``ValueError`` if the prompt is not an ``arith`` prompt."""
-    match = _FACT_PATTERN.search(prompt)
-    if match is None:
-        raise ValueError(f"not an arith prompt (expected e.g. 'What is 17 + 25?'): {prompt!r}")
-    return Fact(int(match.group(1)), _SYMBOLS[match.group(2)], int(match.group(3)))
+def random_number(rng: random.Random) -> int:
+    """1 to ``MAX_DIGITS`` digits, each length equally likely."""
+    return rng.randrange(10 ** rng.randint(1, MAX_DIGITS))
+
+
+def random_item(rng: random.Random, family: str, number: int | None = None) -> Item:
+    number = random_number(rng) if number is None else number
+    return Item(number=number, family=family, phrasing=rng.randrange(len(PHRASINGS[family])))
 
 
 def answer_of(prompt: str) -> str:
-    """The correct answer to an ``arith`` prompt, as the text a reply should consist of."""
-    return str(fact_of(prompt).answer)
+    """The correct answer to a ``parity`` prompt; ``ValueError`` if the prompt names no number."""
+    match = _NUMBER_PATTERN.search(prompt)
+    if match is None:
+        raise ValueError(f"not a parity prompt (expected e.g. 'Is 4719 even or odd?'): {prompt!r}")
+    return parity(int(match.group(0)))
 
 
 def exact_answer_reward(prompt: str, completion: str) -> float:
-    """1.0 when the completion, stripped of surrounding whitespace, is exactly the correct answer."""
+    """1.0 when the completion, stripped of surrounding whitespace, is exactly the right parity."""
     return 1.0 if completion.strip() == answer_of(prompt) else 0.0
 
 
-def mistake(fact: Fact, rng: random.Random) -> int:
-    """A plausible wrong answer: a difference one too large (counting both ends), a sum off by one."""
-    if fact.operation == "-":
-        return fact.answer + 1
-    if fact.answer == 0:
-        return 1
-    return fact.answer + rng.choice((-1, 1))
+def mistake(answer: str) -> str:
+    """The wrong answer: the other parity."""
+    return ANSWERS[1 - ANSWERS.index(answer)]
 
 
-def split_facts(seed: int = SEED) -> dict[str, list[Fact]]:
-    """Disjoint sets of facts per split, half sums and half differences each."""
+def split_items(seed: int = SEED) -> dict[str, list[Item]]:
+    """Items per split, half of each family, with numbers never shared between splits."""
     rng = random.Random(seed)
-    pools = {operation: [f for f in all_facts() if f.operation == operation] for operation in OPERATIONS}
-    for pool in pools.values():
-        rng.shuffle(pool)
-    taken = {operation: 0 for operation in OPERATIONS}
+    used: set[int] = set()
     result = {}
     for split, size in SPLIT_SIZES.items():
-        facts = []
-        for index, operation in enumerate(OPERATIONS):
-            count = size // len(OPERATIONS) + (index < size % len(OPERATIONS))
-            pool = pools[operation]
-            if taken[operation] + count > len(pool):
-                raise ValueError(f"SPLIT_SIZES need more '{operation}' facts than the {len(pool)} there are")
-            facts += pool[taken[operation] : taken[operation] + count]
-            taken[operation] += count
-        rng.shuffle(facts)
-        result[split] = facts
+        items = []
+        for index in range(size):
+            number = random_number(rng)
+            while number in used:
+                number = random_number(rng)
+            used.add(number)
+            items.append(random_item(rng, FAMILIES[index % len(FAMILIES)], number))
+        rng.shuffle(items)
+        result[split] = items
     return result
 
 
@@ -133,19 +123,17 @@ def build_splits(seed: int = SEED) -> dict[str, list[dict]]:
     """All rows of every split, deterministic in ``seed``."""
     rng = random.Random(seed + 1)
     splits: dict[str, list[dict]] = {}
-    for split, facts in split_facts(seed).items():
+    for split, items in split_items(seed).items():
         rows = []
-        for fact in facts:
-            prompt = fact.prompt(rng.randrange(len(PHRASINGS)))
-            correct = str(fact.answer)
+        for item in items:
+            prompt, correct = item.prompt(), item.answer
             if split == "sft":
-                wrong = rng.random() < MISTAKE_RATE[fact.operation]
-                answer = str(mistake(fact, rng)) if wrong else correct
+                answer = mistake(correct) if rng.random() < MISTAKE_RATE[item.family] else correct
                 rows.append(
                     {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
                 )
             elif split in ("prefs", "prefs_eval"):
-                rows.append({"prompt": prompt, "chosen": correct, "rejected": str(mistake(fact, rng))})
+                rows.append({"prompt": prompt, "chosen": correct, "rejected": mistake(correct)})
             elif split == "eval":
                 rows.append({"prompt": prompt, "completion": correct})
             else:
@@ -156,12 +144,12 @@ def build_splits(seed: int = SEED) -> dict[str, list[dict]]:
 
 def data_key() -> str:
     """Short hash of everything the rows depend on; part of the cache folder's name."""
-    parameters = [TASK_VERSION, SEED, OPERAND_MAX, PHRASINGS, SPLIT_SIZES, MISTAKE_RATE]
+    parameters = [TASK_VERSION, SEED, MAX_DIGITS, PHRASINGS, ANSWERS, SPLIT_SIZES, MISTAKE_RATE]
     return hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def materialize(name: str, cache_root: Path | None = None) -> Path:
-    """Write the built-in dataset ``name`` (e.g. ``builtin:arith/sft``) as JSON Lines; return its path.
+    """Write the built-in dataset ``name`` (e.g. ``builtin:parity/sft``) as JSON Lines; return its path.
 
     The file lives under ``cache_root or cache_dir()`` and is written once: a temporary file renamed
     into place, so concurrent callers see either no file or the whole file.
@@ -169,7 +157,7 @@ def materialize(name: str, cache_root: Path | None = None) -> Path:
     if name not in BUILTIN_DATASETS:
         raise ValueError(f"unknown built-in dataset '{name}'; known: {', '.join(BUILTIN_DATASETS)}")
     split = name.split("/", 1)[1]
-    folder = Path(cache_root or cache_dir()) / f"arith-{data_key()}"
+    folder = Path(cache_root or cache_dir()) / f"parity-{data_key()}"
     path = folder / f"{split}.jsonl"
     if path.is_file():
         return path

@@ -1,10 +1,11 @@
-"""The built-in model ``builtin:tiny``: a small Llama-style causal LM pretrained on arithmetic text.
+"""The built-in model ``builtin:tiny``: a small Llama-style causal LM pretrained on text about numbers.
 
 :func:`build_tiny` makes a complete local Hugging Face model folder (safetensors weights, config,
 generation config, a byte-level BPE tokenizer with the default chat template) so demos and tests run
 with no model hub. The model is not random: the build pretrains it briefly on a generated corpus that
-states every fact of the built-in ``arith`` task (:mod:`align.task`) in several surface forms, so
-the base model knows the answers that the alignment stages then elicit in chat form.
+states whether numbers are even or odd, in the phrasings of the built-in ``parity`` task
+(:mod:`align.task`) and in plain statements, so the base model knows the answers that the alignment
+stages then elicit in chat form.
 
 The corpus is plain text: documents separated by ``<|end|>`` (also the EOS token), no chat markup, so
 the role tokens of the chat template are unseen until fine-tuning, as with a real base model.
@@ -37,7 +38,7 @@ from align.data.templates import DEFAULT_CHAT_TEMPLATE, END_OF_TURN, PAD, ROLE_T
 from align.paths import cache_dir
 
 TINY_MODEL = "builtin:tiny"
-BUILD_VERSION = 1
+BUILD_VERSION = 4
 
 MODEL_CONFIG = dict(
     hidden_size=256,
@@ -53,9 +54,10 @@ MODEL_CONFIG = dict(
 VOCAB_SIZE = 1024
 PRETRAIN = dict(
     seed=0,
-    passes=16,
-    sequence_length=128,
-    batch_size=32,
+    documents=12000,
+    sequence_length=64,
+    batch_size=16,
+    steps=400,
     learning_rate=3e-3,
     warmup_steps=30,
     weight_decay=0.01,
@@ -63,17 +65,10 @@ PRETRAIN = dict(
 BUILD_THREADS = 4
 """At most this many CPU threads pretrain; fewer when the process may use fewer cores."""
 
-_NAMES = ("Mia", "Leo", "Ava", "Noah", "Emma", "Liam", "Zoe", "Omar", "Ines", "Kai", "Sara", "Tom")
-_THINGS = ("apples", "books", "coins", "stamps", "shells", "pencils", "marbles", "cards", "stones", "cookies")
-_SUM_STORIES = (
-    "{name} has {a} {thing}. {name} gets {b} more {thing}. Now {name} has {c} {thing}.",
-    "There are {a} {thing} in a box and {b} {thing} on the table. Together there are {c} {thing}.",
-    "{name} counted {a} {thing} in the morning and {b} in the evening, {c} {thing} in all.",
-)
-_DIFFERENCE_STORIES = (
-    "{name} has {a} {thing}. {name} gives {b} {thing} to {other}. Now {name} has {c} {thing}.",
-    "A jar holds {a} {thing}. After {b} are taken out, {c} {thing} are left in the jar.",
-    "{name} needs {a} {thing} and already has {b}, so {name} still needs {c} {thing}.",
+_STATEMENTS = (
+    "{number} is {parity}.",
+    "The number {number} is {parity}.",
+    "{number} is an {parity} number.",
 )
 
 
@@ -81,7 +76,7 @@ def build_key() -> str:
     """Short hash of every parameter the built folder depends on."""
     parameters = [
         BUILD_VERSION, MODEL_CONFIG, VOCAB_SIZE, PRETRAIN, SPECIAL_TOKENS, DEFAULT_CHAT_TEMPLATE,
-        task.OPERAND_MAX, task.PHRASINGS, _NAMES, _THINGS, _SUM_STORIES, _DIFFERENCE_STORIES,
+        task.MAX_DIGITS, task.PHRASINGS, task.ANSWERS, _STATEMENTS,
     ]
     return hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -127,36 +122,24 @@ def _file_lock(path: Path) -> Iterator[None]:
 # --- corpus -------------------------------------------------------------------------------------------
 
 
-def pretraining_corpus(seed: int, passes: int) -> list[str]:
-    """Documents stating every ``arith`` fact ``passes`` times, in equations, questions and stories."""
+def pretraining_corpus(seed: int, documents: int) -> list[str]:
+    """Documents of a few lines, each a fresh number and its parity: a task question with its answer after
+    a space or on the next line (as in a chat reply, so the bare words are tokens too), or a statement."""
     rng = random.Random(seed)
-    facts = task.all_facts()
-    documents = []
-    for _ in range(passes):
-        order = facts[:]
-        rng.shuffle(order)
-        begin = 0
-        while begin < len(order):
-            count = rng.randint(4, 10)
-            chunk = order[begin : begin + count]
-            begin += count
+    corpus = []
+    for _ in range(documents):
+        lines = []
+        for _ in range(rng.randint(3, 6)):
+            item = task.random_item(rng, rng.choice(task.FAMILIES))
             form = rng.random()
-            if form < 0.45:
-                lines = [f"{fact.equation()} = {fact.answer}" for fact in chunk]
-            elif form < 0.85:
-                lines = [f"{fact.prompt(rng.randrange(len(task.PHRASINGS)))} {fact.answer}" for fact in chunk]
+            if form < 0.35:
+                lines.append(f"{item.prompt()} {item.answer}")
+            elif form < 0.7:
+                lines.append(f"{item.prompt()}\n{item.answer}")
             else:
-                lines = [_story(fact, rng) for fact in chunk]
-            documents.append("\n".join(lines))
-    return documents
-
-
-def _story(fact: task.Fact, rng: random.Random) -> str:
-    stories = _SUM_STORIES if fact.operation == "+" else _DIFFERENCE_STORIES
-    name, other = rng.sample(_NAMES, 2)
-    return rng.choice(stories).format(
-        name=name, other=other, thing=rng.choice(_THINGS), a=fact.a, b=fact.b, c=fact.answer
-    )
+                lines.append(rng.choice(_STATEMENTS).format(number=item.number, parity=item.answer))
+        corpus.append("\n".join(lines))
+    return corpus
 
 
 # --- tokenizer ----------------------------------------------------------------------------------------
@@ -219,10 +202,8 @@ def _packed_sequences(tokenizer, documents: list[str], length: int) -> torch.Ten
 
 
 def pretrain(model, sequences: torch.Tensor, generator: torch.Generator, log=None) -> None:
-    """AdamW with linear warm-up and cosine decay, one pass over ``sequences``, bf16 autocast."""
-    batch_size = PRETRAIN["batch_size"]
-    order = torch.randperm(len(sequences), generator=generator)
-    steps = len(order) // batch_size
+    """AdamW with linear warm-up and cosine decay over ``PRETRAIN["steps"]`` random batches, bf16 autocast."""
+    batch_size, steps = PRETRAIN["batch_size"], PRETRAIN["steps"]
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=PRETRAIN["learning_rate"], weight_decay=PRETRAIN["weight_decay"], betas=(0.9, 0.95)
     )
@@ -236,7 +217,7 @@ def pretrain(model, sequences: torch.Tensor, generator: torch.Generator, log=Non
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
     for step in range(steps):
-        batch = sequences[order[step * batch_size : (step + 1) * batch_size]]
+        batch = sequences[torch.randint(len(sequences), (batch_size,), generator=generator)]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -244,7 +225,7 @@ def pretrain(model, sequences: torch.Tensor, generator: torch.Generator, log=Non
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if log is not None and (step % 20 == 0 or step == steps - 1):
+        if log is not None and (step % 50 == 0 or step == steps - 1):
             log(f"step {step + 1}/{steps} loss {loss.item():.4f}")
     model.eval()
 
@@ -257,7 +238,7 @@ def _build_into(folder: Path, log=None) -> None:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(PRETRAIN["seed"])
-            documents = pretraining_corpus(PRETRAIN["seed"], PRETRAIN["passes"])
+            documents = pretraining_corpus(PRETRAIN["seed"], PRETRAIN["documents"])
             tokenizer = train_tokenizer(documents)
             model = LlamaForCausalLM(_config(tokenizer))
             generator = torch.Generator().manual_seed(PRETRAIN["seed"])

@@ -111,12 +111,12 @@ def _fallback_model() -> tuple[str, Path]:
 
 
 def preference_file(work: Path) -> Path:
-    """``builtin:arith/prefs`` when align has built-in tasks, else generated arithmetic pairs."""
+    """``builtin:parity/prefs`` when align has built-in tasks, else generated parity pairs."""
     try:
         from align.task import materialize
     except ImportError:
         return _generated_pairs(work / "prefs.jsonl")
-    return Path(materialize("builtin:arith/prefs"))
+    return Path(materialize("builtin:parity/prefs"))
 
 
 def _generated_pairs(path: Path) -> Path:

@@ -405,7 +405,7 @@ def test_missing_data_and_columns_are_refused(client, alice, data_dir):
     assert "no such file" in problems["stages[0].data.path"]
     assert "'rejected'" in problems["stages[1].data.path"]
     builtin = make_spec(data_dir)
-    builtin["stages"][0]["data"] = {"path": "builtin:arith/sft", "eval_path": "builtin:arith/eval"}
+    builtin["stages"][0]["data"] = {"path": "builtin:parity/sft", "eval_path": "builtin:parity/eval"}
     assert client.post("/jobs", json=builtin, headers=alice).status_code == 201
 
 

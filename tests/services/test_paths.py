@@ -47,7 +47,7 @@ def test_allowed_locations(roots):
     data, _, _ = roots
     assert location_problem(f"{data}/sft.jsonl", [data], ["file"]) is None
     assert location_problem(f"file://{data}/sft.jsonl", [data], ["file"]) is None
-    assert location_problem("builtin:arith/sft", [data], ["file"]) is None
+    assert location_problem("builtin:parity/sft", [data], ["file"]) is None
     assert location_problem("s3://bucket/x.jsonl", [data], ["file", "s3"]) is None
     assert location_problem("s3://bucket/../x.jsonl", [data], ["file", "s3"]) is not None
     assert location_problem("artifact:m-v1-0123456789ab", [data], ["file"], allow_artifact=True) is None
@@ -75,12 +75,12 @@ def test_check_data_names_missing_files_and_columns(roots):
     assert "no such file" in missing["stages[0].data.path"]
     columns = dict(check_data(spec_with(str(data / "prefs.jsonl"), kind="dpo")))
     assert "'rejected'" in columns["stages[0].data.path"] and "missing column" in columns["stages[0].data.path"]
-    assert check_data(spec_with("builtin:arith/sft")) == []
+    assert check_data(spec_with("builtin:parity/sft")) == []
     assert "unknown built-in dataset" in dict(check_data(spec_with("builtin:nope")))["stages[0].data.path"]
 
 
 def test_check_model_needs_a_model_folder(roots):
     _, models, _ = roots
-    assert check_model(spec_with("builtin:arith/sft")) == []
-    problems = dict(check_model(spec_with("builtin:arith/sft", base_model=str(models))))
+    assert check_model(spec_with("builtin:parity/sft")) == []
+    problems = dict(check_model(spec_with("builtin:parity/sft", base_model=str(models))))
     assert "config.json" in problems["base_model"]
