@@ -1,0 +1,161 @@
+"""Sampling interface for the online RL stages, so the loop never depends on one inference engine.
+
+A :class:`Generator` turns token-id prompts into completions. :class:`HFGenerator` implements it on
+Hugging Face ``generate``; a vLLM or SGLang engine can implement the same protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample completions."""
+
+    max_new_tokens: int
+    """Most tokens generated per completion, EOS included (≥ 1)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy decoding (argmax at every step)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1 keeps the whole distribution. Ignored when greedy."""
+    num_samples: int = 1
+    """Completions per prompt (≥ 1), returned next to each other: the groups of GRPO and RLOO."""
+    seed: int = 0
+    """Seed of the sampling random stream: the same seed, prompts and weights give the same completions."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled continuation of one prompt."""
+
+    prompt_index: int
+    """Index of its prompt in the list given to :meth:`Generator.generate`."""
+    token_ids: list[int]
+    """Generated tokens only (no prompt, no padding), ending with EOS when ``finished``."""
+    text: str
+    """``token_ids`` decoded without special tokens."""
+    finished: bool
+    """True when the completion ended with EOS, False when cut at ``max_new_tokens``."""
+
+
+@runtime_checkable
+class Generator(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Sample ``params.num_samples`` completions of each prompt.
+
+        Returns ``len(prompts) * num_samples`` completions ordered by prompt, the samples of one
+        prompt contiguous: completion ``i`` continues prompt ``i // num_samples``.
+        """
+        ...
+
+
+class HFGenerator:
+    """:class:`Generator` on a Hugging Face causal LM's ``generate``.
+
+    Prompts are left-padded into one batch. Sampling flags are set explicitly (``top_k=0``, no
+    repetition penalty, ...) rather than taken from the model's ``generation_config``: the RL losses
+    assume the completions were sampled from the policy's own distribution at ``temperature`` and
+    ``top_p``. The model is put in eval mode while generating and restored afterwards.
+
+    Args:
+        model: a ``transformers`` causal LM (or a peft wrapper of one).
+        tokenizer: provides ``eos_token_id``, ``pad_token_id`` (EOS is used when None) and
+            ``decode(ids, skip_special_tokens=True)``.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                "HFGenerator needs a tokenizer with an eos_token_id to know where completions end"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_id = int(tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = self.eos_token_id if pad is None else int(pad)
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {row} is empty; every prompt needs at least one token")
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, width - len(prompt) :] = 1
+        device = self._device()
+        return input_ids.to(device), attention_mask.to(device)
+
+    def _sampling_kwargs(self, params: SamplingParams) -> dict[str, Any]:
+        # Processors that apply in both modes, set to no-ops over whatever the model's config says.
+        kwargs: dict[str, Any] = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
+        if params.greedy:
+            return {**kwargs, "do_sample": False}
+        return {
+            **kwargs,
+            "do_sample": True,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": 0,
+            "min_p": 0.0,
+            "typical_p": 1.0,
+            "epsilon_cutoff": 0.0,
+            "eta_cutoff": 0.0,
+        }
+
+    def _completion(self, prompt_index: int, new_tokens: list[int]) -> Completion:
+        if self.eos_token_id in new_tokens:
+            token_ids = new_tokens[: new_tokens.index(self.eos_token_id) + 1]
+            finished = True
+        else:
+            # Without EOS nothing was padded: generate pads only rows that have finished.
+            token_ids, finished = new_tokens, False
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return Completion(prompt_index=prompt_index, token_ids=token_ids, text=text, finished=finished)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        if not prompts:
+            return []
+        input_ids, attention_mask = self._left_padded(prompts)
+        device = input_ids.device
+        was_training = self.model.training
+        self.model.eval()
+        # A private random stream: reproducible from params.seed, and the caller's RNG state is untouched.
+        fork_devices = [device] if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
+                torch.manual_seed(params.seed)
+                sequences = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=params.max_new_tokens,
+                    num_return_sequences=params.num_samples,
+                    eos_token_id=self.eos_token_id,
+                    pad_token_id=self.pad_token_id,
+                    **self._sampling_kwargs(params),
+                )
+        finally:
+            self.model.train(was_training)
+        new_tokens = sequences[:, input_ids.shape[1] :].tolist()
+        return [self._completion(row // params.num_samples, tokens) for row, tokens in enumerate(new_tokens)]
