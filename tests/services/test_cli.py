@@ -37,7 +37,7 @@ def test_dispatcher_needs_ray_address_and_shared_secret(monkeypatch):
 
 def test_submit_without_a_service_says_so(tmp_path):
     spec = tmp_path / "job.yaml"
-    spec.write_text("name: x\nbase_model: builtin:tiny\nstages: [{type: sft, data: {path: builtin:recall/sft}}]\n")
+    spec.write_text("name: x\nbase_model: builtin:tiny\nstages: [{type: sft, data: {path: builtin:parity/sft}}]\n")
     result = runner.invoke(app, ["submit", str(spec), "--url", "http://127.0.0.1:1"])
     assert result.exit_code == 1 and "cannot reach the service" in result.output
 
@@ -49,12 +49,12 @@ def test_read_spec_makes_relative_locations_absolute(tmp_path):
     spec.write_text(yaml.safe_dump({
         "name": "x", "base_model": "models/base",
         "stages": [{"type": "sft", "data": {"path": "data/sft.jsonl", "eval_path": "/abs/eval.jsonl"}},
-                   {"type": "dpo", "data": {"path": "builtin:recall/prefs"}}],
+                   {"type": "dpo", "data": {"path": "builtin:parity/prefs"}}],
     }))
     data = read_spec(spec)
     assert data["base_model"] == str(folder / "models" / "base")
     assert data["stages"][0]["data"] == {"path": str(folder / "data" / "sft.jsonl"), "eval_path": "/abs/eval.jsonl"}
-    assert data["stages"][1]["data"]["path"] == "builtin:recall/prefs"
+    assert data["stages"][1]["data"]["path"] == "builtin:parity/prefs"
 
 
 def test_service_error_lists_fields():
