@@ -302,8 +302,9 @@ def test_naive_micro_batch_mean_depends_on_split():
     assert not torch.allclose(whole, split, atol=1e-6, rtol=0)
 
 
-def test_global_count_without_distributed_is_identity():
-    assert not dist.is_initialized()
+def test_global_count_in_a_world_of_one_is_identity():
+    # Stages run earlier in this process may have left a process group of one rank behind.
+    assert not dist.is_initialized() or dist.get_world_size() == 1
     assert global_count(5) == 5.0
     assert global_count(torch.tensor(7)) == 7.0
     assert global_count(torch.tensor([True, False, True]).sum()) == 2.0
