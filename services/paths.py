@@ -39,6 +39,9 @@ def check_job(spec: JobSpec, settings: Settings, find_artifact: Callable[[str], 
         artifact_id = spec.base_model.removeprefix("artifact:")
         if find_artifact(artifact_id) is None:
             problems.append(("base_model", f"no artifact '{artifact_id}'; give the id of an artifact of one of your jobs"))
+        else:
+            problems.append(("base_model", "starting a job from an artifact is not supported yet; give the local "
+                             "model folder (or builtin:tiny) and chain the stages in one job"))
     return problems + check_model(spec) + check_data(spec)
 
 

@@ -28,7 +28,12 @@ def resolve_base_model(base_model: str) -> Path:
         from align.tiny import build_tiny
 
         return build_tiny()
-    path = Path(base_model).expanduser()
+    if base_model.startswith("artifact:"):
+        raise ModelError(
+            f"base_model: '{base_model}': starting a job from an artifact is not supported yet; give the local "
+            "model folder (or builtin:tiny) and chain the stages in one job"
+        )
+    path = Path(base_model.removeprefix("file://")).expanduser()
     if not path.is_dir():
         raise ModelError(f"base_model: '{base_model}' is not a local model folder; give a folder with config.json")
     if not (path / "config.json").is_file():

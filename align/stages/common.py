@@ -96,11 +96,12 @@ def dtype_of(job: JobSpec) -> torch.dtype:
 
 
 def resolve_data_path(path: str) -> Path:
+    """A local file for a spec's data location: a built-in dataset, a path, or a ``file://`` URL."""
     if path.startswith("builtin:"):
         from align.task import materialize
 
         return materialize(path)
-    return Path(path)
+    return Path(path.removeprefix("file://"))
 
 
 @dataclass

@@ -199,3 +199,13 @@ def test_sft_data_in_a_dpo_stage_names_the_missing_columns(small_model, small_da
     job = job_factory(small_model, [{"type": "dpo", "data": {"path": str(small_data["sft"])}, "max_steps": 2}])
     with pytest.raises(DataError, match="chosen"):
         run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
+
+
+def test_file_urls_read_as_paths_and_artifact_bases_are_refused(small_model, small_data):
+    from align.models.load import ModelError, resolve_base_model
+    from align.stages.common import resolve_data_path
+
+    assert resolve_data_path(f"file://{small_data['sft']}") == small_data["sft"]
+    assert resolve_base_model(f"file://{small_model}") == small_model
+    with pytest.raises(ModelError, match="base_model: 'artifact:x-v1-0123456789ab'.*not supported yet"):
+        resolve_base_model("artifact:x-v1-0123456789ab")
