@@ -176,7 +176,7 @@ class JobSpec(_Spec):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
     """Job name: lower-case letters, digits, `.`, `_`, `-`. Names the artifact lineages."""
     base_model: str
-    """`builtin:tiny`, a local Hugging Face model folder (safetensors), or `artifact:<id>`."""
+    """`builtin:tiny` or a local Hugging Face model folder (safetensors). `artifact:<id>` is reserved for a later release."""
     adapter: AdapterSpec = AdapterSpec()
     """How the policy trains: LoRA, DoRA or full fine-tuning."""
     quantization: QuantizationSpec | None = None
