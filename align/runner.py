@@ -1,6 +1,6 @@
 """Run a job's stages in order on this machine, without the service.
 
-Each stage starts from the policy the last policy stage (sft, dpo) published; reward-model stages
+Each stage starts from the policy the last policy stage (sft, dpo, grpo, rloo) published; reward-model stages
 publish beside the chain. A stage with one worker runs in this process; with several it runs under
 torchrun, one process per rank, each with its share of the CPU threads.
 """
@@ -24,9 +24,10 @@ from align.stages.common import StageContext, StageResult
 
 def run_stage(ctx: StageContext) -> StageResult:
     """Run one stage in this process (one rank of it, when launched by torchrun or Ray)."""
-    from align.stages import dpo, rm, sft
+    from align.stages import dpo, grpo, rm, sft
 
-    return {"sft": sft.run, "rm": rm.run, "dpo": dpo.run}[ctx.stage.type](ctx)
+    runs = {"sft": sft.run, "rm": rm.run, "dpo": dpo.run, "grpo": grpo.run, "rloo": grpo.run}
+    return runs[ctx.stage.type](ctx)
 
 
 @dataclass

@@ -16,9 +16,11 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGE_TYPES = ("sft", "rm", "dpo")
+STAGE_TYPES = ("sft", "rm", "dpo", "grpo", "rloo")
 RESERVED_STAGE_TYPES = ("ppo",)
-POLICY_STAGE_TYPES = ("sft", "dpo")
+POLICY_STAGE_TYPES = ("sft", "dpo", "grpo", "rloo")
+RewardName = Literal["exact_answer"]
+"""Reward functions a stage may name; ``align.rewards.REWARDS`` maps each to its function."""
 
 
 class _Spec(BaseModel):
@@ -169,7 +171,53 @@ class DPOStage(_StageBase):
         return self
 
 
-StageSpec = Annotated[Union[SFTStage, RewardModelStage, DPOStage], Field(discriminator="type")]
+class GRPOStage(_StageBase):
+    """Critic-free online RL: sample a group of completions per prompt, score them with a reward
+    function, and push the policy towards the better ones (GRPO, Shao et al. 2024; `type: rloo` uses
+    the leave-one-out baseline of Ahmadian et al. 2024 instead). The KL to the frozen starting
+    policy is a loss term."""
+
+    type: Literal["grpo", "rloo"]
+    """`grpo` (advantage: reward minus the group mean, over the group standard deviation) or `rloo`
+    (advantage: reward minus the mean of the other samples of the group)."""
+    data: DataSpec
+    """Prompts to train on (a `prompt` column, or any format a prompt can be taken from); `eval_path`
+    rows need a reference answer (`prompt`/`completion`) for held-out greedy accuracy."""
+    reward: RewardName
+    """Reward function, by name from a fixed list: `exact_answer` (1 when the completion is exactly
+    the right answer of the built-in parity task, else 0)."""
+    group_size: int = Field(8, ge=2, le=256)
+    """Completions sampled per prompt; the group is each sample's baseline."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Most tokens sampled per completion (EOS included). Prompts are cut from the left to
+    `max_length - max_new_tokens` tokens."""
+    temperature: float = Field(1.0, gt=0, le=4.0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    """Nucleus sampling mass; 1 samples from the whole distribution."""
+    kl_coef: float = Field(0.04, ge=0)
+    """Weight of the per-token KL to the starting policy (k3 estimate) in the loss; 0 drops it."""
+    clip_eps: float = Field(0.2, gt=0, lt=1.0)
+    """PPO ratio clip range: the ratio to the sampling policy is clipped to [1 - clip_eps, 1 + clip_eps]."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per micro-batch on each worker (each brings `group_size` completions)."""
+    eval_exact_match: bool = True
+    """Generate greedy answers for the held-out prompts and report exact-match accuracy, before
+    training and at every evaluation."""
+    lr: float = Field(1e-5, gt=0, le=1.0)
+    """Peak learning rate."""
+
+    @model_validator(mode="after")
+    def _room_for_completions(self) -> GRPOStage:
+        if self.max_new_tokens >= self.max_length:
+            raise ValueError(
+                f"max_new_tokens: {self.max_new_tokens} must be below max_length ({self.max_length}), "
+                "which holds the prompt and the completion"
+            )
+        return self
+
+
+StageSpec = Annotated[Union[SFTStage, RewardModelStage, DPOStage, GRPOStage], Field(discriminator="type")]
 
 
 class JobSpec(_Spec):
@@ -232,6 +280,16 @@ class JobSpec(_Spec):
             if names.index(name) != i:
                 raise ValueError(f"stages[{i}].name: '{name}' is used twice; give each stage its own name")
         for i, stage in enumerate(self.stages):
+            if stage.type in ("grpo", "rloo") and adapter.type == "full":
+                raise ValueError(
+                    f"stages[{i}].type: '{stage.type}' needs adapter.type 'lora' or 'dora': its reference "
+                    "is the starting adapter kept frozen beside the trained one"
+                )
+            if stage.type in ("grpo", "rloo") and ds.zero_stage == 3:
+                raise ValueError(
+                    f"stages[{i}].type: '{stage.type}' does not support deepspeed.zero_stage=3 yet "
+                    "(sampling would need every rank to generate in step); use zero_stage 0-2"
+                )
             prompt_limit = getattr(stage, "max_prompt_length", None)
             if prompt_limit is not None and prompt_limit >= stage.max_length:
                 raise ValueError(

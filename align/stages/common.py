@@ -148,6 +148,10 @@ def load_stage_data(ctx: StageContext, kind: str, tokenizer) -> StageData:
         for row in rows:
             if kind == "sft":
                 item = tokenize.tokenize_sft(row, row_fmt, tokenizer, stage.max_length, stage.truncation)
+            elif kind == "prompt":
+                # Room is left for the sampled completion; the prompt loses its start if too long.
+                item = tokenize.tokenize_prompt(row, row_fmt, tokenizer, stage.max_length - stage.max_new_tokens)
+                item["prompt"] = tokenize.prompt_and_reference(row, row_fmt)[0]
             else:
                 item = tokenize.tokenize_preference(row, row_fmt, tokenizer, stage.max_length, max_prompt)
             if item is None:

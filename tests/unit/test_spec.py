@@ -34,7 +34,7 @@ def test_every_example_validates(path):
 
 def test_examples_exist():
     names = {p.name for p in (REPO / "examples").glob("*.yaml")}
-    assert {"tiny-sft-dpo.yaml", "tiny-rm.yaml"} <= names
+    assert {"tiny-sft-dpo.yaml", "tiny-rm.yaml", "tiny-sft-grpo.yaml"} <= names
 
 
 def test_yaml_and_json_give_the_same_job(tmp_path):
@@ -68,13 +68,60 @@ def test_bad_enum_value_names_field_value_and_choices():
 
 def test_unknown_stage_type_lists_types():
     assert errors_of(base(stages=[{"type": "orpo", "data": {"path": "x"}}])) == {
-        "stages[0]": "unknown stage type 'orpo'; use one of sft, rm, dpo"
+        "stages[0]": "unknown stage type 'orpo'; use one of sft, rm, dpo, grpo, rloo"
     }
 
 
 def test_ppo_is_reserved():
     errors = errors_of(base(stages=[{"type": "ppo", "data": {"path": "x"}}]))
     assert "reserved" in errors["stages[0].type"]
+
+
+def grpo_stage(**fields) -> dict:
+    return {"type": "grpo", "data": {"path": "builtin:parity/prompts"}, "reward": "exact_answer", **fields}
+
+
+def test_grpo_and_rloo_validate_as_policy_stages():
+    from align.spec import POLICY_STAGE_TYPES, GRPOStage
+
+    job = parse_spec(base(stages=[{"type": "sft", "data": {"path": "d.jsonl"}}, grpo_stage(), grpo_stage(type="rloo")]))
+    assert [type(s) for s in job.stages[1:]] == [GRPOStage, GRPOStage]
+    assert job.stage_names() == ["sft", "grpo", "rloo"]
+    assert job.stages[1].group_size == 8 and job.stages[1].kl_coef == 0.04
+    assert {"grpo", "rloo"} <= set(POLICY_STAGE_TYPES)
+
+
+def test_unknown_reward_is_refused_with_the_allowed_names():
+    errors = errors_of(base(stages=[grpo_stage(reward="my_module.my_reward")]))
+    assert set(errors) == {"stages[0].reward"}
+    assert "'exact_answer'" in errors["stages[0].reward"] and "'my_module.my_reward'" in errors["stages[0].reward"]
+    no_reward = grpo_stage()
+    del no_reward["reward"]
+    assert errors_of(base(stages=[no_reward])) == {"stages[0].reward": "required field is missing"}
+
+
+def test_reward_allow_list_matches_the_reward_table():
+    from typing import get_args
+
+    from align.rewards import REWARDS, reward_function
+    from align.spec import RewardName
+    from align.task import exact_answer_reward
+
+    assert set(REWARDS) == set(get_args(RewardName))
+    assert reward_function("exact_answer") is exact_answer_reward
+    with pytest.raises(ValueError, match="known rewards: exact_answer"):
+        reward_function("os.system")
+
+
+def test_grpo_rules():
+    errors = errors_of(base(stages=[grpo_stage(group_size=1)]))
+    assert "greater than or equal to 2" in errors["stages[0].group_size"]
+    errors = errors_of(base(stages=[grpo_stage(max_new_tokens=64, max_length=64)]))
+    assert errors == {"stages[0].max_new_tokens": "64 must be below max_length (64), which holds the prompt and the completion"}
+    errors = errors_of(base(adapter={"type": "full"}, stages=[grpo_stage()]))
+    assert "adapter.type 'lora' or 'dora'" in errors["stages[0].type"]
+    errors = errors_of(base(deepspeed={"zero_stage": 3}, stages=[grpo_stage(type="rloo")]))
+    assert "zero_stage" in errors["stages[0].type"]
 
 
 def test_missing_data_is_named():
@@ -141,9 +188,9 @@ def test_every_field_is_documented():
                     walk(arg)
 
     walk(JobSpec)
-    from align.spec import DPOStage, RewardModelStage, SFTStage
+    from align.spec import DPOStage, GRPOStage, RewardModelStage, SFTStage
 
-    for stage in (SFTStage, RewardModelStage, DPOStage):
+    for stage in (SFTStage, RewardModelStage, DPOStage, GRPOStage):
         walk(stage)
 
 

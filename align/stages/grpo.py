@@ -1,0 +1,210 @@
+"""Critic-free online RL: GRPO (Shao et al. 2024, DeepSeekMath) and RLOO (Ahmadian et al. 2024).
+
+Each optimizer step: take prompts → sample ``group_size`` completions of each from the current
+policy → score them with the named reward function → advantages relative to the group (``grpo``:
+whitened within the group; ``rloo``: minus the mean of the other samples) → per-token log-probs of
+the completions under the policy (with grad) and the reference (no grad) → clipped surrogate plus
+``kl_coef`` · k3 KL to the reference → backward → step.
+
+The reference is the starting policy: a frozen copy of the adapter an earlier stage left, or the
+base with the adapter disabled. There is one optimisation pass per batch of samples, so the
+sampling policy is the policy being trained and the ratio is 1 (``old_logps`` is the detached
+``logps``); the clip only matters once several passes are made. Dropout is off so that at the
+first step the KL to the reference is 0 and the ratio exactly 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from align.data import collate
+from align.engine.build import build_engine
+from align.engine.checkpoint import save_checkpoint
+from align.engine.dist import Rank, all_reduce_sum
+from align.engine.metrics import MetricsLog
+from align.evaluate import exact_match
+from align.generation import Completion, HFGenerator, SamplingParams
+from align.losses.ppo import grpo_loss
+from align.models.reference import Reference
+from align.ops.advantages import grpo_advantages, rloo_advantages
+from align.ops.aggregate import accumulation_scale, global_count
+from align.ops.logprobs import token_logprobs
+from align.rewards import prompt_text, reward_function
+from align.stages import common
+from align.stages.common import StageContext, StageResult
+
+# Sums over the step (all micro-batches and ranks), divided by the count named beside each when logged.
+SAMPLE_SUMS = ["reward_sum", "reward_squares", "full_reward", "response_tokens", "finished", "flat_groups"]
+TOKEN_SUMS = ["loss_sum", "kl_sum", "clipped_tokens", "ratio_sum"]
+
+
+def run(ctx: StageContext) -> StageResult:
+    stage, job = ctx.stage, ctx.job
+    rank = common.start(ctx)
+    tokenizer, model = common.load_policy(ctx)
+    common.disable_dropout(model)
+    reference = Reference(model, ctx.start_policy)
+    data = common.load_stage_data(ctx, "prompt", tokenizer)
+    reward = reward_function(stage.reward)
+    advantages_of = grpo_advantages if stage.type == "grpo" else rloo_advantages
+    steps = common.total_steps(stage, len(data.train), rank.world_size)
+    engine, _, scheduler = build_engine(model, job, stage, steps, rank)
+    metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
+    first_step = common.resume(ctx, engine, rank, metrics)
+    if first_step == 0 and (held_out := evaluate(engine, tokenizer, data, ctx, rank)):
+        # The starting policy's held-out accuracy, for comparison with the end.
+        metrics.log({"step": 0, **held_out})
+    generator = HFGenerator(engine.module, tokenizer)
+    pad = common.pad_id(tokenizer)
+    throughput = common.Throughput()
+
+    engine.train()
+    for step in range(first_step, steps):
+        micro_batches = common.micro_batch_indices(
+            len(data.train), step, stage.batch_size, stage.gradient_accumulation_steps, rank, stage.seed
+        )
+        # Rollout: sample and score every micro-batch first, so the step's token count is known.
+        rollouts = []
+        sample_sums = torch.zeros(len(SAMPLE_SUMS), dtype=torch.float64)
+        for micro, rows in enumerate(micro_batches):
+            prompts = [data.train[i] for i in rows]
+            params = SamplingParams(
+                max_new_tokens=stage.max_new_tokens,
+                temperature=stage.temperature,
+                top_p=stage.top_p,
+                num_samples=stage.group_size,
+                seed=_sampling_seed(stage.seed, step, rank.rank, micro),
+            )
+            completions = generator.generate([p["prompt_input_ids"] for p in prompts], params)
+            rewards = torch.tensor(
+                [reward(prompt_text(prompts[c.prompt_index]["prompt"]), c.text) for c in completions],
+                dtype=torch.float32,
+            )
+            advantages = advantages_of(rewards, stage.group_size)
+            rollouts.append((_completion_batch(prompts, completions, pad), advantages))
+            sample_sums += _sample_sums(rewards, completions, stage.group_size)
+        step_tokens = global_count(sum(int(batch["loss_mask"][:, 1:].sum()) for batch, _ in rollouts))
+        scale = accumulation_scale(step_tokens, stage.gradient_accumulation_steps, rank.world_size)
+
+        token_sums = torch.zeros(len(TOKEN_SUMS), dtype=torch.float64)
+        for batch, advantages in rollouts:
+            batch = common.to_device(batch, engine.device)
+            labels, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
+            with reference.active():
+                reference_logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                reference_logps = token_logprobs(reference_logits[:, :-1], labels)
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logps = token_logprobs(logits[:, :-1], labels)
+            out = grpo_loss(
+                logps,
+                logps.detach(),  # one pass per batch: the sampling policy is this policy
+                reference_logps,
+                advantages.to(engine.device),
+                mask,
+                clip_eps=stage.clip_eps,
+                kl_coef=stage.kl_coef,
+            )
+            engine.backward(out.loss_sum * scale)
+            engine.step()
+            token_sums += torch.tensor(
+                [out.loss_sum.item(), out.kl_sum.item(), out.clipped_tokens.item(), out.ratio_sum.item()],
+                dtype=torch.float64,
+            )
+            throughput.add(int(batch["attention_mask"].sum()))
+        done = step + 1
+        if done % stage.log_every == 0 or done == steps:
+            samples = global_count(sum(len(rows) for rows in micro_batches)) * stage.group_size
+            record = _step_record(all_reduce_sum(sample_sums.tolist()), all_reduce_sum(token_sums.tolist()),
+                                  samples, step_tokens, stage.group_size)
+            record.update(step=done, lr=scheduler.get_last_lr()[0], grad_norm=common.grad_norm(engine),
+                          tokens_per_s=throughput.read())
+            metrics.log(record)
+        if ((stage.eval_every and done % stage.eval_every == 0) or done == steps) and (
+            held_out := evaluate(engine, tokenizer, data, ctx, rank)
+        ):
+            metrics.log({"step": done, **held_out})
+        if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < steps:
+            save_checkpoint(engine, ctx.checkpoint_dir, done, rank, {"stage": ctx.name})
+            common.checkpoint_saved(ctx, done)
+
+    final = common.final_metrics(
+        metrics.records, ["loss", "reward_mean", "accuracy", "kl", "response_length", "eval_exact_match", "tokens_per_s"]
+    )
+    final["steps"] = steps
+    final["rows_dropped"] = data.dropped
+    return common.publish(ctx, engine.module, tokenizer, rank, kind="adapter", metrics=final,
+                          fingerprints=data.fingerprints)
+
+
+def _sampling_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """A distinct, reproducible sampling stream per (seed, step, rank, micro-batch): resuming at a
+    step samples the same completions an uninterrupted run would."""
+    return (seed * 1_000_003 + step) * 65_537 + rank * 1_024 + micro
+
+
+def _completion_batch(prompts: list[dict], completions: list[Completion], pad: int) -> dict:
+    """Prompt plus completion, right-padded, with ``loss_mask`` on the completion tokens (EOS included)."""
+    features = []
+    for completion in completions:
+        prompt_ids = prompts[completion.prompt_index]["prompt_input_ids"]
+        features.append({
+            "input_ids": list(prompt_ids) + completion.token_ids,
+            "loss_mask": [0] * len(prompt_ids) + [1] * len(completion.token_ids),
+        })
+    return collate.collate_sft(features, pad)
+
+
+def _sample_sums(rewards: torch.Tensor, completions: list[Completion], group_size: int) -> torch.Tensor:
+    groups = rewards.reshape(-1, group_size)
+    return torch.tensor(
+        [
+            rewards.sum().item(),
+            (rewards.double() ** 2).sum().item(),
+            (rewards >= 1.0).sum().item(),
+            sum(len(c.token_ids) for c in completions),
+            sum(c.finished for c in completions),
+            # Groups whose samples all score the same have advantage 0 everywhere: no learning signal.
+            (groups.max(dim=1).values == groups.min(dim=1).values).sum().item(),
+        ],
+        dtype=torch.float64,
+    )
+
+
+def _step_record(sample_sums: list[float], token_sums: list[float], samples: float, tokens: float,
+                 group_size: int) -> dict:
+    s = dict(zip(SAMPLE_SUMS, sample_sums))
+    t = dict(zip(TOKEN_SUMS, token_sums))
+    reward_mean = s["reward_sum"] / samples
+    variance = max(s["reward_squares"] / samples - reward_mean**2, 0.0)
+    tokens = max(tokens, 1.0)
+    return {
+        "loss": t["loss_sum"] / tokens,
+        "reward_mean": reward_mean,
+        "reward_std": variance**0.5,
+        "accuracy": s["full_reward"] / samples,
+        "flat_group_fraction": s["flat_groups"] * group_size / samples,
+        "response_length": s["response_tokens"] / samples,
+        "finished_fraction": s["finished"] / samples,
+        "kl": t["kl_sum"] / tokens,
+        "clip_fraction": t["clipped_tokens"] / tokens,
+        "ratio": t["ratio_sum"] / tokens,
+    }
+
+
+@torch.no_grad()
+def evaluate(engine, tokenizer, data: common.StageData, ctx: StageContext, rank: Rank) -> dict:
+    """Held-out greedy exact-match accuracy (rows with a reference answer)."""
+    stage = ctx.stage
+    if not data.eval_rows or not stage.eval_exact_match:
+        return {}
+    accuracy = exact_match(
+        engine.module,
+        tokenizer,
+        data.eval_rows,
+        rank,
+        max_prompt_length=stage.max_length - stage.max_new_tokens,
+        max_new_tokens=stage.max_new_tokens,
+        synced_gpus=ctx.job.deepspeed.zero_stage == 3,
+    )
+    engine.train()
+    return {"eval_exact_match": accuracy}
