@@ -13,16 +13,24 @@ DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "grpo": "pro
 
 def check_job(job: JobSpec, *, check_model: bool = True) -> None:
     """Raise :class:`DataError` or :class:`ModelError` naming the stage's file, row and column."""
-    from align.stages.common import resolve_data_path
-
     if check_model and not job.base_model.startswith(("builtin:", "artifact:")):
         from align.models.load import resolve_base_model
 
         resolve_base_model(job.base_model)
     for stage in job.stages:
-        kind = DATA_KIND[stage.type]
-        for location in filter(None, (stage.data.path, stage.data.eval_path)):
+        check_stage_data(stage)
+
+
+def check_stage_data(stage) -> dict[str, int]:
+    """Load and check one stage's data files; returns the row count of each (``path``, ``eval_path``)."""
+    from align.stages.common import resolve_data_path
+
+    kind = DATA_KIND[stage.type]
+    counts = {}
+    for field, location in (("path", stage.data.path), ("eval_path", stage.data.eval_path)):
+        if location:
             path = str(resolve_data_path(location))
             rows = load.load_rows(path)
-            fmt = load.detect_format(rows, kind, path)
-            load.validate_rows(rows, fmt, path, kind=kind)
+            load.validate_rows(rows, load.detect_format(rows, kind, path), path, kind=kind)
+            counts[field] = len(rows)
+    return counts

@@ -103,19 +103,11 @@ def run_attempt(ticket: Ticket, reporter: Reporter) -> None:
 
 def check_stage(job, index: int) -> int:
     """Load and check the stage's data before Ray starts; returns the planned number of steps."""
-    from align.data import load
-    from align.preflight import DATA_KIND
-    from align.stages.common import resolve_data_path, total_steps
+    from align.preflight import check_stage_data
+    from align.stages.common import total_steps
 
     stage = job.stages[index]
-    kind = DATA_KIND[stage.type]
-    counts = {}
-    for name, location in (("path", stage.data.path), ("eval_path", stage.data.eval_path)):
-        if location:
-            path = str(resolve_data_path(location))
-            rows = load.load_rows(path)
-            load.validate_rows(rows, load.detect_format(rows, kind, path), path, kind=kind)
-            counts[name] = len(rows)
+    counts = check_stage_data(stage)
     if stage.max_steps is not None:
         return stage.max_steps
     train_rows = counts["path"]
