@@ -157,3 +157,20 @@ def test_two_workers_on_two_nodes_with_zero2(service, small_model, small_data):
     placement = json.loads(next(m for m in messages if m.startswith("ranks placed: ")).removeprefix("ranks placed: "))
     assert sorted(p["rank"] for p in placement) == [0, 1]
     assert len({p["node_id"] for p in placement}) == 2, "one rank per node"
+
+
+def test_sft_then_grpo_through_the_service(service, small_model, small_data):
+    client, _, log = service
+    prompts = small_data["sft"].parent / "parity-prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Is {n} even or odd?"}) + "\n" for n in range(20)))
+    grpo = {"type": "grpo", "data": {"path": str(prompts)}, "reward": "exact_answer", "group_size": 4,
+            "batch_size": 2, "max_new_tokens": 4, "max_steps": 2, "lr": 1e-3, "max_length": 64}
+    job = client.submit(job_spec(small_model, [sft(small_data), grpo], name="e2e-grpo"))
+    job = wait_until(client, job["id"], finished, 300)
+    assert job["status"] == "succeeded", log.read_text()[-3000:]
+    sft_id, grpo_id = (stage["artifact_id"] for stage in job["stages"])
+    assert client.artifact(grpo_id)["parents"] == [sft_id]
+    records = next(m["records"] for m in client.metrics(job["id"]) if m["name"] == "grpo")
+    steps = [r for r in records if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6), "GRPO starts at its reference, the SFT policy"
