@@ -187,6 +187,7 @@ def follow_job(client, job_id: str) -> dict:
     columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.fields[steps]:>11}"),
                TextColumn("{task.fields[state]:<10} {task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
+        asked: set[int] = set()
         bars = {s["id"]: progress.add_task(s["name"], total=None, state=s["state"], info="", steps="") for s in job["stages"]}
         for event in client.stream_events(job_id):
             bar = bars.get(event.get("stage_run_id"))
@@ -198,7 +199,10 @@ def follow_job(client, job_id: str) -> dict:
                 if payload.get("to") in ("failed", "cancelled") and payload.get("error_message"):
                     progress.console.print(f"[red]{payload.get('error_code')}: {payload['error_message']}[/red]")
             elif event["type"] == "metrics":
-                total = progress.tasks[bar].total or _total_steps(client, job_id, event["stage_run_id"])
+                total = progress.tasks[bar].total
+                if total is None and bar not in asked:  # the worker's first heartbeat carries the plan
+                    asked.add(bar)
+                    total = _total_steps(client, job_id, event["stage_run_id"])
                 if total:
                     progress.update(bar, total=total)
                 if "step" in payload:

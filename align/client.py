@@ -25,7 +25,6 @@ import yaml
 from align import paths
 
 DEFAULT_URL = "http://127.0.0.1:8321"
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class ServiceError(RuntimeError):
