@@ -8,7 +8,7 @@ from __future__ import annotations
 from align.data import load
 from align.spec import JobSpec
 
-DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "grpo": "prompt", "rloo": "prompt"}
+DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompt", "grpo": "prompt", "rloo": "prompt"}
 
 
 def check_job(job: JobSpec, *, check_model: bool = True) -> None:

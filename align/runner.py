@@ -1,8 +1,9 @@
 """Run a job's stages in order on this machine, without the service.
 
-Each stage starts from the policy the last policy stage (sft, dpo, grpo, rloo) published; reward-model stages
-publish beside the chain. A stage with one worker runs in this process; with several it runs under
-torchrun, one process per rank, each with its share of the CPU threads.
+Each stage starts from the policy the last policy stage (sft, dpo, ppo, grpo, rloo) published;
+reward-model stages publish beside the chain, and online stages that score with a reward model get
+the latest one. A stage with one worker runs in this process; with several it runs under torchrun,
+one process per rank, each with its share of the CPU threads.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from typing import Callable
 
 from align.artifacts import ArtifactStore, PublishedArtifact
 from align.engine.dist import free_port
-from align.spec import POLICY_STAGE_TYPES, JobSpec
+from align.spec import MODEL_REWARD, POLICY_STAGE_TYPES, JobSpec
 from align.stages.common import StageContext, StageResult
 
 
 def run_stage(ctx: StageContext) -> StageResult:
     """Run one stage in this process (one rank of it, when launched by torchrun or Ray)."""
-    from align.stages import dpo, grpo, rm, sft
+    from align.stages import dpo, grpo, ppo, rm, sft
 
-    runs = {"sft": sft.run, "rm": rm.run, "dpo": dpo.run, "grpo": grpo.run, "rloo": grpo.run}
+    runs = {"sft": sft.run, "rm": rm.run, "dpo": dpo.run, "ppo": ppo.run, "grpo": grpo.run, "rloo": grpo.run}
     return runs[ctx.stage.type](ctx)
 
 
@@ -36,12 +37,31 @@ class StagePlan:
 
     start_policy: PublishedArtifact | None
     parents: list[str]
+    reward_model: PublishedArtifact | None = None
+    """The latest reward model the job trained, for online stages with ``reward: model``."""
 
 
 def plan_next(plan: StagePlan, stage_type: str, published: PublishedArtifact) -> StagePlan:
     if stage_type in POLICY_STAGE_TYPES:
-        return StagePlan(published, [published.artifact_id])
+        return StagePlan(published, [published.artifact_id], plan.reward_model)
+    if stage_type == "rm":
+        return StagePlan(plan.start_policy, plan.parents, published)
     return plan
+
+
+def reward_model_for(stage, plan: StagePlan, store: ArtifactStore) -> PublishedArtifact | None:
+    """The reward model an online stage scores with: the one its spec names, else the job's latest."""
+    if getattr(stage, "reward", None) != MODEL_REWARD:
+        return None
+    if stage.reward_model is None:
+        return plan.reward_model
+    artifact = store.get(stage.reward_model)
+    if artifact.manifest.kind != "reward_model":
+        raise ValueError(
+            f"reward_model: {stage.reward_model} is a {artifact.manifest.kind} artifact, not a reward model; "
+            "name the artifact of an rm stage"
+        )
+    return artifact
 
 
 def run_job(
@@ -61,13 +81,15 @@ def run_job(
     results = []
     for index, name in enumerate(job.stage_names()):
         start_dir = store.download(plan.start_policy.uri) if plan.start_policy else None
+        reward_model = reward_model_for(job.stages[index], plan, store)
         ctx = StageContext(
             job=job,
             index=index,
             work_dir=Path(work_root) / name,
             artifact_root=artifact_root,
             start_policy=start_dir,
-            parents=plan.parents,
+            parents=plan.parents + ([reward_model.artifact_id] if reward_model else []),
+            reward_model=store.download(reward_model.uri) if reward_model else None,
             threads=job.resources.cpus_per_worker,
             resume=resume,
             on_metrics=(lambda record, name=name: on_metrics(name, record)) if on_metrics else None,
@@ -92,6 +114,7 @@ def context_to_json(ctx: StageContext) -> dict:
         "artifact_root": ctx.artifact_root,
         "start_policy": str(ctx.start_policy) if ctx.start_policy else None,
         "parents": ctx.parents,
+        "reward_model": str(ctx.reward_model) if ctx.reward_model else None,
         "threads": ctx.threads,
         "resume": ctx.resume,
         "require_checkpoint": ctx.require_checkpoint,
@@ -109,6 +132,7 @@ def context_from_json(data: dict) -> StageContext:
         artifact_root=data["artifact_root"],
         start_policy=Path(data["start_policy"]) if data["start_policy"] else None,
         parents=data["parents"],
+        reward_model=Path(data["reward_model"]) if data.get("reward_model") else None,
         threads=data["threads"],
         resume=data["resume"],
         require_checkpoint=data["require_checkpoint"],

@@ -11,16 +11,24 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGE_TYPES = ("sft", "rm", "dpo", "grpo", "rloo")
-RESERVED_STAGE_TYPES = ("ppo",)
-POLICY_STAGE_TYPES = ("sft", "dpo", "grpo", "rloo")
+STAGE_TYPES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
+POLICY_STAGE_TYPES = ("sft", "dpo", "ppo", "grpo", "rloo")
+"""Stages that leave a policy: the next stage starts from the latest of them."""
+ONLINE_STAGE_TYPES = ("ppo", "grpo", "rloo")
+"""Stages that sample from the policy while they train."""
 RewardName = Literal["exact_answer"]
 """Reward functions a stage may name; ``align.rewards.REWARDS`` maps each to its function."""
+MODEL_REWARD = "model"
+"""The ``reward`` of an online stage that scores with a reward model."""
+RewardChoice = Literal["model", "exact_answer"]
+"""What an online stage's ``reward`` may name: the reward model or a reward function."""
+if get_args(RewardChoice) != (MODEL_REWARD, *get_args(RewardName)):
+    raise RuntimeError("RewardChoice must be 'model' followed by the RewardName functions")
 
 
 class _Spec(BaseModel):
@@ -171,23 +179,15 @@ class DPOStage(_StageBase):
         return self
 
 
-class GRPOStage(_StageBase):
-    """Critic-free online RL: sample a group of completions per prompt, score them with a reward
-    function, and push the policy towards the better ones (GRPO, Shao et al. 2024; `type: rloo` uses
-    the leave-one-out baseline of Ahmadian et al. 2024 instead). The KL to the frozen starting
-    policy is a loss term."""
+class _OnlineStage(_StageBase):
+    """What every online RL stage shares: prompts, sampling and the reward."""
 
-    type: Literal["grpo", "rloo"]
-    """`grpo` (advantage: reward minus the group mean, over the group standard deviation) or `rloo`
-    (advantage: reward minus the mean of the other samples of the group)."""
     data: DataSpec
     """Prompts to train on (a `prompt` column, or any format a prompt can be taken from); `eval_path`
-    rows need a reference answer (`prompt`/`completion`) for held-out greedy accuracy."""
-    reward: RewardName
-    """Reward function, by name from a fixed list: `exact_answer` (1 when the completion is exactly
-    the right answer of the built-in parity task, else 0)."""
-    group_size: int = Field(8, ge=2, le=256)
-    """Completions sampled per prompt; the group is each sample's baseline."""
+    rows with a reference answer (`prompt`/`completion`) also give held-out greedy accuracy."""
+    reward_model: str | None = Field(None, pattern=r"^artifact:[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """With `reward: model`, the reward model to score with, as `artifact:<id>` of an `rm` stage's
+    artifact. Unset: the artifact of the latest `rm` stage before this one in the job."""
     max_new_tokens: int = Field(64, ge=1)
     """Most tokens sampled per completion (EOS included). Prompts are cut from the left to
     `max_length - max_new_tokens` tokens."""
@@ -195,29 +195,101 @@ class GRPOStage(_StageBase):
     """Sampling temperature."""
     top_p: float = Field(1.0, gt=0, le=1.0)
     """Nucleus sampling mass; 1 samples from the whole distribution."""
-    kl_coef: float = Field(0.04, ge=0)
-    """Weight of the per-token KL to the starting policy (k3 estimate) in the loss; 0 drops it."""
     clip_eps: float = Field(0.2, gt=0, lt=1.0)
     """PPO ratio clip range: the ratio to the sampling policy is clipped to [1 - clip_eps, 1 + clip_eps]."""
     batch_size: int = Field(8, ge=1)
-    """Prompts per micro-batch on each worker (each brings `group_size` completions)."""
-    eval_exact_match: bool = True
-    """Generate greedy answers for the held-out prompts and report exact-match accuracy, before
-    training and at every evaluation."""
+    """Prompts per micro-batch on each worker."""
     lr: float = Field(1e-5, gt=0, le=1.0)
     """Peak learning rate."""
 
     @model_validator(mode="after")
-    def _room_for_completions(self) -> GRPOStage:
+    def _room_for_completions(self):
         if self.max_new_tokens >= self.max_length:
             raise ValueError(
                 f"max_new_tokens: {self.max_new_tokens} must be below max_length ({self.max_length}), "
                 "which holds the prompt and the completion"
             )
+        if self.reward_model is not None and self.reward != MODEL_REWARD:
+            raise ValueError(
+                f"reward_model: only used with reward '{MODEL_REWARD}', not '{self.reward}'; "
+                f"set reward: {MODEL_REWARD} or drop reward_model"
+            )
         return self
 
 
-StageSpec = Annotated[Union[SFTStage, RewardModelStage, DPOStage, GRPOStage], Field(discriminator="type")]
+class GRPOStage(_OnlineStage):
+    """Critic-free online RL: sample a group of completions per prompt, score them, and push the
+    policy towards the better ones (GRPO, Shao et al. 2024; `type: rloo` uses the leave-one-out
+    baseline of Ahmadian et al. 2024 instead). The KL to the frozen starting policy is a loss term."""
+
+    type: Literal["grpo", "rloo"]
+    """`grpo` (advantage: reward minus the group mean, over the group standard deviation) or `rloo`
+    (advantage: reward minus the mean of the other samples of the group)."""
+    reward: RewardChoice
+    """`model` scores with a reward model (see `reward_model`); or a reward function by name from a
+    fixed list: `exact_answer` (1 when the completion is exactly the right answer of the built-in
+    parity task, else 0)."""
+    group_size: int = Field(8, ge=2, le=256)
+    """Completions sampled per prompt; the group is each sample's baseline."""
+    kl_coef: float = Field(0.04, ge=0)
+    """Weight of the per-token KL to the starting policy (k3 estimate) in the loss; 0 drops it."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per micro-batch on each worker (each brings `group_size` completions)."""
+    eval_exact_match: bool = True
+    """Generate greedy answers for the held-out prompts and report exact-match accuracy, before
+    training and at every evaluation."""
+
+
+class PPOStage(_OnlineStage):
+    """PPO with a learned critic against a reward model, as in InstructGPT (Ouyang et al. 2022): each
+    step samples one completion per prompt, scores it, puts a per-token KL penalty to the frozen
+    starting policy into the reward, estimates advantages with GAE and takes `ppo_epochs` clipped
+    policy and value updates on the batch."""
+
+    type: Literal["ppo"]
+    """`ppo`."""
+    reward: RewardChoice = "model"
+    """`model` scores with a reward model (see `reward_model`); or a reward function by name from a
+    fixed list: `exact_answer` (1 when the completion is exactly the right answer of the built-in
+    parity task, else 0)."""
+    critic_init: Literal["reward_model", "policy"] = "reward_model"
+    """Where the critic (value model) starts: the reward model with its head as the value head
+    (InstructGPT), or the starting policy with a zero value head. `reward_model` shares the frozen
+    reward model's weights and needs `reward: model`."""
+    critic_lr: float = Field(5e-5, gt=0, le=1.0)
+    """Peak learning rate of the critic."""
+    ppo_epochs: int = Field(4, ge=1, le=64)
+    """Optimisation passes over each batch of samples; each pass is one optimizer step of the
+    policy and one of the critic."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Weight β of the per-token KL penalty to the starting policy in the reward (its start value
+    when `kl_target` is set)."""
+    kl_target: float | None = Field(None, gt=0)
+    """Adapt β towards this KL per completion (nats, summed over its tokens), by at most ±20% per
+    `kl_horizon` samples (Ziegler et al. 2019). Unset: β stays `kl_coef`."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Samples over which the adaptive β may change by the full ±20%."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimate in the reward: `k1` (log-ratio, unbiased, can be negative) or `k3`
+    (always ≥ 0, lower variance)."""
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    """GAE discount."""
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    """GAE λ: 1 gives Monte-Carlo returns, 0 one-step TD."""
+    value_clip_eps: float = Field(0.2, gt=0)
+    """The value estimate may move at most this far from its sampling-time value before the
+    clipped value loss stops pulling it."""
+    entropy_coef: float = Field(0.0, ge=0.0)
+    """Weight of an entropy bonus in the policy loss; 0 switches it off."""
+    whiten_advantages: bool = True
+    """Normalise the batch's advantages to mean 0 and variance 1 (over all workers)."""
+    missing_eos_penalty: float | None = Field(None, ge=0.0)
+    """Subtract this from the score of completions cut at `max_new_tokens` before they ended."""
+    eval_samples: int = Field(1, ge=1, le=64)
+    """Completions sampled per held-out prompt when evaluating the mean reward."""
+
+
+StageSpec = Annotated[Union[SFTStage, RewardModelStage, DPOStage, PPOStage, GRPOStage], Field(discriminator="type")]
 
 
 class JobSpec(_Spec):
@@ -235,18 +307,6 @@ class JobSpec(_Spec):
     """Workers per stage and what each one gets."""
     stages: list[StageSpec] = Field(min_length=1, max_length=16)
     """The stages, run in order."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reserved_stage_types(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("stages"), list):
-            for i, stage in enumerate(data["stages"]):
-                kind = stage.get("type") if isinstance(stage, dict) else None
-                if kind in RESERVED_STAGE_TYPES:
-                    raise ValueError(
-                        f"stages[{i}].type: '{kind}' is reserved for a later release; use one of {', '.join(STAGE_TYPES)}"
-                    )
-        return data
 
     @field_validator("base_model")
     @classmethod
@@ -280,12 +340,14 @@ class JobSpec(_Spec):
             if names.index(name) != i:
                 raise ValueError(f"stages[{i}].name: '{name}' is used twice; give each stage its own name")
         for i, stage in enumerate(self.stages):
-            if stage.type in ("grpo", "rloo") and adapter.type == "full":
+            if stage.type in ONLINE_STAGE_TYPES:
+                self._check_online_stage(i, stage)
+            if stage.type in ONLINE_STAGE_TYPES and adapter.type == "full":
                 raise ValueError(
                     f"stages[{i}].type: '{stage.type}' needs adapter.type 'lora' or 'dora': its reference "
                     "is the starting adapter kept frozen beside the trained one"
                 )
-            if stage.type in ("grpo", "rloo") and ds.zero_stage == 3:
+            if stage.type in ONLINE_STAGE_TYPES and ds.zero_stage == 3:
                 raise ValueError(
                     f"stages[{i}].type: '{stage.type}' does not support deepspeed.zero_stage=3 yet "
                     "(sampling would need every rank to generate in step); use zero_stage 0-2"
@@ -296,6 +358,19 @@ class JobSpec(_Spec):
                     f"stages[{i}].max_prompt_length: {prompt_limit} must be below max_length ({stage.max_length})"
                 )
         return self
+
+    def _check_online_stage(self, i: int, stage: Any) -> None:
+        earlier_rm = any(s.type == "rm" for s in self.stages[:i])
+        if stage.reward == MODEL_REWARD and stage.reward_model is None and not earlier_rm:
+            raise ValueError(
+                f"stages[{i}].reward_model: reward '{MODEL_REWARD}' needs a reward model; add an rm stage "
+                "before this one or set reward_model: artifact:<id>"
+            )
+        if getattr(stage, "critic_init", None) == "reward_model" and stage.reward != MODEL_REWARD:
+            raise ValueError(
+                f"stages[{i}].critic_init: 'reward_model' needs reward '{MODEL_REWARD}'; "
+                f"set critic_init: policy to train a critic with the '{stage.reward}' reward"
+            )
 
     def stage_names(self) -> list[str]:
         """Each stage's name: its own, else its type, numbered when the type repeats."""

@@ -20,6 +20,7 @@ SECTIONS = [
     ("Stage `sft`", spec.SFTStage),
     ("Stage `rm`", spec.RewardModelStage),
     ("Stage `dpo`", spec.DPOStage),
+    ("Stage `ppo`", spec.PPOStage),
     ("Stage `grpo` / `rloo`", spec.GRPOStage),
 ]
 

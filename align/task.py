@@ -15,6 +15,7 @@ The splits use disjoint numbers, so no two splits share a prompt:
 | ``prefs_eval`` | as ``prefs`` | held-out pairs (implicit-reward or reward-model accuracy) |
 | ``eval`` | ``prompt``, ``completion`` | held-out prompts with the correct answer (greedy exact match) |
 | ``prompts`` | ``prompt`` | prompts only, for reinforcement learning with :func:`exact_answer_reward` |
+| ``eval_tell`` | as ``eval`` | the ``tell`` rows of ``eval``: the family supervised fine-tuning gets mostly wrong |
 
 Everything is generated from ``SEED``; :func:`materialize` writes a split as JSON Lines under the
 cache and returns the path, so ``builtin:parity/<split>`` can be used wherever a dataset path is.
@@ -48,7 +49,10 @@ SPLIT_SIZES = {"sft": 512, "prefs": 640, "prefs_eval": 128, "eval": 160, "prompt
 MISTAKE_RATE = {"ask": 0.1, "tell": 0.9}
 """Fraction of ``sft`` demonstrations, per family, that give the wrong parity."""
 
-BUILTIN_DATASETS = tuple(f"builtin:parity/{split}" for split in SPLIT_SIZES)
+DERIVED_SPLITS = {"eval_tell": ("eval", "tell")}
+"""Splits that are one family's rows of another split: (source split, family)."""
+
+BUILTIN_DATASETS = tuple(f"builtin:parity/{split}" for split in [*SPLIT_SIZES, *DERIVED_SPLITS])
 
 _NUMBER_PATTERN = re.compile(r"\d+")
 
@@ -123,7 +127,8 @@ def build_splits(seed: int = SEED) -> dict[str, list[dict]]:
     """All rows of every split, deterministic in ``seed``."""
     rng = random.Random(seed + 1)
     splits: dict[str, list[dict]] = {}
-    for split, items in split_items(seed).items():
+    items_of = split_items(seed)
+    for split, items in items_of.items():
         rows = []
         for item in items:
             prompt, correct = item.prompt(), item.answer
@@ -139,6 +144,8 @@ def build_splits(seed: int = SEED) -> dict[str, list[dict]]:
             else:
                 rows.append({"prompt": prompt})
         splits[split] = rows
+    for split, (source, family) in DERIVED_SPLITS.items():
+        splits[split] = [row for row, item in zip(splits[source], items_of[source]) if item.family == family]
     return splits
 
 

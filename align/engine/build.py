@@ -34,17 +34,23 @@ def deepspeed_config(job: JobSpec, stage: Any, world_size: int) -> dict:
     }
 
 
-def build_engine(model: torch.nn.Module, job: JobSpec, stage: Any, total_steps: int, rank: Rank):
-    """Wrap ``model`` in a DeepSpeed engine with AdamW (CPU Adam when offloading) and the stage's schedule."""
+def build_engine(
+    model: torch.nn.Module, job: JobSpec, stage: Any, total_steps: int, rank: Rank, lr: float | None = None
+):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW (CPU Adam when offloading) and the stage's schedule.
+
+    ``total_steps`` counts optimizer steps; ``lr`` overrides the stage's peak learning rate (the PPO critic).
+    """
     import deepspeed
 
-    groups = parameter_groups(model, stage.lr, stage.weight_decay, job.adapter.lora_plus_ratio)
+    lr = stage.lr if lr is None else lr
+    groups = parameter_groups(model, lr, stage.weight_decay, job.adapter.lora_plus_ratio)
     if job.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        optimizer = DeepSpeedCPUAdam(groups, lr=stage.lr, adamw_mode=True)
+        optimizer = DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=True)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=stage.lr)
+        optimizer = torch.optim.AdamW(groups, lr=lr)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -50,11 +50,19 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(engine, root: Path, step: int, rank: Rank, state: dict, keep: int = 2) -> Path:
-    """Save after optimizer step ``step``; every rank calls this. Keeps the newest ``keep`` checkpoints."""
+def save_checkpoint(
+    engine, root: Path, step: int, rank: Rank, state: dict, keep: int = 2, others: dict | None = None
+) -> Path:
+    """Save after optimizer step ``step``; every rank calls this. Keeps the newest ``keep`` checkpoints.
+
+    ``others`` names further engines trained beside ``engine`` (the PPO critic); each is saved in a
+    sub-folder of the same checkpoint, before the marker, so the checkpoint is complete for all.
+    """
     root = Path(root)
     tag = _tag(step)
     engine.save_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True, save_latest=False)
+    for name, other in (others or {}).items():
+        other.save_checkpoint(str(root / tag), tag=name, exclude_frozen_parameters=True, save_latest=False)
     torch.save(rng_state(), root / tag / f"rng_rank{rank.rank}.pt")
     barrier()
     if rank.is_main:
@@ -65,7 +73,7 @@ def save_checkpoint(engine, root: Path, step: int, rank: Rank, state: dict, keep
     return root / tag
 
 
-def load_checkpoint(engine, folder: Path, rank: Rank) -> dict:
+def load_checkpoint(engine, folder: Path, rank: Rank, others: dict | None = None) -> dict:
     """Restore engine and RNG state from ``folder``; returns the saved align state (its ``step`` included)."""
     folder = Path(folder)
     state = json.loads((folder / MARKER).read_text())
@@ -78,5 +86,9 @@ def load_checkpoint(engine, folder: Path, rank: Rank) -> dict:
         str(folder.parent), tag=folder.name, load_module_strict=False, load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
+    for name, other in (others or {}).items():
+        other.load_checkpoint(
+            str(folder), tag=name, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     set_rng_state(torch.load(folder / f"rng_rank{rank.rank}.pt", weights_only=False))
     return state

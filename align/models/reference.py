@@ -18,17 +18,21 @@ class Reference:
     - Adapter continued from an earlier stage: a frozen copy of that adapter is loaded beside the
       trainable one and switched in for reference passes.
     - Full fine-tuning has no frozen weights to share; use precomputed reference log-probs instead.
+
+    The same view serves the PPO stage's reward model: the critic is trained from the reward
+    model's adapter and the reward model is that adapter kept frozen beside it (``adapter_name``).
     """
 
-    def __init__(self, model: torch.nn.Module, start_adapter: Path | None):
+    def __init__(self, model: torch.nn.Module, start_adapter: Path | None, adapter_name: str = REFERENCE_ADAPTER):
         if not isinstance(model, PeftModel):
             raise ValueError("a live reference needs an adapter; use reference: precomputed with full fine-tuning")
         self.model = model
+        self.adapter_name = adapter_name
         self.frozen_copy = start_adapter is not None
         if self.frozen_copy:
-            model.load_adapter(str(start_adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            model.load_adapter(str(start_adapter), adapter_name=adapter_name, is_trainable=False)
             model.set_adapter("default")
-            _freeze_adapter(model, REFERENCE_ADAPTER)
+            _freeze_adapter(model, adapter_name)
 
     @contextmanager
     def active(self):
@@ -38,12 +42,12 @@ class Reference:
         try:
             with torch.no_grad():
                 if self.frozen_copy:
-                    self.model.set_adapter(REFERENCE_ADAPTER)
+                    self.model.set_adapter(self.adapter_name)
                     try:
                         yield
                     finally:
                         self.model.set_adapter("default")
-                        _freeze_adapter(self.model, REFERENCE_ADAPTER)
+                        _freeze_adapter(self.model, self.adapter_name)
                 else:
                     with self.model.disable_adapter():
                         yield

@@ -38,12 +38,16 @@ class StageContext:
     """Local folder of the policy this stage starts from (an earlier stage's artifact), if any."""
     parents: list[str] = field(default_factory=list)
     """Artifact ids this stage builds on, recorded in its manifest."""
+    reward_model: Path | None = None
+    """Local folder of the reward-model artifact an online stage scores with (``reward: model``)."""
     threads: int | None = None
     resume: bool = True
     """Continue from the newest complete checkpoint in ``work_dir/checkpoints`` if there is one."""
     require_checkpoint: bool = False
     """A retried attempt: finding no checkpoint is an error, never a silent restart from step 0."""
     on_metrics: Callable[[dict], None] | None = None
+    on_samples: Callable[[list[dict]], None] | None = None
+    """Called on the main rank with sampled completions (step, prompt, completion, score) as they are logged."""
     on_checkpoint: Callable[[int, str], None] | None = None
     """Called on every rank with (step, folder) once the checkpoint after that step is complete."""
     job_id: str | None = None
@@ -206,6 +210,25 @@ def micro_batch_indices(
     return slices
 
 
+def completion_batch(prompts: list[dict], completions: list, pad: int) -> dict:
+    """Prompt plus sampled completion (``align.generation.Completion``), right-padded, with
+    ``loss_mask`` on the completion tokens (EOS included)."""
+    features = []
+    for completion in completions:
+        prompt_ids = prompts[completion.prompt_index]["prompt_input_ids"]
+        features.append({
+            "input_ids": list(prompt_ids) + completion.token_ids,
+            "loss_mask": [0] * len(prompt_ids) + [1] * len(completion.token_ids),
+        })
+    return collate.collate_sft(features, pad)
+
+
+def sampling_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """A distinct, reproducible sampling stream per (seed, step, rank, micro-batch): resuming at a
+    step samples the same completions an uninterrupted run would."""
+    return (seed * 1_000_003 + step) * 65_537 + rank * 1_024 + micro
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -237,7 +260,7 @@ def load_policy(ctx: StageContext):
 
 def load_reward_model_for(ctx: StageContext):
     """Tokenizer and trainable reward model: a scalar head on the starting policy or on the base."""
-    from peft import PeftConfig, PeftModel
+    from align.models.reward import merge_policy_adapter
 
     job = ctx.job
     base = resolve_base_model(job.base_model)
@@ -249,9 +272,7 @@ def load_reward_model_for(ctx: StageContext):
     )
     if from_policy and not full_start:
         # The policy's adapter becomes part of the reward model's frozen body.
-        config = PeftConfig.from_pretrained(ctx.start_policy)
-        config.task_type = None  # a causal-LM adapter, applied here to the same body under a reward head
-        model = PeftModel.from_pretrained(model, ctx.start_policy, config=config).merge_and_unload()
+        model = merge_policy_adapter(model, ctx.start_policy)
     model = apply_adapter(
         model,
         job.adapter,
@@ -283,23 +304,29 @@ def checkpoint_saved(ctx: StageContext, step: int) -> None:
 
 def resume(ctx: StageContext, engine, rank: Rank, metrics: MetricsLog) -> int:
     """Restore the newest complete checkpoint; returns the number of optimizer steps already done."""
+    return resume_state(ctx, engine, rank, metrics)["step"]
+
+
+def resume_state(ctx: StageContext, engine, rank: Rank, metrics: MetricsLog, others: dict | None = None) -> dict:
+    """Restore the newest complete checkpoint (of ``engine`` and the ``others`` saved beside it);
+    returns the state saved with it, ``{"step": 0}`` when starting afresh."""
     found = complete_checkpoints(ctx.checkpoint_dir) if ctx.resume else []
     if not found:
         if ctx.require_checkpoint:
             raise MissingCheckpoint(
                 f"expected a checkpoint under {ctx.checkpoint_dir} to resume from, found none"
             )
-        return 0
-    state = load_checkpoint(engine, found[-1][1], rank)
+        return {"step": 0}
+    state = load_checkpoint(engine, found[-1][1], rank, others)
     metrics.truncate_after(state["step"])
-    return state["step"]
+    return state
 
 
 # --- metrics and artifact -------------------------------------------------------------------------
 
 
 class Throughput:
-    """Tokens per second over the steps since the last reading, summed over ranks."""
+    """Tokens (and samples) per second over the steps since the last reading, summed over ranks."""
 
     def __init__(self):
         import time
@@ -307,16 +334,22 @@ class Throughput:
         self._clock = time.perf_counter
         self.start = self._clock()
         self.tokens = 0
+        self.samples = 0
+        self.samples_per_s = 0.0
+        """Samples per second over the window of the last :meth:`read`."""
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, samples: int = 0) -> None:
         self.tokens += tokens
+        self.samples += samples
 
     def read(self) -> float:
+        """Tokens per second since the last reading (``samples_per_s`` is set for the same window)."""
         now = self._clock()
-        (total,) = all_reduce_sum([float(self.tokens)])
-        rate = total / max(now - self.start, 1e-9)
-        self.start, self.tokens = now, 0
-        return rate
+        total, samples = all_reduce_sum([float(self.tokens), float(self.samples)])
+        elapsed = max(now - self.start, 1e-9)
+        self.start, self.tokens, self.samples = now, 0, 0
+        self.samples_per_s = samples / elapsed
+        return total / elapsed
 
 
 def grad_norm(engine) -> float:
@@ -341,9 +374,9 @@ def publish(
     published = None
     if rank.is_main:
         tokenizer.save_pretrained(out_dir)
-        metrics_file = ctx.work_dir / "metrics.jsonl"
-        if metrics_file.exists():
-            (out_dir / "metrics.jsonl").write_bytes(metrics_file.read_bytes())
+        for log in ("metrics.jsonl", "samples.jsonl"):
+            if (ctx.work_dir / log).exists():
+                (out_dir / log).write_bytes((ctx.work_dir / log).read_bytes())
         published = ArtifactStore(ctx.artifact_root).publish(
             out_dir,
             lineage=ctx.lineage,
@@ -366,6 +399,18 @@ def _broadcast(obj):
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+def log_samples(ctx: StageContext, step: int, samples: list[dict]) -> None:
+    """Append sampled completions (prompt, completion, score) after ``step`` to ``samples.jsonl``
+    and pass each to ``ctx.on_samples``; call on the main rank."""
+    import json
+
+    records = [{"step": step, **sample} for sample in samples]
+    with (ctx.work_dir / "samples.jsonl").open("a") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    if ctx.on_samples is not None:
+        ctx.on_samples(records)
 
 
 def final_metrics(records: list[dict], keys: list[str]) -> dict:

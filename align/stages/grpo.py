@@ -1,7 +1,7 @@
 """Critic-free online RL: GRPO (Shao et al. 2024, DeepSeekMath) and RLOO (Ahmadian et al. 2024).
 
 Each optimizer step: take prompts → sample ``group_size`` completions of each from the current
-policy → score them with the named reward function → advantages relative to the group (``grpo``:
+policy → score them (reward model or named reward function) → advantages relative to the group (``grpo``:
 whitened within the group; ``rloo``: minus the mean of the other samples) → per-token log-probs of
 the completions under the policy (with grad) and the reference (no grad) → clipped surrogate plus
 ``kl_coef`` · k3 KL to the reference → backward → step.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from align.data import collate
 from align.engine.build import build_engine
 from align.engine.checkpoint import save_checkpoint
 from align.engine.dist import Rank, all_reduce_sum
@@ -25,11 +24,14 @@ from align.engine.metrics import MetricsLog
 from align.evaluate import exact_match
 from align.generation import Completion, HFGenerator, SamplingParams
 from align.losses.ppo import grpo_loss
+from align.models.load import resolve_base_model
 from align.models.reference import Reference
+from align.models.reward import load_frozen_reward_model
 from align.ops.advantages import grpo_advantages, rloo_advantages
 from align.ops.aggregate import accumulation_scale, global_count
 from align.ops.logprobs import token_logprobs
-from align.rewards import prompt_text, reward_function
+from align.rewards import Scorer, reward_function
+from align.spec import MODEL_REWARD
 from align.stages import common
 from align.stages.common import StageContext, StageResult
 
@@ -45,7 +47,7 @@ def run(ctx: StageContext) -> StageResult:
     common.disable_dropout(model)
     reference = Reference(model, ctx.start_policy)
     data = common.load_stage_data(ctx, "prompt", tokenizer)
-    reward = reward_function(stage.reward)
+    scorer = reward_scorer(ctx, tokenizer)
     advantages_of = grpo_advantages if stage.type == "grpo" else rloo_advantages
     steps = common.total_steps(stage, len(data.train), rank.world_size)
     engine, _, scheduler = build_engine(model, job, stage, steps, rank)
@@ -73,15 +75,15 @@ def run(ctx: StageContext) -> StageResult:
                 temperature=stage.temperature,
                 top_p=stage.top_p,
                 num_samples=stage.group_size,
-                seed=_sampling_seed(stage.seed, step, rank.rank, micro),
+                seed=common.sampling_seed(stage.seed, step, rank.rank, micro),
             )
             completions = generator.generate([p["prompt_input_ids"] for p in prompts], params)
-            rewards = torch.tensor(
-                [reward(prompt_text(prompts[c.prompt_index]["prompt"]), c.text) for c in completions],
-                dtype=torch.float32,
-            )
+            batch = common.completion_batch(prompts, completions, pad)
+            rewards = scorer.score(
+                common.to_device(batch, engine.device), [prompts[c.prompt_index] for c in completions], completions
+            ).cpu()
             advantages = advantages_of(rewards, stage.group_size)
-            rollouts.append((_completion_batch(prompts, completions, pad), advantages))
+            rollouts.append((batch, advantages))
             sample_sums += _sample_sums(rewards, completions, stage.group_size)
         step_tokens = global_count(sum(int(batch["loss_mask"][:, 1:].sum()) for batch, _ in rollouts))
         scale = accumulation_scale(step_tokens, stage.gradient_accumulation_steps, rank.world_size)
@@ -110,14 +112,14 @@ def run(ctx: StageContext) -> StageResult:
                 [out.loss_sum.item(), out.kl_sum.item(), out.clipped_tokens.item(), out.ratio_sum.item()],
                 dtype=torch.float64,
             )
-            throughput.add(int(batch["attention_mask"].sum()))
+            throughput.add(int(batch["attention_mask"].sum()), len(batch["input_ids"]))
         done = step + 1
         if done % stage.log_every == 0 or done == steps:
             samples = global_count(sum(len(rows) for rows in micro_batches)) * stage.group_size
             record = _step_record(all_reduce_sum(sample_sums.tolist()), all_reduce_sum(token_sums.tolist()),
                                   samples, step_tokens, stage.group_size)
             record.update(step=done, lr=scheduler.get_last_lr()[0], grad_norm=common.grad_norm(engine),
-                          tokens_per_s=throughput.read())
+                          tokens_per_s=throughput.read(), samples_per_s=throughput.samples_per_s)
             metrics.log(record)
         if ((stage.eval_every and done % stage.eval_every == 0) or done == steps) and (
             held_out := evaluate(engine, tokenizer, data, ctx, rank)
@@ -128,30 +130,12 @@ def run(ctx: StageContext) -> StageResult:
             common.checkpoint_saved(ctx, done)
 
     final = common.final_metrics(
-        metrics.records, ["loss", "reward_mean", "accuracy", "kl", "response_length", "eval_exact_match", "tokens_per_s"]
+        metrics.records, ["loss", "reward_mean", "accuracy", "kl", "response_length", "eval_exact_match", "tokens_per_s", "samples_per_s"]
     )
     final["steps"] = steps
     final["rows_dropped"] = data.dropped
     return common.publish(ctx, engine.module, tokenizer, rank, kind="adapter", metrics=final,
                           fingerprints=data.fingerprints)
-
-
-def _sampling_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    """A distinct, reproducible sampling stream per (seed, step, rank, micro-batch): resuming at a
-    step samples the same completions an uninterrupted run would."""
-    return (seed * 1_000_003 + step) * 65_537 + rank * 1_024 + micro
-
-
-def _completion_batch(prompts: list[dict], completions: list[Completion], pad: int) -> dict:
-    """Prompt plus completion, right-padded, with ``loss_mask`` on the completion tokens (EOS included)."""
-    features = []
-    for completion in completions:
-        prompt_ids = prompts[completion.prompt_index]["prompt_input_ids"]
-        features.append({
-            "input_ids": list(prompt_ids) + completion.token_ids,
-            "loss_mask": [0] * len(prompt_ids) + [1] * len(completion.token_ids),
-        })
-    return collate.collate_sft(features, pad)
 
 
 def _sample_sums(rewards: torch.Tensor, completions: list[Completion], group_size: int) -> torch.Tensor:
@@ -189,6 +173,18 @@ def _step_record(sample_sums: list[float], token_sums: list[float], samples: flo
         "clip_fraction": t["clipped_tokens"] / tokens,
         "ratio": t["ratio_sum"] / tokens,
     }
+
+
+def reward_scorer(ctx: StageContext, tokenizer) -> Scorer:
+    """The named reward function, or the reward model loaded frozen on its own."""
+    stage, job = ctx.stage, ctx.job
+    if stage.reward != MODEL_REWARD:
+        return Scorer(tokenizer.pad_token_id, function=reward_function(stage.reward))
+    model = load_frozen_reward_model(
+        resolve_base_model(job.base_model), ctx.reward_model, common.dtype_of(job), tokenizer.pad_token_id,
+        job.quantization,
+    )
+    return Scorer(tokenizer.pad_token_id, model=model)
 
 
 @torch.no_grad()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 
 from align.engine.build import build_engine
@@ -9,6 +12,7 @@ from align.engine.checkpoint import save_checkpoint
 from align.engine.dist import Rank, all_reduce_sum
 from align.engine.metrics import MetricsLog
 from align.losses.reward import pairwise_accuracy, pairwise_reward_loss
+from align.models.reward import BODY_DIR
 from align.ops.aggregate import accumulation_scale, global_count
 from align.stages import common
 from align.stages.common import StageContext, StageResult
@@ -61,6 +65,12 @@ def run(ctx: StageContext) -> StageResult:
     final = common.final_metrics(metrics.records, METRIC_KEYS + ["eval_loss", "eval_accuracy", "eval_margin"])
     final["steps"] = steps
     final["rows_dropped"] = data.dropped
+    if rank.is_main and stage.init == "policy" and ctx.start_policy is not None and job.adapter.type != "full":
+        # The policy adapter merged into the body travels with the reward model's own adapter.
+        body = ctx.work_dir / "artifact" / BODY_DIR
+        body.mkdir(parents=True, exist_ok=True)
+        for adapter_file in Path(ctx.start_policy).glob("adapter_*"):
+            shutil.copyfile(adapter_file, body / adapter_file.name)
     return common.publish(
         ctx, engine.module, tokenizer, rank, kind="reward_model", metrics=final, fingerprints=data.fingerprints
     )

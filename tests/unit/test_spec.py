@@ -68,13 +68,57 @@ def test_bad_enum_value_names_field_value_and_choices():
 
 def test_unknown_stage_type_lists_types():
     assert errors_of(base(stages=[{"type": "orpo", "data": {"path": "x"}}])) == {
-        "stages[0]": "unknown stage type 'orpo'; use one of sft, rm, dpo, grpo, rloo"
+        "stages[0]": "unknown stage type 'orpo'; use one of sft, rm, dpo, ppo, grpo, rloo"
     }
 
 
-def test_ppo_is_reserved():
-    errors = errors_of(base(stages=[{"type": "ppo", "data": {"path": "x"}}]))
-    assert "reserved" in errors["stages[0].type"]
+def rm_stage() -> dict:
+    return {"type": "rm", "data": {"path": "builtin:parity/prefs"}}
+
+
+def ppo_stage(**fields) -> dict:
+    return {"type": "ppo", "data": {"path": "builtin:parity/prompts"}, **fields}
+
+
+def test_ppo_after_sft_and_rm_scores_with_the_job_reward_model():
+    from align.spec import POLICY_STAGE_TYPES, PPOStage
+
+    job = parse_spec(base(stages=[{"type": "sft", "data": {"path": "d.jsonl"}}, rm_stage(), ppo_stage()]))
+    ppo = job.stages[2]
+    assert isinstance(ppo, PPOStage) and job.stage_names() == ["sft", "rm", "ppo"]
+    assert (ppo.reward, ppo.reward_model, ppo.critic_init) == ("model", None, "reward_model")
+    assert (ppo.kl_estimator, ppo.kl_target, ppo.gamma, ppo.lam, ppo.ppo_epochs) == ("k1", None, 1.0, 0.95, 4)
+    assert "ppo" in POLICY_STAGE_TYPES
+
+
+def test_ppo_needs_a_reward_model():
+    errors = errors_of(base(stages=[ppo_stage()]))
+    assert set(errors) == {"stages[0].reward_model"}
+    assert "add an rm stage before this one or set reward_model: artifact:<id>" in errors["stages[0].reward_model"]
+    # An rm stage after it does not count; an artifact reference does.
+    assert "stages[0].reward_model" in errors_of(base(stages=[ppo_stage(), rm_stage()]))
+    job = parse_spec(base(stages=[ppo_stage(reward_model="artifact:rm.rm-v1-0123456789ab")]))
+    assert job.stages[0].reward_model == "artifact:rm.rm-v1-0123456789ab"
+
+
+def test_ppo_reward_fields_must_agree():
+    errors = errors_of(base(stages=[ppo_stage(reward="exact_answer")]))
+    assert set(errors) == {"stages[0].critic_init"}
+    assert "set critic_init: policy" in errors["stages[0].critic_init"]
+    job = parse_spec(base(stages=[ppo_stage(reward="exact_answer", critic_init="policy")]))
+    assert job.stages[0].reward == "exact_answer"
+    errors = errors_of(base(stages=[ppo_stage(reward="exact_answer", critic_init="policy",
+                                              reward_model="artifact:rm.rm-v1-0123456789ab")]))
+    assert "only used with reward 'model'" in errors["stages[0].reward_model"]
+    errors = errors_of(base(stages=[rm_stage(), ppo_stage(reward_model="http://example.com/rm")]))
+    assert set(errors) == {"stages[1].reward_model"}
+
+
+def test_ppo_refuses_full_fine_tuning_and_zero3():
+    errors = errors_of(base(adapter={"type": "full"}, stages=[rm_stage(), ppo_stage()]))
+    assert "needs adapter.type 'lora' or 'dora'" in errors["stages[1].type"]
+    errors = errors_of(base(deepspeed={"zero_stage": 3}, stages=[rm_stage(), ppo_stage()]))
+    assert "zero_stage" in errors["stages[1].type"]
 
 
 def grpo_stage(**fields) -> dict:

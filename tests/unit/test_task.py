@@ -19,7 +19,12 @@ def prompt_of(row: dict) -> str:
 
 
 def test_split_sizes_and_disjoint_numbers(splits):
+    splits = dict(splits)
+    derived = {name: splits.pop(name) for name in task.DERIVED_SPLITS}
     assert {name: len(rows) for name, rows in splits.items()} == task.SPLIT_SIZES
+    # eval_tell is exactly the tell-family half of eval.
+    assert derived["eval_tell"] == [r for r in splits["eval"] if r["prompt"].startswith(("Tell", "Say"))]
+    assert len(derived["eval_tell"]) == task.SPLIT_SIZES["eval"] // 2
     numbers = {name: {int(task._NUMBER_PATTERN.search(prompt_of(r)).group()) for r in rows}
                for name, rows in splits.items()}
     names = list(numbers)
