@@ -164,3 +164,44 @@ def test_dpo_on_two_ranks_starts_at_ln2_from_the_sft_adapter(sft_runs, tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["parents"] == [sft_artifact.artifact_id]
     assert math.isfinite(manifest["metrics"]["loss"]) and manifest["metrics"]["steps"] == 2
+
+
+def test_ppo_on_two_ranks_ends_with_one_policy(small_model, small_data, tmp_path):
+    """Each rank samples and scores its share of the prompts; advantages are whitened over both;
+    DeepSpeed averages the gradients, so both ranks end with the same policy (and the same critic)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"add {n} and {n % 7}"}) + "\n" for n in range(32)))
+    spec = {
+        "name": "multirank-ppo",
+        "base_model": str(small_model),
+        "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "deepspeed": {"zero_stage": 2, "precision": PRECISION},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "stages": [
+            {"type": "sft", "data": {"path": str(small_data["sft"])}, "batch_size": 4, "max_steps": 2, "lr": 1e-3},
+            {"type": "rm", "data": {"path": str(small_data["prefs"])}, "batch_size": 4, "max_steps": 2, "lr": 1e-3},
+            {"type": "ppo", "data": {"path": str(prompts), "eval_fraction": 0.25}, "batch_size": 2,
+             "max_new_tokens": 4, "max_length": 48, "max_steps": 2, "ppo_epochs": 2, "lr": 1e-2, "seed": 3},
+        ],
+    }
+    from align.runner import run_job
+
+    sft, rm = run_job(parse_spec({**spec, "stages": spec["stages"][:2]}), work_root=tmp_path / "work",
+                      artifact_root=str(tmp_path / "artifacts"))
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    job = parse_spec({**spec, "resources": {"num_workers": 2, "cpus_per_worker": 1}})
+    ctx = StageContext(job=job, index=2, work_dir=tmp_path / "work" / "ppo", artifact_root=str(tmp_path / "artifacts"),
+                       start_policy=store.download(sft.artifact.uri), reward_model=store.download(rm.artifact.uri),
+                       parents=[sft.artifact.artifact_id, rm.artifact.artifact_id], threads=1)
+    rank0, rank1 = run_ranks(ctx, tmp_path / "reports")
+
+    assert rank0["digest"] == rank1["digest"], "the ranks disagree on the trained policy"
+    assert {k: v for k, v in rank0["metrics"].items() if "per_s" not in k} == {
+        k: v for k, v in rank1["metrics"].items() if "per_s" not in k
+    }
+    first = next(r for r in metrics_of(ctx.work_dir) if r.get("step") == 1 and "policy_loss" in r)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert first["first_pass_ratio"] == pytest.approx(1.0, abs=1e-6)
+    manifest = json.loads((Path(rank0["artifact"]) / "manifest.json").read_text())
+    assert manifest["parents"] == [sft.artifact.artifact_id, rm.artifact.artifact_id]
+    assert tensors_digest(load_file(Path(rank0["artifact"]) / "adapter_model.safetensors")) == rank0["digest"]
