@@ -34,7 +34,13 @@ def test_every_example_validates(path):
 
 def test_examples_exist():
     names = {p.name for p in (REPO / "examples").glob("*.yaml")}
-    assert {"tiny-sft-dpo.yaml", "tiny-rm.yaml", "tiny-sft-grpo.yaml"} <= names
+    assert {"tiny-sft-dpo.yaml", "tiny-rm.yaml", "tiny-sft-grpo.yaml", "tiny-sft-rm-ppo.yaml"} <= names
+
+
+def test_readme_job_spec_validates():
+    block = (REPO / "README.md").read_text().split("```yaml\n", 1)[1].split("```", 1)[0]
+    job = parse_spec(yaml.safe_load(block))
+    assert [s.type for s in job.stages] == ["sft", "rm", "dpo", "ppo"]
 
 
 def test_yaml_and_json_give_the_same_job(tmp_path):
