@@ -79,3 +79,31 @@ def test_qlora_dpo_after_sft_trains(small_model, small_data, job_factory, tmp_pa
     assert dpo_losses[0] == pytest.approx(0.6931, abs=2e-3)
     assert dpo_losses[-1] < dpo_losses[0] - 0.02
     assert json.loads((Path(dpo.artifact.uri) / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_qlora_ppo_after_sft_and_rm_starts_at_the_reference(small_model, small_data, job_factory, tmp_path):
+    """SFT, RM and PPO on an NF4 base: policy, reference, critic and reward model all sit on 4-bit
+    bodies; policy and reference share theirs, so at the first step the KL is 0 and the ratio 1."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"add {n} and {n % 7}"}) + "\n" for n in range(16)))
+    job = job_factory(
+        small_model,
+        [
+            {"type": "sft", "data": {"path": str(small_data["sft"])}, "batch_size": 8, "max_steps": 2, "lr": 1e-2},
+            {"type": "rm", "data": {"path": str(small_data["prefs"])}, "batch_size": 8, "max_steps": 2, "lr": 1e-2},
+            {"type": "ppo", "data": {"path": str(prompts)}, "batch_size": 4, "max_new_tokens": 4, "max_length": 48,
+             "max_steps": 2, "ppo_epochs": 2, "lr": 1e-2, "critic_lr": 1e-2},
+        ],
+        quantization={"bits": 4, "type": "nf4", "double_quant": True},
+        deepspeed={"zero_stage": 0, "precision": "bf16"},
+    )
+    sft, rm, ppo = run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
+
+    lines = (tmp_path / "work" / "ppo" / "metrics.jsonl").read_text().splitlines()
+    first, second = [r for r in map(json.loads, lines) if "policy_loss" in r]
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert first["first_pass_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert first["reward_std"] > 0 and second["kl"] != 0.0
+    assert json.loads((Path(ppo.artifact.uri) / "manifest.json").read_text())["parents"] == [
+        sft.artifact.artifact_id, rm.artifact.artifact_id,
+    ]
