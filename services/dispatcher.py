@@ -6,7 +6,8 @@ One :meth:`Dispatcher.tick` is one pass over the database and Ray's view of it:
    is decided by the attempt's "failed" report (none: the worker was lost, retryable); an expired lease
    is rescued (Ray job stopped, its end confirmed, the stage requeued or failed);
 3. claim queued stage runs (the ones step 2 just queued too) and submit them
-   (``align-<stage_run_id>-a<attempt>``, looked up in Ray first).
+   (``align-<stage_run_id>-a<attempt>``, looked up in Ray first); one whose reward model cannot be
+   found fails for good instead.
 Several dispatchers may run against one database: every change is a guarded, attempt-fenced update.
 """
 
@@ -162,27 +163,39 @@ class Dispatcher:
                 run = jobs.claim_next(s, self.owner_id, self.settings.lease_seconds)
                 if run is None:
                     return
-                ticket = self.ticket(s, run)
-            self.submit(ticket)
+                ticket = self.ticket_or_fail(s, run)
+            if ticket is not None:
+                self.submit(ticket)
 
     def ticket(self, s: Session, run: StageRun) -> dict[str, Any]:
         """The attempt ticket the worker reads from ``ALIGN_TICKET``."""
         job = s.get(Job, run.job_id)
-        start_policy, parents = jobs.stage_inputs(s, run)
+        inputs = jobs.stage_inputs(s, run)
         return {
             "stage_run_id": run.id,
             "attempt": run.attempt,
             "job_id": run.job_id,
             "spec": job.spec,
             "index": run.index,
-            "start_policy": start_policy,
-            "parents": parents,
+            "start_policy": inputs.start_policy,
+            "reward_model": inputs.reward_model,
+            "parents": inputs.parents,
             "artifact_root": self.settings.artifact_root,
             "work_dir": f"{self.settings.work_root.rstrip('/')}/{run.job_id}/{run.id}",
             "require_checkpoint": run.checkpoint_uri is not None,
             "report_url": f"{self.settings.public_url.rstrip('/')}/internal/reports",
             "report_token": self.settings.report_token(run.id, run.attempt),
         }
+
+    def ticket_or_fail(self, s: Session, run: StageRun) -> dict[str, Any] | None:
+        """The ticket, or None after failing the attempt for good when an input artifact is missing."""
+        try:
+            return self.ticket(s, run)
+        except jobs.MissingInput as missing:
+            jobs.fail_attempt(s, run.id, run.attempt, "missing_input", missing.message, missing.field,
+                              retryable=False)
+            log.warning("stage run %s attempt %d not submitted: %s", run.id, run.attempt, missing)
+            return None
 
     def runtime_env(self, ticket: dict[str, Any]) -> dict[str, Any]:
         env = {name: os.environ[name] for name in PASSED_ENV_VARS if name in os.environ}
@@ -219,9 +232,10 @@ class Dispatcher:
         status = self.ray.get_job_status(submission_id)
         if status is None and owner == self.owner_id and not expired:
             # Claimed but never submitted (a crash or a Ray error in between): submit it now.
-            with self.session_factory() as s:
-                ticket = self.ticket(s, s.get(StageRun, run_id))
-            self.submit(ticket)
+            with self.session_factory.begin() as s:
+                ticket = self.ticket_or_fail(s, s.get(StageRun, run_id))
+            if ticket is not None:
+                self.submit(ticket)
             return
         if status in ACTIVE and expired:
             self.rescue(run_id, attempt, submission_id, record=not rescued)

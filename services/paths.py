@@ -28,7 +28,7 @@ def check_job(spec: JobSpec, settings: Settings, find_artifact: Callable[[str], 
     """Every check a submitted job passes before it is queued, each problem naming its field.
 
     Locations come first, so nothing outside the roots is ever opened; ``find_artifact`` looks up an
-    ``artifact:<id>`` base model among the caller's artifacts.
+    ``artifact:<id>`` base model or reward model among the caller's artifacts.
     """
     problems = check_locations(
         spec, data_roots=settings.data_roots, model_roots=settings.model_roots, allowed_schemes=settings.allowed_schemes
@@ -42,7 +42,33 @@ def check_job(spec: JobSpec, settings: Settings, find_artifact: Callable[[str], 
         else:
             problems.append(("base_model", "starting a job from an artifact is not supported yet; give the local "
                              "model folder (or builtin:tiny) and chain the stages in one job"))
+    problems += check_reward_models(spec, find_artifact)
     return problems + check_model(spec) + check_data(spec)
+
+
+def check_reward_models(spec: JobSpec, find_artifact: Callable[[str], object | None]) -> list[Problem]:
+    """Each stage's ``reward_model: artifact:<id>`` must be one of the caller's reward-model artifacts."""
+    problems = []
+    for index, stage in enumerate(spec.stages):
+        reference = getattr(stage, "reward_model", None)
+        if reference is None:
+            continue
+        field = f"stages[{index}].reward_model"
+        earlier_rm = any(s.type == "rm" for s in spec.stages[:index])
+        fallback = " or drop reward_model to score with the rm stage before this one" if earlier_rm else ""
+        artifact_id = reference.removeprefix("artifact:")
+        artifact = find_artifact(artifact_id)
+        kind = getattr(artifact, "kind", None)
+        if artifact is None:
+            message = (f"no artifact '{artifact_id}'; give artifact:<id> of a reward model that an rm stage "
+                       f"of one of your jobs published{fallback}")
+        elif kind != "reward_model":
+            message = (f"'{artifact_id}' is an artifact of kind '{kind}', not a reward model; give "
+                       f"artifact:<id> of an artifact an rm stage published (kind reward_model){fallback}")
+        else:
+            continue
+        problems.append((field, message))
+    return problems
 
 
 def spec_locations(spec: JobSpec) -> Iterator[tuple[str, str, str]]:

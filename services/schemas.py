@@ -18,7 +18,7 @@ JobCreate = JobSpec
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATUSES: tuple[str, ...] = JobStatus.__args__
 StageState = Literal["pending", "queued", "running", "retrying", "succeeded", "failed", "cancelled"]
-ReportType = Literal["heartbeat", "metrics", "checkpoint", "message", "artifact", "failed"]
+ReportType = Literal["heartbeat", "metrics", "checkpoint", "message", "samples", "artifact", "failed"]
 
 T = TypeVar("T")
 
@@ -125,7 +125,7 @@ class EventPublic(_Public):
     time: datetime
     level: str
     type: str
-    """`state`, `message` or `metrics`."""
+    """`state`, `message`, `metrics` or `samples` (sampled completions of an online stage)."""
     payload: dict[str, Any]
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +48,16 @@ class Ticket:
     require_checkpoint: bool
     report_url: str
     report_token: str
+    reward_model: str | None = None
+    """URI of the reward model an online stage with ``reward: model`` scores with."""
 
     @classmethod
     def from_json(cls, text: str) -> Ticket:
         data = json.loads(text)
-        missing = [f.name for f in fields(cls) if f.name not in data]
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
         if missing:
             raise ValueError(f"ticket is missing field(s) {missing}")
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
     @property
     def run_name(self) -> str:

@@ -84,6 +84,10 @@ class Reporter:
     def message(self, text: str, level: str = "info") -> None:
         self.send("message", {"level": level, "text": text})
 
+    def samples(self, records: list[dict]) -> None:
+        """Sampled completions of an online stage: records with step, prompt, completion and score."""
+        self.send("samples", {"samples": list(records)})
+
     def artifact(self, store: ArtifactStore, published: PublishedArtifact) -> None:
         manifest = published.manifest
         self.send(

@@ -2,7 +2,8 @@
 
 Ray Train has already set RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR and
 MASTER_PORT and created the process group; align's ``init_distributed`` wraps that group for
-DeepSpeed. Rank 0 alone talks to the service: metrics, heartbeats, checkpoints and the artifact.
+DeepSpeed. Rank 0 alone talks to the service: metrics, heartbeats, checkpoints, sampled completions
+and the artifact.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def train_func(config: dict) -> None:
     placement = _gather_placement()
     job = parse_spec(ticket["spec"])
     store = ArtifactStore(ticket["artifact_root"])
-    # Each node fetches the starting policy from the store; nothing is handed over on local disk.
+    # Each node fetches the starting policy and the reward model from the store, never from local disk.
     start_policy = store.download(ticket["start_policy"]) if ticket.get("start_policy") else None
+    reward_model = store.download(ticket["reward_model"]) if ticket.get("reward_model") else None
 
     reporter = None
     if world_rank == 0:
@@ -57,10 +59,12 @@ def train_func(config: dict) -> None:
         artifact_root=ticket["artifact_root"],
         start_policy=start_policy,
         parents=list(ticket.get("parents") or []),
+        reward_model=reward_model,
         threads=threads,
         resume=True,
         require_checkpoint=bool(ticket.get("require_checkpoint")),
         on_metrics=on_metrics if reporter else None,
+        on_samples=reporter.samples if reporter else None,
         on_checkpoint=reporter.checkpoint if reporter else None,
         job_id=ticket.get("job_id"),
     )

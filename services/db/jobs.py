@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import secrets
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import case, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from align.spec import POLICY_STAGE_TYPES, JobSpec
+from align.spec import MODEL_REWARD, POLICY_STAGE_TYPES, JobSpec
 from services.db.models import (
     CANCELLED,
     FAILED,
@@ -41,7 +41,9 @@ TRANSITIONS = {
     RUNNING: {SUCCEEDED, FAILED, CANCELLED, RETRYING},
     RETRYING: {QUEUED, FAILED, CANCELLED},
 }
-REPORT_TYPES = ("heartbeat", "metrics", "checkpoint", "message", "artifact", "failed")
+REPORT_TYPES = ("heartbeat", "metrics", "checkpoint", "message", "samples", "artifact", "failed")
+LEASE_REPORT_TYPES = ("heartbeat", "metrics", "checkpoint", "artifact")
+"""Reports that show training is moving on and so renew the lease; messages and samples do not."""
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 
 
@@ -295,7 +297,7 @@ def apply_report(s: Session, stage_run_id: str, attempt: int, type: str, payload
         raise ValueError(f"unknown report type {type!r}; expected one of {', '.join(REPORT_TYPES)}")
     now = utcnow()
     values: dict[str, Any] = {"updated_at": now}
-    if type in ("heartbeat", "metrics", "checkpoint", "artifact"):
+    if type in LEASE_REPORT_TYPES:
         lease = lease_seconds if lease_seconds is not None else _settings().lease_seconds
         values["lease_expires_at"] = now + timedelta(seconds=lease)
     if type == "heartbeat":
@@ -318,6 +320,8 @@ def apply_report(s: Session, stage_run_id: str, attempt: int, type: str, payload
         _event(s, job_id, "metrics", payload, stage_run_id, attempt)
     elif type == "message":
         _event(s, job_id, "message", payload, stage_run_id, attempt, payload.get("level", "info"))
+    elif type == "samples":
+        _event(s, job_id, "samples", {"samples": list(payload.get("samples") or [])}, stage_run_id, attempt)
     elif type == "checkpoint":
         text = f"checkpoint at step {payload.get('step')}: {payload['uri']}"
         _event(s, job_id, "message", {"level": "info", "text": text}, stage_run_id, attempt)
@@ -387,14 +391,59 @@ def artifact_for(s: Session, stage_run_id: str, attempt: int) -> Artifact | None
     return s.scalars(query.order_by(Artifact.created_at.desc())).first()
 
 
-def stage_inputs(s: Session, run: StageRun) -> tuple[str | None, list[str]]:
-    """The policy a stage starts from (the latest succeeded sft/dpo stage before it) and its parent ids."""
+class StageInputs(NamedTuple):
+    start_policy: str | None
+    """URI of the policy the stage starts from."""
+    parents: list[str]
+    """Artifact ids the stage builds on: the policy, then the reward model."""
+    reward_model: str | None
+    """URI of the reward model an online stage with ``reward: model`` scores with."""
+
+
+class MissingInput(Exception):
+    """A stage's input artifact is not in the database; ``field`` names the spec field that asks for it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _latest_artifact_of(s: Session, run: StageRun, stage_types: tuple[str, ...]) -> Artifact | None:
+    """The artifact of the latest succeeded stage of one of ``stage_types`` before ``run`` in its job."""
     query = (select(Artifact).join(StageRun, StageRun.id == Artifact.stage_run_id)
              .where(StageRun.job_id == run.job_id, StageRun.index < run.index, StageRun.state == SUCCEEDED,
-                    StageRun.type.in_(POLICY_STAGE_TYPES), Artifact.attempt == StageRun.attempt)
+                    StageRun.type.in_(stage_types), Artifact.attempt == StageRun.attempt)
              .order_by(StageRun.index.desc()).limit(1))
-    policy = s.scalars(query).first()
-    return (policy.uri, [policy.id]) if policy else (None, [])
+    return s.scalars(query).first()
+
+
+def stage_inputs(s: Session, run: StageRun) -> StageInputs:
+    """What a stage starts from: the policy (the latest succeeded policy stage before it), the reward model
+    when its spec has ``reward: model``, and the parent ids (policy, then reward model).
+
+    The reward model is the artifact the stage's ``reward_model: artifact:<id>`` names (among the job's
+    tenant's artifacts), else the latest succeeded ``rm`` stage's artifact before it in the job.
+    Raises :class:`MissingInput` when a reward model is needed and none is found.
+    """
+    policy = _latest_artifact_of(s, run, POLICY_STAGE_TYPES)
+    parents = [policy.id] if policy else []
+    job = s.get(Job, run.job_id)
+    stage = job.spec["stages"][run.index]
+    reward_model = None
+    if stage.get("reward") == MODEL_REWARD:
+        field = f"stages[{run.index}].reward_model"
+        named = stage.get("reward_model")
+        if named:
+            reward_model = get_artifact(s, job.tenant_id, named.removeprefix("artifact:"))
+            if reward_model is None:
+                raise MissingInput(field, f"no artifact '{named}' among the artifacts of this job's tenant")
+        else:
+            reward_model = _latest_artifact_of(s, run, ("rm",))
+            if reward_model is None:
+                raise MissingInput(field, "no rm stage before this one has published a reward model")
+        parents.append(reward_model.id)
+    return StageInputs(policy.uri if policy else None, parents, reward_model.uri if reward_model else None)
 
 
 def get_artifact(s: Session, tenant_id: str, artifact_id: str) -> Artifact | None:

@@ -177,5 +177,6 @@ class Event(Base):
     time: Mapped[datetime] = mapped_column(default=utcnow)
     level: Mapped[str] = mapped_column(String(20), default="info")
     type: Mapped[str] = mapped_column(String(20))
-    """``state`` (a transition), ``metrics`` (one step's record) or ``message``."""
+    """``state`` (a transition), ``metrics`` (one step's record), ``message`` or ``samples``
+    (``{"samples": [{"step", "prompt", "completion", "score"}, ...]}``)."""
     payload: Mapped[dict[str, Any]]

@@ -142,7 +142,7 @@ def job_events(
     tenant: TenantDep,
     after: Annotated[int | None, Query(ge=0, description="Return events with a larger id")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    type: Annotated[str | None, Query(pattern="^(state|message|metrics)$")] = None,
+    type: Annotated[str | None, Query(pattern="^(state|message|metrics|samples)$")] = None,
     accept: Annotated[str | None, Header()] = None,
 ) -> Any:
     """A page of the job's events; with ``Accept: text/event-stream``, a stream that ends with the job."""

@@ -1,4 +1,4 @@
-"""The worker report endpoint: heartbeats, metrics, checkpoints, artifacts and failures of one attempt."""
+"""The worker report endpoint: heartbeats, metrics, checkpoints, samples, artifacts and failures of an attempt."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, status
 
 from services.db import jobs
-from services.deps import SessionDep, SettingsDep, bearer_token
+from services.deps import FieldErrors, SessionDep, SettingsDep, bearer_token
 from services.schemas import Ok, ReportIn
 
 router = APIRouter(prefix="/internal", tags=["internal"])
@@ -28,6 +28,11 @@ def post_report(
     token = bearer_token(authorization)
     if token is None or not settings.check_report_token(report.stage_run_id, report.attempt, token):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "bad report token for this stage run and attempt")
+    if report.type == "samples":
+        samples = report.payload.get("samples")
+        if not isinstance(samples, list) or not all(isinstance(sample, dict) for sample in samples):
+            message = "a samples report needs a list of objects (step, prompt, completion, score) here"
+            raise FieldErrors([("payload.samples", message)])
     if not jobs.apply_report(
         session, report.stage_run_id, report.attempt, report.type, report.payload, settings.lease_seconds
     ):

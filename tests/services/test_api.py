@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from align.artifacts import ArtifactStore
 from services.app import create_app
 from services.db import jobs
-from services.db.models import Job
+from services.db.models import Job, StageRun
 from services.settings import Settings
 
 SECRET = "test-report-secret"
@@ -264,6 +264,8 @@ def test_event_stream_follows_the_job_until_it_ends(client, alice, data_dir, ses
     job = submit(client, alice, make_spec(data_dir))
     stage_run_id, attempt = claim_first_stage(session_factory)
     report(client, stage_run_id, attempt, "message", {"level": "info", "text": "before"})
+    sample = {"step": 1, "prompt": "q0", "completion": "a0", "score": 0.5}
+    assert report(client, stage_run_id, attempt, "samples", {"samples": [sample]}).status_code == 200
 
     def later() -> None:
         time.sleep(1.0)
@@ -283,6 +285,7 @@ def test_event_stream_follows_the_job_until_it_ends(client, alice, data_dir, ses
     writer.join()
     texts = [payload["payload"]["text"] for name, payload in events if name == "message"]
     assert texts == ["before", "live"]
+    assert [payload["payload"] for name, payload in events if name == "samples"] == [{"samples": [sample]}]
     assert events[-1][0] == "end"
     states = [payload["payload"] for name, payload in events if name == "state"]
     assert states and "cancelled" in json.dumps(states[-1])
@@ -301,6 +304,31 @@ def test_metrics(client, alice, data_dir, session_factory):
     stage = client.get(f"/jobs/{job['id']}", headers=alice).json()["stages"][0]
     assert stage["state"] == "running" and stage["attempt"] == 1
     assert stage["progress"] == {"step": 2, "total_steps": 10}
+
+
+def test_a_samples_report_becomes_an_event(client, alice, data_dir, session_factory):
+    job = submit(client, alice, make_spec(data_dir))
+    stage_run_id, attempt = claim_first_stage(session_factory)
+    with session_factory() as session:
+        lease = session.get(StageRun, stage_run_id).lease_expires_at
+    samples = [
+        {"step": 3, "prompt": "q1", "completion": "a1", "score": 1.25},
+        {"step": 3, "prompt": "q2", "completion": "b2", "score": -0.5},
+    ]
+    assert report(client, stage_run_id, attempt, "samples", {"samples": samples}).json() == {"ok": True}
+    page = client.get(f"/jobs/{job['id']}/events", params={"type": "samples"}, headers=alice).json()
+    (event,) = page["data"]
+    assert (event["type"], event["stage_run_id"], event["attempt"]) == ("samples", stage_run_id, attempt)
+    assert event["payload"] == {"samples": samples}
+    everything = client.get(f"/jobs/{job['id']}/events", headers=alice).json()["data"]
+    assert [e["id"] for e in everything if e["type"] == "samples"] == [event["id"]]
+    with session_factory() as session:
+        assert session.get(StageRun, stage_run_id).lease_expires_at == lease  # not a heartbeat
+    for bad in ({}, {"samples": "yes"}, {"samples": [1, 2]}):
+        assert "payload.samples" in fields(report(client, stage_run_id, attempt, "samples", bad))
+    assert report(client, stage_run_id, attempt + 1, "samples", {"samples": samples}).status_code == 409
+    again = client.get(f"/jobs/{job['id']}/events", params={"type": "samples"}, headers=alice).json()
+    assert [e["id"] for e in again["data"]] == [event["id"]]
 
 
 def test_reports_are_fenced(client, alice, data_dir, session_factory):
@@ -365,6 +393,65 @@ def test_artifacts(client, alice, bob, data_dir, session_factory, settings, tmp_
     follow_up = make_spec(data_dir, name="next", base_model=f"artifact:{published.artifact_id}")
     assert "no artifact" in fields(client.post("/jobs", json=follow_up, headers=bob))["base_model"]
     assert "not supported yet" in fields(client.post("/jobs", json=follow_up, headers=alice))["base_model"]
+
+
+def report_artifacts(client, session_factory, **kinds: str) -> None:
+    """Claim the oldest queued stage and record artifacts ``id=kind`` for it (only the database rows)."""
+    stage_run_id, attempt = claim_first_stage(session_factory)
+    for artifact_id, kind in kinds.items():
+        payload = {
+            "artifact_id": artifact_id, "uri": f"/store/{artifact_id}", "lineage": artifact_id.split("-v")[0],
+            "version": 1, "kind": kind, "manifest_hash": "sha256:" + "0" * 64, "parents": [], "metrics": {},
+        }
+        assert report(client, stage_run_id, attempt, "artifact", payload).status_code == 200
+
+
+def ppo_spec(data_dir, reward_model: str, name: str = "rl") -> dict:
+    ppo = {"type": "ppo", "data": {"path": str(data_dir / "prefs.jsonl")}, "max_steps": 2,
+           "reward_model": reward_model}
+    return make_spec(data_dir, name=name, stages=[make_spec(data_dir)["stages"][0], ppo])
+
+
+def test_a_named_reward_model_must_be_one_of_the_callers_reward_models(
+    client, alice, bob, data_dir, session_factory
+):
+    submit(client, alice, make_spec(data_dir))
+    report_artifacts(
+        client, session_factory,
+        **{"demo.rm-v1-aaaaaaaaaaaa": "reward_model", "demo.sft-v1-bbbbbbbbbbbb": "adapter"},
+    )
+    submit(client, bob, make_spec(data_dir, name="bobs"))
+    report_artifacts(client, session_factory, **{"bobs.rm-v1-cccccccccccc": "reward_model"})
+
+    def refused(reward_model: str, headers=alice) -> dict[str, str]:
+        return fields(client.post("/jobs", json=ppo_spec(data_dir, reward_model), headers=headers))
+
+    unknown = refused("artifact:demo.rm-v9-ffffffffffff")
+    assert list(unknown) == ["stages[1].reward_model"]
+    assert unknown["stages[1].reward_model"] == (
+        "no artifact 'demo.rm-v9-ffffffffffff'; give artifact:<id> of a reward model that an rm stage "
+        "of one of your jobs published"
+    )
+    theirs = refused("artifact:bobs.rm-v1-cccccccccccc")
+    assert theirs["stages[1].reward_model"].startswith("no artifact 'bobs.rm-v1-cccccccccccc';")
+    adapter = refused("artifact:demo.sft-v1-bbbbbbbbbbbb")
+    assert adapter == {
+        "stages[1].reward_model": "'demo.sft-v1-bbbbbbbbbbbb' is an artifact of kind 'adapter', not a reward "
+        "model; give artifact:<id> of an artifact an rm stage published (kind reward_model)"
+    }
+    # With an rm stage before it, the message also offers dropping the field.
+    with_rm = ppo_spec(data_dir, "artifact:demo.sft-v1-bbbbbbbbbbbb")
+    with_rm["stages"].insert(1, {"type": "rm", "data": {"path": str(data_dir / "prefs.jsonl")}})
+    message = fields(client.post("/jobs", json=with_rm, headers=alice))["stages[2].reward_model"]
+    assert message.endswith("or drop reward_model to score with the rm stage before this one")
+    # Nothing was queued by the refused requests; the caller's own reward model is accepted.
+    assert [j["name"] for j in client.get("/jobs", headers=alice).json()["data"]] == ["demo"]
+    job = submit(client, alice, ppo_spec(data_dir, "artifact:demo.rm-v1-aaaaaaaaaaaa"))
+    assert job["spec"]["stages"][1]["reward_model"] == "artifact:demo.rm-v1-aaaaaaaaaaaa"
+    assert [s["type"] for s in job["stages"]] == ["sft", "ppo"]
+    assert refused("artifact:demo.rm-v1-aaaaaaaaaaaa", headers=bob)["stages[1].reward_model"].startswith(
+        "no artifact 'demo.rm-v1-aaaaaaaaaaaa';"
+    )
 
 
 def test_another_tenants_job_is_not_found(client, alice, bob, data_dir):

@@ -57,13 +57,13 @@ def report(session_factory, run_id, attempt, type, payload) -> bool:
         return jobs.apply_report(s, run_id, attempt, type, payload, lease_seconds=60)
 
 
-def artifact_payload(artifact_id: str) -> dict:
+def artifact_payload(artifact_id: str, kind: str = "adapter") -> dict:
     return {
         "artifact_id": artifact_id,
         "uri": f"/store/{artifact_id}",
         "lineage": "demo.sft",
         "version": 1,
-        "kind": "adapter",
+        "kind": kind,
         "manifest_hash": "sha256:" + "0" * 64,
         "parents": [],
         "metrics": {"loss": 1.5},
@@ -247,6 +247,27 @@ def test_reports_record_metrics_messages_and_artifacts(session_factory, tenant_i
             jobs.apply_report(s, run.id, 1, "progress", {})
 
 
+def test_a_samples_report_is_an_event_and_does_not_renew_the_lease(session_factory, tenant_id):
+    job_id = new_job(session_factory, tenant_id)
+    run = claim(session_factory, lease=1.0)
+    with session_factory() as s:
+        before = s.get(StageRun, run.id)
+        lease, updated = before.lease_expires_at, before.updated_at
+    samples = [
+        {"step": 4, "prompt": "Is 7 odd?", "completion": "yes", "score": 0.75},
+        {"step": 4, "prompt": "Is 8 odd?", "completion": "no", "score": -0.25},
+    ]
+    assert report(session_factory, run.id, 1, "samples", {"samples": samples})
+    assert not report(session_factory, run.id, 2, "samples", {"samples": samples})
+    with session_factory() as s:
+        after = s.get(StageRun, run.id)
+        assert after.lease_expires_at == lease and after.progress_step is None and after.updated_at > updated
+        (event,) = jobs.list_events(s, job_id, type="samples")
+        assert (event.stage_run_id, event.attempt, event.level) == (run.id, 1, "info")
+        assert event.payload == {"samples": samples}
+        assert jobs.metrics(s, job_id) == {"sft": [], "rm": [], "dpo": []}
+
+
 def test_expired_leases(session_factory, tenant_id):
     new_job(session_factory, tenant_id)
     run = claim(session_factory, lease=30)
@@ -266,9 +287,9 @@ def test_stage_inputs_follow_the_latest_policy_stage(session_factory, tenant_id)
         assert run.id == run_id
         with session_factory.begin() as s:
             assert jobs.stage_inputs(s, run) == (
-                (None, [])
+                (None, [], None)
                 if run_id == sft_id
-                else ("/store/demo.sft-v1-aaaaaaaaaaaa", ["demo.sft-v1-aaaaaaaaaaaa"])
+                else ("/store/demo.sft-v1-aaaaaaaaaaaa", ["demo.sft-v1-aaaaaaaaaaaa"], None)
             )
         assert report(session_factory, run.id, 1, "artifact", artifact_payload(artifact_id))
         with session_factory.begin() as s:
@@ -276,7 +297,98 @@ def test_stage_inputs_follow_the_latest_policy_stage(session_factory, tenant_id)
     dpo = claim(session_factory)
     with session_factory() as s:
         assert dpo.id == dpo_id
-        assert jobs.stage_inputs(s, dpo) == ("/store/demo.sft-v1-aaaaaaaaaaaa", ["demo.sft-v1-aaaaaaaaaaaa"])
+        assert jobs.stage_inputs(s, dpo) == (
+            "/store/demo.sft-v1-aaaaaaaaaaaa", ["demo.sft-v1-aaaaaaaaaaaa"], None
+        )
+
+
+SFT_RM_PPO = [
+    {"type": "sft", "data": {"path": "data/sft.jsonl"}},
+    {"type": "rm", "data": {"path": "data/prefs.jsonl"}},
+    {"type": "ppo", "data": {"path": "data/prompts.jsonl"}},
+]
+
+
+def succeed(session_factory, run: StageRun, artifact_id: str, kind: str = "adapter") -> None:
+    assert report(session_factory, run.id, run.attempt, "artifact", artifact_payload(artifact_id, kind))
+    with session_factory.begin() as s:
+        assert jobs.transition(s, run.id, "running", run.attempt, "succeeded")
+
+
+def test_stage_inputs_give_a_ppo_stage_the_policy_and_the_reward_model(session_factory, tenant_id):
+    job_id = new_job(session_factory, tenant_id, stages=SFT_RM_PPO)
+    sft_id, rm_id, ppo_id = run_ids(session_factory, job_id)
+    sft = claim(session_factory)
+    assert sft.id == sft_id
+    succeed(session_factory, sft, "demo.sft-v1-aaaaaaaaaaaa")
+    # The rm stage's first attempt publishes and then fails: only the succeeded attempt's artifact counts.
+    rm = claim(session_factory)
+    assert rm.id == rm_id
+    with session_factory.begin() as s:
+        assert jobs.stage_inputs(s, rm) == (
+            "/store/demo.sft-v1-aaaaaaaaaaaa", ["demo.sft-v1-aaaaaaaaaaaa"], None
+        )
+    first_try = artifact_payload("demo.rm-v1-111111111111", "reward_model")
+    assert report(session_factory, rm.id, 1, "artifact", first_try)
+    with session_factory.begin() as s:
+        assert jobs.fail_attempt(s, rm.id, 1, "worker_lost", "node died") == "queued"
+    rm = claim(session_factory)
+    assert (rm.id, rm.attempt) == (rm_id, 2)
+    succeed(session_factory, rm, "demo.rm-v2-222222222222", "reward_model")
+    ppo = claim(session_factory)
+    assert ppo.id == ppo_id
+    with session_factory() as s:
+        inputs = jobs.stage_inputs(s, ppo)
+    assert inputs == (
+        "/store/demo.sft-v1-aaaaaaaaaaaa",
+        ["demo.sft-v1-aaaaaaaaaaaa", "demo.rm-v2-222222222222"],
+        "/store/demo.rm-v2-222222222222",
+    )
+    assert (inputs.start_policy, inputs.reward_model) == (inputs[0], inputs[2])
+
+
+def test_stage_inputs_use_the_reward_model_the_stage_names(session_factory, tenant_id):
+    # An earlier job of the tenant trains the reward model.
+    first = new_job(session_factory, tenant_id, stages=SFT_RM_PPO[:2])
+    succeed(session_factory, claim(session_factory), "demo.sft-v1-aaaaaaaaaaaa")
+    succeed(session_factory, claim(session_factory), "demo.rm-v1-bbbbbbbbbbbb", "reward_model")
+    assert states(session_factory, first) == [("succeeded", 1), ("succeeded", 1)]
+    # A job with its own rm stage that names the earlier reward model scores with the named one.
+    named = {**SFT_RM_PPO[2], "reward_model": "artifact:demo.rm-v1-bbbbbbbbbbbb"}
+    second = new_job(session_factory, tenant_id, stages=[*SFT_RM_PPO[:2], named])
+    succeed(session_factory, claim(session_factory), "demo.sft-v2-cccccccccccc")
+    succeed(session_factory, claim(session_factory), "demo.rm-v2-dddddddddddd", "reward_model")
+    ppo = claim(session_factory)
+    assert (ppo.job_id, ppo.index) == (second, 2)
+    with session_factory() as s:
+        assert jobs.stage_inputs(s, ppo) == (
+            "/store/demo.sft-v2-cccccccccccc",
+            ["demo.sft-v2-cccccccccccc", "demo.rm-v1-bbbbbbbbbbbb"],
+            "/store/demo.rm-v1-bbbbbbbbbbbb",
+        )
+    # As a job's first stage it has no policy: the reward model is its only parent.
+    alone = new_job(session_factory, tenant_id, stages=[named])
+    ppo = claim(session_factory)
+    assert ppo.job_id == alone
+    with session_factory() as s:
+        assert jobs.stage_inputs(s, ppo) == (
+            None, ["demo.rm-v1-bbbbbbbbbbbb"], "/store/demo.rm-v1-bbbbbbbbbbbb"
+        )
+
+
+def test_stage_inputs_refuse_a_reward_model_they_cannot_find(session_factory, tenant_id):
+    first = new_job(session_factory, tenant_id, stages=SFT_RM_PPO[1:2])
+    succeed(session_factory, claim(session_factory), "demo.rm-v1-bbbbbbbbbbbb", "reward_model")
+    assert states(session_factory, first) == [("succeeded", 1)]
+    named = {**SFT_RM_PPO[2], "reward_model": "artifact:demo.rm-v1-bbbbbbbbbbbb"}
+    with session_factory.begin() as s:
+        other_tenant = jobs.create_tenant(s, "other").id
+    new_job(session_factory, other_tenant, stages=[named])
+    ppo = claim(session_factory)
+    with session_factory() as s, pytest.raises(jobs.MissingInput) as missing:
+        jobs.stage_inputs(s, ppo)
+    assert missing.value.field == "stages[0].reward_model"
+    assert "no artifact 'artifact:demo.rm-v1-bbbbbbbbbbbb'" in missing.value.message
 
 
 def test_list_jobs_pages_and_filters_by_derived_status(session_factory, tenant_id):

@@ -15,6 +15,7 @@ from services.db import jobs
 from services.db.models import StageRun, utcnow
 from services.dispatcher import REPO_ROOT, Dispatcher, RayJobs
 from services.settings import Settings
+from workers.entrypoint import Ticket
 
 STAGES = [
     {"type": "sft", "data": {"path": "data/sft.jsonl"}},
@@ -117,7 +118,7 @@ def report(session_factory, run_id, attempt, type, payload) -> bool:
         return jobs.apply_report(s, run_id, attempt, type, payload, lease_seconds=60)
 
 
-def publish(session_factory, ticket: dict, name: str) -> str:
+def publish(session_factory, ticket: dict, name: str, kind: str = "adapter") -> str:
     artifact_id = f"demo.{name}-v1-{ticket['attempt']:012d}"
     assert report(
         session_factory,
@@ -129,7 +130,7 @@ def publish(session_factory, ticket: dict, name: str) -> str:
             "uri": f"/store/{artifact_id}",
             "lineage": f"demo.{name}",
             "version": 1,
-            "kind": "adapter",
+            "kind": kind,
             "manifest_hash": "sha256:" + "0" * 64,
             "parents": ticket["parents"],
             "metrics": {},
@@ -170,6 +171,7 @@ def test_submits_one_ray_job_per_attempt_with_its_ticket(
         "spec": ticket["spec"],
         "index": 0,
         "start_policy": None,
+        "reward_model": None,
         "parents": [],
         "artifact_root": "/store",
         "work_dir": f"/work-root/{job_id}/{run.id}",
@@ -211,6 +213,7 @@ def test_success_runs_the_stages_in_order(dispatcher, session_factory, tenant_id
         expected_policy = None if index == 0 else published["sft"]
         assert ticket["start_policy"] == (expected_policy and f"/store/{expected_policy}")
         assert ticket["parents"] == ([] if index == 0 else [published["sft"]])
+        assert ticket["reward_model"] is None
         ray.status[ray.submissions[-1]["submission_id"]] = "RUNNING"
         assert report(session_factory, ticket["stage_run_id"], 1, "heartbeat", {"step": 1, "total_steps": 4})
         published[name] = publish(session_factory, ticket, name)
@@ -220,6 +223,47 @@ def test_success_runs_the_stages_in_order(dispatcher, session_factory, tenant_id
     assert all(r.lease_owner is None for r in stage_runs(session_factory, job_id))
     with session_factory() as s:
         assert jobs.job_status(jobs.get_job(s, tenant_id, job_id)) == "succeeded"
+
+
+def test_a_ppo_ticket_carries_the_reward_model_of_the_rm_stage(dispatcher, session_factory, tenant_id, ray):
+    stages = [*STAGES[:2], {"type": "ppo", "data": {"path": "data/prompts.jsonl"}}]
+    job_id = new_job(session_factory, tenant_id, stages)
+    published = {}
+    for name, kind in (("sft", "adapter"), ("rm", "reward_model")):
+        dispatcher.tick()
+        ticket = ray.ticket()
+        published[name] = publish(session_factory, ticket, name, kind)
+        ray.status[ray.submissions[-1]["submission_id"]] = "SUCCEEDED"
+    dispatcher.tick()
+    ticket = ray.ticket()
+    assert (ticket["index"], len(ray.submissions)) == (2, 3)
+    assert ticket["start_policy"] == f"/store/{published['sft']}"
+    assert ticket["reward_model"] == f"/store/{published['rm']}"
+    assert ticket["parents"] == [published["sft"], published["rm"]]
+    # The worker's view of the same ticket keeps the reward model.
+    assert Ticket.from_json(json.dumps(ticket)).reward_model == f"/store/{published['rm']}"
+    assert states(session_factory, job_id) == [("succeeded", 1), ("succeeded", 1), ("running", 1)]
+
+
+def test_a_reward_model_that_cannot_be_found_fails_the_stage_without_blocking_the_queue(
+    dispatcher, session_factory, tenant_id, ray
+):
+    named = {
+        "type": "ppo", "data": {"path": "data/prompts.jsonl"}, "reward_model": "artifact:gone-v1-0123456789ab"
+    }
+    broken = new_job(session_factory, tenant_id, [named])
+    behind = new_job(session_factory, tenant_id, STAGES[:1])
+    dispatcher.tick()
+    assert states(session_factory, broken) == [("failed", 1)]
+    failed = stage_runs(session_factory, broken)[0]
+    assert (failed.error_code, failed.error_field, failed.retryable) == (
+        "missing_input",
+        "stages[0].reward_model",
+        False,
+    )
+    assert "artifact:gone-v1-0123456789ab" in failed.error_message and failed.lease_owner is None
+    behind_run = stage_runs(session_factory, behind)[0]
+    assert [s["submission_id"] for s in ray.submissions] == [f"align-{behind_run.id}-a1"]
 
 
 def test_ray_success_without_an_artifact_is_retried(dispatcher, session_factory, tenant_id, ray):

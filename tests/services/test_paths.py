@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from align.spec import parse_spec
-from services.paths import check_data, check_locations, check_model, location_problem
+from services.paths import check_data, check_locations, check_model, check_reward_models, location_problem
 
 
 @pytest.fixture
@@ -84,3 +85,35 @@ def test_check_model_needs_a_model_folder(roots):
     assert check_model(spec_with("builtin:parity/sft")) == []
     problems = dict(check_model(spec_with("builtin:parity/sft", base_model=str(models))))
     assert "config.json" in problems["base_model"]
+
+
+def test_check_reward_models_names_each_stage_and_leaves_unnamed_ones_alone():
+    artifacts = {"m.rm-v1-0123456789ab": SimpleNamespace(kind="reward_model"),
+                 "m.sft-v1-0123456789ab": SimpleNamespace(kind="adapter")}
+    prompts = {"path": "builtin:parity/prompts"}
+    stages = [
+        {"type": "sft", "data": {"path": "builtin:parity/sft"}},
+        {"type": "ppo", "data": prompts, "reward_model": "artifact:m.rm-v1-0123456789ab"},
+        {"type": "grpo", "data": prompts, "reward": "model",
+         "reward_model": "artifact:m.sft-v1-0123456789ab"},
+        {"type": "rm", "data": {"path": "builtin:parity/prefs"}},
+        {"type": "rloo", "data": prompts, "reward": "model", "reward_model": "artifact:nope-v1-0123456789ab"},
+        {"type": "ppo", "data": prompts},
+        {"type": "grpo", "data": prompts, "reward": "exact_answer"},
+    ]
+    spec = parse_spec({"name": "t", "base_model": "builtin:tiny", "stages": stages})
+    looked_up = []
+
+    def find(artifact_id):
+        looked_up.append(artifact_id)
+        return artifacts.get(artifact_id)
+
+    problems = dict(check_reward_models(spec, find))
+    assert looked_up == ["m.rm-v1-0123456789ab", "m.sft-v1-0123456789ab", "nope-v1-0123456789ab"]
+    assert problems == {
+        "stages[2].reward_model": "'m.sft-v1-0123456789ab' is an artifact of kind 'adapter', not a reward "
+        "model; give artifact:<id> of an artifact an rm stage published (kind reward_model)",
+        "stages[4].reward_model": "no artifact 'nope-v1-0123456789ab'; give artifact:<id> of a reward model "
+        "that an rm stage of one of your jobs published or drop reward_model to score with the rm stage "
+        "before this one",
+    }

@@ -28,6 +28,17 @@ def test_reports_carry_the_attempt_and_payload(receiver):
     assert receiver.reports[1]["payload"] == {"step": 3, "uri": "/work/checkpoints/step-00000003"}
 
 
+def test_samples_go_out_as_one_samples_report(receiver):
+    records = [
+        {"step": 2, "prompt": "Is 3 odd?", "completion": "yes", "score": 0.5},
+        {"step": 2, "prompt": "Is 4 odd?", "completion": "yes", "score": -1.0},
+    ]
+    reporter_for(receiver).samples(records)
+    (sent,) = receiver.reports
+    assert (sent["stage_run_id"], sent["attempt"], sent["type"]) == ("sr_1", 2, "samples")
+    assert sent["payload"] == {"samples": records}
+
+
 def test_a_409_raises_fenced(receiver):
     receiver.fence_when = lambda report: report["type"] == "metrics"
     reporter = reporter_for(receiver)
@@ -97,6 +108,14 @@ def test_bad_spec_in_the_ticket_fails_for_good_naming_the_field(receiver, tmp_pa
     (failed,) = receiver.reports
     assert failed["payload"]["code"] == "bad_spec" and failed["payload"]["field"] == "stages"
     assert failed["payload"]["retryable"] is False
+
+
+def test_the_ticket_reward_model_is_optional(receiver, tmp_path):
+    stages = [{"type": "sft", "data": {"path": "/d.jsonl"}}]
+    spec = {"name": "t", "base_model": "builtin:tiny", "stages": stages}
+    assert Ticket.from_json(json.dumps(make_ticket(receiver, spec, tmp_path))).reward_model is None
+    named = make_ticket(receiver, spec, tmp_path, reward_model="/store/t.rm/v1")
+    assert Ticket.from_json(json.dumps(named)).reward_model == "/store/t.rm/v1"
 
 
 def test_missing_ticket_fields_exit_without_reporting(monkeypatch):
