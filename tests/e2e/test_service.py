@@ -174,3 +174,47 @@ def test_sft_then_grpo_through_the_service(service, small_model, small_data):
     steps = [r for r in records if "reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6), "GRPO starts at its reference, the SFT policy"
+
+
+def test_sft_rm_ppo_on_the_builtin_model_with_two_workers(service):
+    """InstructGPT's chain through the service: every stage on 2 Ray workers (ZeRO-2); PPO continues
+    the SFT policy and scores with the job's reward model."""
+    client, _, log = service
+    common = {"batch_size": 4, "max_length": 64, "checkpoint_every": 100}
+    stages = [
+        {"type": "sft", "data": {"path": "builtin:parity/sft"}, "max_steps": 4, "lr": 1e-3, **common},
+        {"type": "rm", "data": {"path": "builtin:parity/prefs"}, "init": "policy", "max_steps": 4, "lr": 1e-3,
+         **common},
+        {"type": "ppo", "data": {"path": "builtin:parity/prompts", "eval_path": "builtin:parity/eval_tell",
+                                 "max_rows": 64}, "max_new_tokens": 4, "max_steps": 2, "ppo_epochs": 2,
+         "lr": 5e-4, "critic_lr": 5e-4, "kl_target": 1.0, **common},
+    ]
+    spec = job_spec("builtin:tiny", stages, name="e2e-ppo", deepspeed={"zero_stage": 2, "precision": "bf16"},
+                    resources={"num_workers": 2, "cpus_per_worker": 1},
+                    adapter={"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0})
+    job = client.submit(spec)
+    job = wait_until(client, job["id"], finished, 420)
+    assert job["status"] == "succeeded", log.read_text()[-3000:]
+
+    sft_id, rm_id, ppo_id = (stage["artifact_id"] for stage in job["stages"])
+    rm_artifact, ppo_artifact = client.artifact(rm_id), client.artifact(ppo_id)
+    assert rm_artifact["kind"] == "reward_model" and rm_artifact["parents"] == [sft_id]
+    assert "body/adapter_model.safetensors" in rm_artifact["manifest"]["files"]
+    assert ppo_artifact["kind"] == "adapter" and ppo_artifact["parents"] == [sft_id, rm_id]
+    assert {"adapter_model.safetensors", "samples.jsonl"} <= set(ppo_artifact["manifest"]["files"])
+
+    records = next(m["records"] for m in client.metrics(job["id"]) if m["name"] == "ppo")
+    steps = [r for r in records if "policy_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6), "PPO starts at its reference, the SFT policy"
+    assert steps[0]["first_pass_ratio"] == pytest.approx(1.0, abs=1e-6)
+    evals = [r for r in records if "eval_reward_mean" in r]
+    assert [r["step"] for r in evals] == [0, 2] and evals[0]["eval_kl"] == pytest.approx(0.0, abs=1e-6)
+
+    ppo_run = next(s for s in job["stages"] if s["name"] == "ppo")
+    placement = [json.loads(e["payload"]["text"].removeprefix("ranks placed: "))
+                 for e in client.events(job["id"], type="message", limit=1000)["data"]
+                 if e["payload"]["text"].startswith("ranks placed: ") and e.get("stage_run_id") == ppo_run["id"]]
+    assert placement and sorted(p["rank"] for p in placement[-1]) == [0, 1]
+    samples = client.events(job["id"], type="samples", limit=1000)["data"]
+    assert samples and all({"prompt", "completion", "score"} <= set(s) for e in samples for s in e["payload"]["samples"])
