@@ -58,8 +58,8 @@ def reward_model_for(stage, plan: StagePlan, store: ArtifactStore) -> PublishedA
     artifact = store.get(stage.reward_model)
     if artifact.manifest.kind != "reward_model":
         raise ValueError(
-            f"reward_model: {stage.reward_model} is a {artifact.manifest.kind} artifact, not a reward model; "
-            "name the artifact of an rm stage"
+            f"reward_model: {stage.reward_model} is an artifact of kind '{artifact.manifest.kind}', not a reward "
+            "model; give artifact:<id> of an artifact an rm stage published (kind reward_model)"
         )
     return artifact
 

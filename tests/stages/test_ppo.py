@@ -204,3 +204,35 @@ def test_ppo_raises_held_out_reward_over_sft_within_the_kl_bound(tmp_path):
     # ... while the policy stays within the KL bound the spec sets as the adaptive controller's target.
     assert after["eval_kl"] <= job.stages[2].kl_target
     assert after["eval_exact_match"] >= before["eval_exact_match"] + 0.4
+
+
+def test_ppo_scores_with_a_named_fully_trained_reward_model(
+    small_model, small_data, prompts_file, job_factory, tmp_path
+):
+    """`reward_model: artifact:<id>` from another job; that reward model was fully fine-tuned, so the
+    critic is a fresh adapter over it and the reward model is the same body with the adapter off."""
+    artifacts = str(tmp_path / "artifacts")
+    rm_job = job_factory(small_model, [
+        {"type": "rm", "data": {"path": str(small_data["prefs"])}, "init": "base", "batch_size": 4, "max_steps": 2,
+         "lr": 1e-3},
+    ], name="full-rm", adapter={"type": "full"})
+    (rm,) = run_job(rm_job, work_root=tmp_path / "rm-work", artifact_root=artifacts)
+    assert (Path(rm.artifact.uri) / "model.safetensors").is_file()
+
+    job = job_factory(small_model, [
+        {"type": "sft", "data": {"path": str(small_data["sft"])}, "batch_size": 4, "max_steps": 2, "lr": 1e-3},
+        {"type": "ppo", "data": {"path": str(prompts_file)}, "reward_model": rm.artifact.ref, "batch_size": 4,
+         "max_new_tokens": 5, "max_length": 48, "max_steps": 2, "ppo_epochs": 1, "lr": 1e-2, "critic_lr": 1e-2},
+    ])
+    sft, ppo = run_job(job, work_root=tmp_path / "work", artifact_root=artifacts)
+
+    first, second = metrics_of(tmp_path / "work", "ppo")
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6) and first["reward_std"] > 0
+    assert math.isfinite(first["value_loss"]) and second["kl"] != 0.0
+    assert manifest_of(ppo.artifact)["parents"] == [sft.artifact.artifact_id, rm.artifact.artifact_id]
+
+    wrong = job_factory(small_model, [
+        {"type": "ppo", "data": {"path": str(prompts_file)}, "reward_model": sft.artifact.ref, "max_new_tokens": 5, "max_length": 48},
+    ])
+    with pytest.raises(ValueError, match="is an artifact of kind 'adapter', not a reward model"):
+        run_job(wrong, work_root=tmp_path / "wrong", artifact_root=artifacts)
