@@ -159,3 +159,72 @@ class HFGenerator:
             self.model.train(was_training)
         new_tokens = sequences[:, input_ids.shape[1] :].tolist()
         return [self._completion(row // params.num_samples, tokens) for row, tokens in enumerate(new_tokens)]
+
+
+class CachedGenerator(HFGenerator):
+    """:class:`Generator` with its own sampling loop over a Hugging Face causal LM and its KV cache.
+
+    Each prompt is encoded once and its cache copied for its ``num_samples`` completions (``generate``
+    encodes every copy), and the loop does only what sampling needs: temperature, top-p, a draw,
+    stop at EOS. Tokens are drawn as Hugging Face ``generate`` draws them (float32 logits, the same
+    warpers, ``torch.multinomial`` on one seeded stream), so the completions follow the same
+    distribution, and greedy decoding gives the same tokens.
+    """
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        from transformers import DynamicCache
+
+        if not prompts:
+            return []
+        input_ids, attention_mask = self._left_padded(prompts)
+        device = input_ids.device
+        n = params.num_samples
+        was_training = self.model.training
+        self.model.eval()
+        fork_devices = [device] if device.type == "cuda" else []
+        rows: list[list[int]] = [[] for _ in range(len(prompts) * n)]
+        try:
+            with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
+                torch.manual_seed(params.seed)
+                positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+                cache = DynamicCache()
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                if n > 1:
+                    cache.batch_repeat_interleave(n)
+                logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+                attention_mask = attention_mask.repeat_interleave(n, dim=0)
+                position = positions[:, -1:].repeat_interleave(n, dim=0)
+                finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+                for step in range(params.max_new_tokens):
+                    tokens = self._draw(logits.float(), params)
+                    tokens = torch.where(finished, self.pad_token_id, tokens)
+                    for row, token in enumerate(tokens.tolist()):
+                        if not finished[row]:
+                            rows[row].append(token)
+                    finished |= tokens == self.eos_token_id
+                    if bool(finished.all()) or step + 1 == params.max_new_tokens:
+                        break
+                    attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+                    position = position + 1
+                    out = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position,
+                                     past_key_values=cache, use_cache=True)
+                    logits = out.logits[:, -1]
+        finally:
+            self.model.train(was_training)
+        return [self._completion(row // n, tokens) for row, tokens in enumerate(rows)]
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        if params.greedy:
+            return logits.argmax(dim=-1)
+        if params.temperature != 1.0:
+            logits = logits / params.temperature
+        if params.top_p < 1.0:
+            # As transformers' TopPLogitsWarper: drop the least likely tokens whose mass is <= 1 - top_p.
+            sorted_logits, order = torch.sort(logits, descending=False)
+            drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - params.top_p)
+            drop[..., -1:] = False
+            logits = logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+        return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)

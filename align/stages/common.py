@@ -22,6 +22,7 @@ from align.engine.dist import Rank, all_reduce_sum, init_distributed
 from align.engine.metrics import MetricsLog
 from align.models.adapters import apply_adapter, save_trainable
 from align.models.load import load_causal_lm, load_reward_model, load_tokenizer, resolve_base_model
+from align.ops.logprobs import token_logprobs
 from align.spec import JobSpec
 
 
@@ -221,6 +222,56 @@ def completion_batch(prompts: list[dict], completions: list, pad: int) -> dict:
             "loss_mask": [0] * len(prompt_ids) + [1] * len(completion.token_ids),
         })
     return collate.collate_sft(features, pad)
+
+
+def group_batch(prompts: list[dict], completions: list, group_size: int, pad: int) -> dict:
+    """Prompts once (left-padded: ``prompt_ids``, ``prompt_mask``, (prompts, P)) and their completions
+    (right-padded: ``completion_ids``, ``completion_mask``, (prompts * group_size, C)), completion ``i``
+    continuing prompt ``i // group_size``. The mask is 1 on every completion token, EOS included."""
+    prompt_ids = [list(p["prompt_input_ids"]) for p in prompts]
+    completion_ids = [c.token_ids for c in completions]
+    return {
+        "prompt_ids": collate.pad_sequences(prompt_ids, pad, side="left"),
+        "prompt_mask": collate.pad_sequences([[1] * len(ids) for ids in prompt_ids], 0, side="left"),
+        "completion_ids": collate.pad_sequences(completion_ids, pad),
+        "completion_mask": collate.pad_sequences([[1] * len(ids) for ids in completion_ids], 0),
+    }
+
+
+def completion_logps(model, batch: dict, group_size: int, shared_prefix: bool = True) -> torch.Tensor:
+    """Log-probs of every completion token of a :func:`group_batch`, (prompts * group_size, C).
+
+    With ``shared_prefix`` each prompt is encoded once: a forward over the prompts fills a KV cache,
+    the cache is repeated for the ``group_size`` completions of each prompt, and a forward over the
+    completions reads it. This gives the values of a forward over prompt + completion (the prompt's
+    keys and values do not depend on the completion) for a fraction of the prompt work, and the
+    gradient flows through the shared prompt pass. Without it (gradient checkpointing keeps no
+    cache), every completion runs with its own copy of the prompt.
+    """
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    offsets = torch.arange(1, completion_ids.shape[1] + 1, device=completion_ids.device)
+    completion_positions = positions[:, -1:].repeat_interleave(group_size, dim=0) + offsets
+    attention = torch.cat([prompt_mask.repeat_interleave(group_size, dim=0), completion_mask], dim=1)
+    if not shared_prefix:
+        logits = model(
+            input_ids=torch.cat([prompt_ids.repeat_interleave(group_size, dim=0), completion_ids], dim=1),
+            attention_mask=attention,
+            position_ids=torch.cat([positions.repeat_interleave(group_size, dim=0), completion_positions], dim=1),
+        ).logits[:, prompt_ids.shape[1] - 1 : -1]
+        return token_logprobs(logits, completion_ids)
+    from transformers import DynamicCache
+
+    prompt = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                   past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    cache = prompt.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    logits = model(input_ids=completion_ids, attention_mask=attention, position_ids=completion_positions,
+                   past_key_values=cache, use_cache=True).logits
+    # The first completion token is predicted at the prompt's last position.
+    logits = torch.cat([prompt.logits[:, -1:].repeat_interleave(group_size, dim=0), logits[:, :-1]], dim=1)
+    return token_logprobs(logits, completion_ids)
 
 
 def sampling_seed(seed: int, step: int, rank: int, micro: int) -> int:

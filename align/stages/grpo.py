@@ -3,8 +3,8 @@
 Each optimizer step: take prompts → sample ``group_size`` completions of each from the current
 policy → score them (reward model or named reward function) → advantages relative to the group (``grpo``:
 whitened within the group; ``rloo``: minus the mean of the other samples) → per-token log-probs of
-the completions under the policy (with grad) and the reference (no grad) → clipped surrogate plus
-``kl_coef`` · k3 KL to the reference → backward → step.
+the completions under the policy (with grad) and the reference (no grad), each prompt encoded once
+for its group → clipped surrogate plus ``kl_coef`` · k3 KL to the reference → backward → step.
 
 The reference is the starting policy: a frozen copy of the adapter an earlier stage left, or the
 base with the adapter disabled. There is one optimisation pass per batch of samples, so the
@@ -22,14 +22,13 @@ from align.engine.checkpoint import save_checkpoint
 from align.engine.dist import Rank, all_reduce_sum
 from align.engine.metrics import MetricsLog
 from align.evaluate import exact_match
-from align.generation import Completion, HFGenerator, SamplingParams
+from align.generation import CachedGenerator, Completion, SamplingParams
 from align.losses.ppo import grpo_loss
 from align.models.load import resolve_base_model
 from align.models.reference import Reference
 from align.models.reward import load_frozen_reward_model
 from align.ops.advantages import grpo_advantages, rloo_advantages
 from align.ops.aggregate import accumulation_scale, global_count
-from align.ops.logprobs import token_logprobs
 from align.rewards import Scorer, reward_function
 from align.spec import MODEL_REWARD
 from align.stages import common
@@ -56,7 +55,10 @@ def run(ctx: StageContext) -> StageResult:
     if first_step == 0 and (held_out := evaluate(engine, tokenizer, data, ctx, rank)):
         # The starting policy's held-out accuracy, for comparison with the end.
         metrics.log({"step": 0, **held_out})
-    generator = HFGenerator(engine.module, tokenizer)
+    generator = CachedGenerator(engine.module, tokenizer)
+    # Each prompt is encoded once for its whole group (see common.completion_logps); gradient
+    # checkpointing keeps no KV cache, so then every completion carries its own copy of the prompt.
+    shared_prefix = not job.deepspeed.gradient_checkpointing
     pad = common.pad_id(tokenizer)
     throughput = common.Throughput()
 
@@ -78,31 +80,28 @@ def run(ctx: StageContext) -> StageResult:
                 seed=common.sampling_seed(stage.seed, step, rank.rank, micro),
             )
             completions = generator.generate([p["prompt_input_ids"] for p in prompts], params)
-            batch = common.completion_batch(prompts, completions, pad)
             rewards = scorer.score(
-                common.to_device(batch, engine.device), [prompts[c.prompt_index] for c in completions], completions
+                common.to_device(common.completion_batch(prompts, completions, pad), engine.device),
+                [prompts[c.prompt_index] for c in completions], completions,
             ).cpu()
             advantages = advantages_of(rewards, stage.group_size)
-            rollouts.append((batch, advantages))
+            rollouts.append((common.group_batch(prompts, completions, stage.group_size, pad), advantages))
             sample_sums += _sample_sums(rewards, completions, stage.group_size)
-        step_tokens = global_count(sum(int(batch["loss_mask"][:, 1:].sum()) for batch, _ in rollouts))
+        step_tokens = global_count(sum(int(batch["completion_mask"].sum()) for batch, _ in rollouts))
         scale = accumulation_scale(step_tokens, stage.gradient_accumulation_steps, rank.world_size)
 
         token_sums = torch.zeros(len(TOKEN_SUMS), dtype=torch.float64)
         for batch, advantages in rollouts:
             batch = common.to_device(batch, engine.device)
-            labels, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
             with reference.active():
-                reference_logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                reference_logps = token_logprobs(reference_logits[:, :-1], labels)
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logps = token_logprobs(logits[:, :-1], labels)
+                reference_logps = common.completion_logps(engine, batch, stage.group_size, shared_prefix)
+            logps = common.completion_logps(engine, batch, stage.group_size, shared_prefix)
             out = grpo_loss(
                 logps,
                 logps.detach(),  # one pass per batch: the sampling policy is this policy
                 reference_logps,
                 advantages.to(engine.device),
-                mask,
+                batch["completion_mask"],
                 clip_eps=stage.clip_eps,
                 kl_coef=stage.kl_coef,
             )
@@ -112,7 +111,8 @@ def run(ctx: StageContext) -> StageResult:
                 [out.loss_sum.item(), out.kl_sum.item(), out.clipped_tokens.item(), out.ratio_sum.item()],
                 dtype=torch.float64,
             )
-            throughput.add(int(batch["attention_mask"].sum()), len(batch["input_ids"]))
+            throughput.add(int(batch["prompt_mask"].sum() + batch["completion_mask"].sum()),
+                           len(batch["completion_ids"]))
         done = step + 1
         if done % stage.log_every == 0 or done == steps:
             samples = global_count(sum(len(rows) for rows in micro_batches)) * stage.group_size

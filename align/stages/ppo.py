@@ -33,7 +33,7 @@ from align.engine.checkpoint import save_checkpoint
 from align.engine.dist import Rank, all_reduce_sum
 from align.engine.metrics import MetricsLog
 from align.evaluate import exact_match
-from align.generation import HFGenerator, SamplingParams
+from align.generation import CachedGenerator, SamplingParams
 from align.losses.ppo import entropy_from_logits, policy_loss, value_loss
 from align.models.adapters import apply_adapter
 from align.models.load import load_reward_model, resolve_base_model
@@ -92,7 +92,7 @@ def run(ctx: StageContext) -> StageResult:
         if stage.kl_target is not None
         else FixedKLController(stage.kl_coef)
     )
-    generator = HFGenerator(policy_engine.module, tokenizer)
+    generator = CachedGenerator(policy_engine.module, tokenizer)
     pad = common.pad_id(tokenizer)
     if first_step == 0 and (held_out := evaluate(policy_engine, reference, scorer, generator, data, ctx, rank, pad)):
         metrics.log({"step": 0, **held_out})  # the starting policy, for comparison with the end
@@ -294,7 +294,7 @@ def load_critic(ctx: StageContext, tokenizer) -> tuple[TokenValues, Scorer]:
 
 
 @torch.no_grad()
-def evaluate(policy_engine, reference: Reference, scorer: Scorer, generator: HFGenerator, data: common.StageData,
+def evaluate(policy_engine, reference: Reference, scorer: Scorer, generator: CachedGenerator, data: common.StageData,
              ctx: StageContext, rank: Rank, pad: int) -> dict:
     """Held-out prompts, ``eval_samples`` sampled completions of each: the mean reward, its standard
     deviation over completions and over prompts (of each prompt's mean reward), the KL to the
