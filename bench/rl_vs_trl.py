@@ -26,13 +26,16 @@ its peak RSS is its own. The sides run ``--repeats`` times each (2 by default), 
 fastest run of each side is reported (its peak RSS with it), since other work on the same cores slows
 whichever side is running at the time; the 1-minute load average before and after is printed.
 
-What still differs, by design of each library: TRL scores the completion positions only, through the
-model's fused LM-head path (``fused_lm_head=True``), and also computes the entropy; TRL's ``RLOOTrainer`` puts a k1 KL estimate into the reward (sequence
-sum) and runs one more no-grad policy pass per step for it, where align's RLOO keeps the per-token k3
-KL as a loss term like GRPO. In bf16, align trains the adapter in bf16 with fp32 master weights
-(DeepSpeed); TRL gets the base model loaded in bf16 and autocasts, keeping the adapter in fp32. The
-starting model answers the chat prompts badly, so most groups score all zero (no advantage signal);
-the work per step is the same either way.
+What still differs, by design of each library: align encodes each prompt once per group, in sampling
+and in the reference and policy passes (a KV cache repeated for the group's completions), where TRL
+runs every completion with its own copy of the prompt; TRL scores the completion positions only,
+through the model's fused LM-head path (``fused_lm_head=True``), and also computes the entropy;
+TRL's ``RLOOTrainer`` puts a k1 KL estimate into the reward (sequence sum) and runs one more no-grad
+policy pass per step for it, where align's RLOO keeps the per-token k3 KL as a loss term like GRPO.
+In bf16, align trains the adapter in bf16 with fp32 master weights (DeepSpeed); TRL gets the base
+model loaded in bf16 and autocasts, keeping the adapter in fp32. The starting model answers the chat
+prompts badly, so most groups score all zero (no advantage signal); the work per step is the same
+either way.
 
 Run from the repository root:
 
