@@ -25,6 +25,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(VENV)/bin/python bench/dpo_vs_trl.py
+	$(VENV)/bin/python bench/rl_vs_trl.py
+	$(VENV)/bin/python bench/rl_vs_trl.py --precision bf16
+	$(VENV)/bin/python bench/rl_vs_trl.py --algo rloo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check align services workers tests bench
