@@ -161,6 +161,18 @@ class HFGenerator:
         return [self._completion(row // params.num_samples, tokens) for row, tokens in enumerate(new_tokens)]
 
 
+def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for a forward call of ``model`` (a transformers model or a peft wrapper): the
+    KV-cache argument is ``cache`` in newer transformers releases and ``past_key_values`` before."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(inner, "module", inner)  # a DeepSpeed engine
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    name = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 class CachedGenerator(HFGenerator):
     """:class:`Generator` with its own sampling loop over a Hugging Face causal LM and its KV cache.
 
@@ -187,10 +199,9 @@ class CachedGenerator(HFGenerator):
             with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
                 torch.manual_seed(params.seed)
                 positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-                cache = DynamicCache()
+                cache = DynamicCache()  # filled in place by each forward
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
+                                 use_cache=True, logits_to_keep=1, **cache_argument(self.model, cache))
                 if n > 1:
                     cache.batch_repeat_interleave(n)
                 logits = out.logits[:, -1].repeat_interleave(n, dim=0)
@@ -209,7 +220,7 @@ class CachedGenerator(HFGenerator):
                     attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
                     position = position + 1
                     out = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position,
-                                     past_key_values=cache, use_cache=True)
+                                     use_cache=True, **cache_argument(self.model, cache))
                     logits = out.logits[:, -1]
         finally:
             self.model.train(was_training)

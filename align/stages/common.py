@@ -263,12 +263,14 @@ def completion_logps(model, batch: dict, group_size: int, shared_prefix: bool = 
         return token_logprobs(logits, completion_ids)
     from transformers import DynamicCache
 
-    prompt = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-                   past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-    cache = prompt.past_key_values
+    from align.generation import cache_argument
+
+    cache = DynamicCache()  # filled in place by the prompt pass
+    prompt = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=1, **cache_argument(model, cache))
     cache.batch_repeat_interleave(group_size)
     logits = model(input_ids=completion_ids, attention_mask=attention, position_ids=completion_positions,
-                   past_key_values=cache, use_cache=True).logits
+                   use_cache=True, **cache_argument(model, cache)).logits
     # The first completion token is predicted at the prompt's last position.
     logits = torch.cat([prompt.logits[:, -1:].repeat_interleave(group_size, dim=0), logits[:, :-1]], dim=1)
     return token_logprobs(logits, completion_ids)

@@ -130,7 +130,8 @@ def run(ctx: StageContext) -> StageResult:
             common.checkpoint_saved(ctx, done)
 
     final = common.final_metrics(
-        metrics.records, ["loss", "reward_mean", "accuracy", "kl", "response_length", "eval_exact_match", "tokens_per_s", "samples_per_s"]
+        metrics.records,
+        ["loss", "reward_mean", "accuracy", "kl", "response_length", "eval_exact_match", "tokens_per_s", "samples_per_s"],
     )
     final["steps"] = steps
     final["rows_dropped"] = data.dropped

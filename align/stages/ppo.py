@@ -125,11 +125,11 @@ def run(ctx: StageContext) -> StageResult:
             kl = kl_estimate(old_logps, reference_logps, stage.kl_estimator) * mask
             rewards = token_rewards(scores, kl, mask, kl_control.coef)
             advantages, returns = gae(rewards, values, mask, stage.gamma, stage.lam)
-            samples = [
+            shown = [
                 {"prompt": prompt_text(prompts[c.prompt_index]["prompt"]), "completion": c.text, "score": float(s)}
                 for c, s in zip(completions, scores)
             ]
-            rollouts.append(Rollout(batch, old_logps, values, advantages, returns, samples))
+            rollouts.append(Rollout(batch, old_logps, values, advantages, returns, shown))
             sample_sums += torch.tensor(
                 [scores.sum().item(), (scores.double() ** 2).sum().item(), masked_sum(kl, mask).item(),
                  mask.sum().item(), sum(c.finished for c in completions)],
@@ -176,12 +176,13 @@ def run(ctx: StageContext) -> StageResult:
         # 7: adapt β to the KL of this batch (per completion, summed over its tokens).
         samples = global_count(sum(len(rows) for rows in micro_batches))
         step_sums = all_reduce_sum(sample_sums.tolist())
+        kl_coef = kl_control.coef  # the β this step's rewards used
         kl_control.update(step_sums[SAMPLE_SUMS.index("kl_sum")] / samples, int(samples))
         done = step + 1
         if done % stage.log_every == 0 or done == steps:
             passes = all_reduce_sum(token_sums.tolist() + [entropy_sum, first_pass_ratio_sum])
             record = _step_record(step_sums, passes, samples, step_tokens, stage.ppo_epochs)
-            record.update(step=done, lr=scheduler.get_last_lr()[0], kl_coef=kl_control.coef,
+            record.update(step=done, lr=scheduler.get_last_lr()[0], kl_coef=kl_coef,
                           grad_norm=common.grad_norm(policy_engine), tokens_per_s=throughput.read(),
                           samples_per_s=throughput.samples_per_s)
             metrics.log(record)
@@ -199,7 +200,8 @@ def run(ctx: StageContext) -> StageResult:
     final = common.final_metrics(
         metrics.records,
         ["reward_mean", "reward_std", "kl", "kl_coef", "policy_loss", "value_loss", "response_length",
-         "eval_reward_mean", "eval_reward_std", "eval_prompt_reward_std", "eval_kl", "eval_exact_match", "tokens_per_s", "samples_per_s"],
+         "eval_reward_mean", "eval_reward_std", "eval_prompt_reward_std", "eval_kl", "eval_exact_match",
+         "tokens_per_s", "samples_per_s"],
     )
     final["steps"] = steps
     final["rows_dropped"] = data.dropped
