@@ -232,7 +232,11 @@ class GRPOStage(_OnlineStage):
     group_size: int = Field(8, ge=2, le=256)
     """Completions sampled per prompt; the group is each sample's baseline."""
     kl_coef: float = Field(0.04, ge=0)
-    """Weight of the per-token KL to the starting policy (k3 estimate) in the loss; 0 drops it."""
+    """Weight of the KL to the starting policy (see `kl_penalty`); 0 drops it."""
+    kl_penalty: Literal["loss", "reward"] = "loss"
+    """Where the KL goes: `loss` adds `kl_coef` times the per-token k3 estimate to the loss (GRPO);
+    `reward` subtracts `kl_coef` times the completion's summed k1 estimate from its reward before the
+    group advantages are taken (the RLOO paper's form)."""
     batch_size: int = Field(8, ge=1)
     """Prompts per micro-batch on each worker (each brings `group_size` completions)."""
     eval_exact_match: bool = True

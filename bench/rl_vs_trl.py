@@ -30,8 +30,9 @@ What still differs, by design of each library: align encodes each prompt once pe
 and in the reference and policy passes (a KV cache repeated for the group's completions), where TRL
 runs every completion with its own copy of the prompt; TRL scores the completion positions only,
 through the model's fused LM-head path (``fused_lm_head=True``), and also computes the entropy;
-TRL's ``RLOOTrainer`` puts a k1 KL estimate into the reward (sequence sum) and runs one more no-grad
-policy pass per step for it, where align's RLOO keeps the per-token k3 KL as a loss term like GRPO.
+both put the summed k1 KL into the reward for RLOO (align: ``kl_penalty: reward``), but TRL's
+``RLOOTrainer`` runs one more no-grad policy pass per step for it, where align reads it off the
+policy pass it trains with (one optimisation pass per batch makes the two the same).
 In bf16, align trains the adapter in bf16 with fp32 master weights (DeepSpeed); TRL gets the base
 model loaded in bf16 and autocasts, keeping the adapter in fp32. The starting model answers the chat
 prompts badly, so most groups score all zero (no advantage signal); the work per step is the same
@@ -108,6 +109,8 @@ def job_spec(args: argparse.Namespace, total_steps: int) -> dict:
                 "top_p": 1.0,
                 "clip_eps": CLIP_EPS,
                 "kl_coef": args.kl_coef,
+                # TRL's RLOOTrainer takes the summed k1 KL off the reward; its GRPOTrainer adds k3 to the loss.
+                "kl_penalty": "reward" if args.algo == "rloo" else "loss",
                 "max_steps": total_steps,
                 "lr": args.lr,
                 "lr_scheduler": LR_SCHEDULER,

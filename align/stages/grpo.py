@@ -1,10 +1,12 @@
 """Critic-free online RL: GRPO (Shao et al. 2024, DeepSeekMath) and RLOO (Ahmadian et al. 2024).
 
 Each optimizer step: take prompts → sample ``group_size`` completions of each from the current
-policy → score them (reward model or named reward function) → advantages relative to the group (``grpo``:
-whitened within the group; ``rloo``: minus the mean of the other samples) → per-token log-probs of
-the completions under the policy (with grad) and the reference (no grad), each prompt encoded once
-for its group → clipped surrogate plus ``kl_coef`` · k3 KL to the reference → backward → step.
+policy → score them (reward model or named reward function) → per-token log-probs of the
+completions under the reference (no grad) and the policy (with grad), each prompt encoded once for
+its group → advantages relative to the group (``grpo``: whitened within the group; ``rloo``: minus
+the mean of the other samples), from the rewards less ``kl_coef`` · the completion's summed k1 KL
+when ``kl_penalty`` is ``reward`` → clipped surrogate, plus ``kl_coef`` · the per-token k3 KL when
+``kl_penalty`` is ``loss`` → backward → step.
 
 The reference is the starting policy: a frozen copy of the adapter an earlier stage left, or the
 base with the adapter disabled. There is one optimisation pass per batch of samples, so the
@@ -27,7 +29,7 @@ from align.losses.ppo import grpo_loss
 from align.models.load import resolve_base_model
 from align.models.reference import Reference
 from align.models.reward import load_frozen_reward_model
-from align.ops.advantages import grpo_advantages, rloo_advantages
+from align.ops.advantages import grpo_advantages, kl_k1, rloo_advantages
 from align.ops.aggregate import accumulation_scale, global_count
 from align.rewards import Scorer, reward_function
 from align.spec import MODEL_REWARD
@@ -84,18 +86,22 @@ def run(ctx: StageContext) -> StageResult:
                 common.to_device(common.completion_batch(prompts, completions, pad), engine.device),
                 [prompts[c.prompt_index] for c in completions], completions,
             ).cpu()
-            advantages = advantages_of(rewards, stage.group_size)
-            rollouts.append((common.group_batch(prompts, completions, stage.group_size, pad), advantages))
+            rollouts.append((common.group_batch(prompts, completions, stage.group_size, pad), rewards))
             sample_sums += _sample_sums(rewards, completions, stage.group_size)
         step_tokens = global_count(sum(int(batch["completion_mask"].sum()) for batch, _ in rollouts))
         scale = accumulation_scale(step_tokens, stage.gradient_accumulation_steps, rank.world_size)
 
         token_sums = torch.zeros(len(TOKEN_SUMS), dtype=torch.float64)
-        for batch, advantages in rollouts:
+        for batch, rewards in rollouts:
             batch = common.to_device(batch, engine.device)
             with reference.active():
                 reference_logps = common.completion_logps(engine, batch, stage.group_size, shared_prefix)
             logps = common.completion_logps(engine, batch, stage.group_size, shared_prefix)
+            if stage.kl_penalty == "reward":
+                # Each completion's reward pays for its KL to the reference (summed k1, no gradient).
+                completion_kl = (kl_k1(logps.detach(), reference_logps) * batch["completion_mask"]).sum(dim=1)
+                rewards = rewards - stage.kl_coef * completion_kl.cpu()
+            advantages = advantages_of(rewards, stage.group_size)
             out = grpo_loss(
                 logps,
                 logps.detach(),  # one pass per batch: the sampling policy is this policy
@@ -103,7 +109,7 @@ def run(ctx: StageContext) -> StageResult:
                 advantages.to(engine.device),
                 batch["completion_mask"],
                 clip_eps=stage.clip_eps,
-                kl_coef=stage.kl_coef,
+                kl_coef=stage.kl_coef if stage.kl_penalty == "loss" else 0.0,
             )
             engine.backward(out.loss_sum * scale)
             engine.step()

@@ -88,3 +88,28 @@ def test_grpo_raises_held_out_accuracy_over_sft(tmp_path):
     print(f"held-out greedy accuracy (builtin:parity/eval): sft {before:.3f} -> grpo {after:.3f}, "
           f"{time.perf_counter() - started:.0f}s")
     assert after >= before + 0.25
+
+
+def test_kl_in_the_reward_matches_kl_in_the_loss_until_the_policy_moves(
+    small_model, small_data, prompts_file, job_factory, tmp_path, monkeypatch
+):
+    # At the first step the policy is its reference: the KL is 0 wherever it goes, and the k3 loss
+    # term has zero gradient there, so both placements make the same first update. After it, the
+    # KL is no longer 0 and the two differ.
+    monkeypatch.setitem(REWARDS, "exact_answer", lambda prompt, completion: float(len(completion) % 3))
+    traces = {}
+    for penalty in ("loss", "reward"):
+        job = job_factory(small_model, [
+            {"type": "sft", "data": {"path": str(small_data["sft"])}, "batch_size": 4, "max_steps": 2, "lr": 1e-3},
+            {"type": "rloo", "data": {"path": str(prompts_file)}, "reward": "exact_answer", "group_size": 3,
+             "batch_size": 2, "max_new_tokens": 5, "max_steps": 2, "lr": 1e-2, "kl_coef": 0.5,
+             "kl_penalty": penalty, "max_length": 48, "eval_exact_match": False},
+        ])
+        run_job(job, work_root=tmp_path / penalty, artifact_root=str(tmp_path / "artifacts" / penalty))
+        traces[penalty] = [r for r in metrics_of(tmp_path / penalty, "rloo") if "loss" in r]
+    first_loss, second_loss = traces["loss"]
+    first_reward, second_reward = traces["reward"]
+    assert first_loss["kl"] == first_reward["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert first_reward["loss"] == pytest.approx(first_loss["loss"], abs=1e-6)
+    assert second_reward["reward_mean"] == pytest.approx(second_loss["reward_mean"])  # same samples at step 2
+    assert second_reward["kl"] > 0 and second_reward["loss"] != pytest.approx(second_loss["loss"], abs=1e-6)
