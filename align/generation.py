@@ -181,7 +181,22 @@ class CachedGenerator(HFGenerator):
     stop at EOS. Tokens are drawn as Hugging Face ``generate`` draws them (float32 logits, the same
     warpers, ``torch.multinomial`` on one seeded stream), so the completions follow the same
     distribution, and greedy decoding gives the same tokens.
+
+    With ``synced`` (ZeRO-3, where every forward gathers parameters from all ranks) every rank keeps
+    stepping until all ranks' completions have finished, like ``generate(synced_gpus=True)``.
     """
+
+    def __init__(self, model: Any, tokenizer: Any, synced: bool = False) -> None:
+        super().__init__(model, tokenizer)
+        self.synced = synced
+
+    def _all_finished(self, finished: torch.Tensor) -> bool:
+        done = bool(finished.all())
+        if self.synced and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([0.0 if done else 1.0], device=finished.device)
+            torch.distributed.all_reduce(flag)
+            return flag.item() == 0.0
+        return done
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         from transformers import DynamicCache
@@ -215,7 +230,7 @@ class CachedGenerator(HFGenerator):
                         if not finished[row]:
                             rows[row].append(token)
                     finished |= tokens == self.eos_token_id
-                    if bool(finished.all()) or step + 1 == params.max_new_tokens:
+                    if step + 1 == params.max_new_tokens or self._all_finished(finished):
                         break
                     attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
                     position = position + 1

@@ -351,11 +351,6 @@ class JobSpec(_Spec):
                     f"stages[{i}].type: '{stage.type}' needs adapter.type 'lora' or 'dora': its reference "
                     "is the starting adapter kept frozen beside the trained one"
                 )
-            if stage.type in ONLINE_STAGE_TYPES and ds.zero_stage == 3:
-                raise ValueError(
-                    f"stages[{i}].type: '{stage.type}' does not support deepspeed.zero_stage=3 yet "
-                    "(sampling would need every rank to generate in step); use zero_stage 0-2"
-                )
             prompt_limit = getattr(stage, "max_prompt_length", None)
             if prompt_limit is not None and prompt_limit >= stage.max_length:
                 raise ValueError(

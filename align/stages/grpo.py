@@ -57,7 +57,7 @@ def run(ctx: StageContext) -> StageResult:
     if first_step == 0 and (held_out := evaluate(engine, tokenizer, data, ctx, rank)):
         # The starting policy's held-out accuracy, for comparison with the end.
         metrics.log({"step": 0, **held_out})
-    generator = CachedGenerator(engine.module, tokenizer)
+    generator = CachedGenerator(engine.module, tokenizer, synced=job.deepspeed.zero_stage == 3)
     # Each prompt is encoded once for its whole group (see common.completion_logps); gradient
     # checkpointing keeps no KV cache, so then every completion carries its own copy of the prompt.
     shared_prefix = not job.deepspeed.gradient_checkpointing

@@ -92,7 +92,7 @@ def run(ctx: StageContext) -> StageResult:
         if stage.kl_target is not None
         else FixedKLController(stage.kl_coef)
     )
-    generator = CachedGenerator(policy_engine.module, tokenizer)
+    generator = CachedGenerator(policy_engine.module, tokenizer, synced=job.deepspeed.zero_stage == 3)
     pad = common.pad_id(tokenizer)
     if first_step == 0 and (held_out := evaluate(policy_engine, reference, scorer, generator, data, ctx, rank, pad)):
         metrics.log({"step": 0, **held_out})  # the starting policy, for comparison with the end
@@ -310,8 +310,9 @@ def evaluate(policy_engine, reference: Reference, scorer: Scorer, generator: Cac
     batches = -(-len(data.eval) // (stage.batch_size * rank.world_size))
     for b in range(batches):
         prompts = shard[b * stage.batch_size : (b + 1) * stage.batch_size]
-        if not prompts:
-            continue
+        # A rank out of prompts still takes part (under ZeRO-3 every forward is collective); it counts nothing.
+        weight = 1.0 if prompts else 0.0
+        prompts = prompts or data.eval[:1]
         params = SamplingParams(
             max_new_tokens=stage.max_new_tokens, temperature=stage.temperature, top_p=stage.top_p,
             num_samples=stage.eval_samples, seed=common.sampling_seed(stage.seed, -1, rank.rank, b),
@@ -325,9 +326,9 @@ def evaluate(policy_engine, reference: Reference, scorer: Scorer, generator: Cac
             reference_logps = sequence_logps(policy_engine, batch)
         kl = masked_sum(kl_estimate(logps, reference_logps, "k1"), mask)
         prompt_means = scores.reshape(len(prompts), stage.eval_samples).mean(dim=1)
-        sums += torch.tensor([len(completions), scores.sum().item(), (scores**2).sum().item(), kl.item(),
-                              len(prompts), prompt_means.sum().item(), (prompt_means**2).sum().item()],
-                             dtype=torch.float64)
+        sums += weight * torch.tensor([len(completions), scores.sum().item(), (scores**2).sum().item(), kl.item(),
+                                       len(prompts), prompt_means.sum().item(), (prompt_means**2).sum().item()],
+                                      dtype=torch.float64)
     count, total, squares, kl_total, prompt_count, prompt_total, prompt_squares = all_reduce_sum(sums.tolist())
     mean = total / count
     result = {
@@ -340,6 +341,7 @@ def evaluate(policy_engine, reference: Reference, scorer: Scorer, generator: Cac
         result["eval_exact_match"] = exact_match(
             policy_engine.module, generator.tokenizer, data.eval_rows, rank,
             max_prompt_length=stage.max_length - stage.max_new_tokens, max_new_tokens=stage.max_new_tokens,
+            synced_gpus=generator.synced,
         )
     policy_engine.train()
     return result

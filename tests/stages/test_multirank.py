@@ -166,16 +166,18 @@ def test_dpo_on_two_ranks_starts_at_ln2_from_the_sft_adapter(sft_runs, tmp_path)
     assert math.isfinite(manifest["metrics"]["loss"]) and manifest["metrics"]["steps"] == 2
 
 
-def test_ppo_on_two_ranks_ends_with_one_policy(small_model, small_data, tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_ppo_on_two_ranks_ends_with_one_policy(small_model, small_data, tmp_path, zero_stage):
     """Each rank samples and scores its share of the prompts; advantages are whitened over both;
-    DeepSpeed averages the gradients, so both ranks end with the same policy (and the same critic)."""
+    DeepSpeed averages the gradients, so both ranks end with the same policy (and the same critic).
+    Under ZeRO-3 every forward gathers parameters from both ranks, so the ranks sample in step."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"add {n} and {n % 7}"}) + "\n" for n in range(32)))
     spec = {
         "name": "multirank-ppo",
         "base_model": str(small_model),
         "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "deepspeed": {"zero_stage": 2, "precision": PRECISION},
+        "deepspeed": {"zero_stage": zero_stage, "precision": PRECISION},
         "resources": {"num_workers": 1, "cpus_per_worker": 1},
         "stages": [
             {"type": "sft", "data": {"path": str(small_data["sft"])}, "batch_size": 4, "max_steps": 2, "lr": 1e-3},
@@ -205,3 +207,29 @@ def test_ppo_on_two_ranks_ends_with_one_policy(small_model, small_data, tmp_path
     manifest = json.loads((Path(rank0["artifact"]) / "manifest.json").read_text())
     assert manifest["parents"] == [sft.artifact.artifact_id, rm.artifact.artifact_id]
     assert tensors_digest(load_file(Path(rank0["artifact"]) / "adapter_model.safetensors")) == rank0["digest"]
+    assert [r["step"] for r in metrics_of(ctx.work_dir) if "eval_reward_mean" in r] == [0, 2]
+
+
+def test_grpo_on_two_ranks_with_zero3(small_model, small_data, tmp_path):
+    """GRPO's shared-prompt passes and synced sampling under ZeRO-3 on 2 ranks: one policy."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"add {n} and {n % 7}"}) + "\n" for n in range(16)))
+    job = parse_spec({
+        "name": "multirank-grpo",
+        "base_model": str(small_model),
+        "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "deepspeed": {"zero_stage": 3, "precision": PRECISION},
+        "resources": {"num_workers": 2, "cpus_per_worker": 1},
+        "stages": [{"type": "grpo", "data": {"path": str(prompts), "eval_fraction": 0.25}, "reward": "exact_answer",
+                    "group_size": 3, "batch_size": 2, "max_new_tokens": 6, "max_length": 48, "max_steps": 2,
+                    "lr": 1e-2, "seed": 5}],
+    })
+    ctx = StageContext(job=job, index=0, work_dir=tmp_path / "work" / "grpo", artifact_root=str(tmp_path / "artifacts"),
+                       threads=1)
+    rank0, rank1 = run_ranks(ctx, tmp_path / "reports")
+
+    assert rank0["digest"] == rank1["digest"], "the ranks disagree on the trained policy"
+    records = [r for r in metrics_of(ctx.work_dir) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6) and records[0]["ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert [r["step"] for r in metrics_of(ctx.work_dir) if "eval_exact_match" in r] == [0, 2]
