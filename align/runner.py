@@ -49,7 +49,7 @@ def plan_next(plan: StagePlan, stage_type: str, published: PublishedArtifact) ->
     return plan
 
 
-def reward_model_for(stage, plan: StagePlan, store: ArtifactStore) -> PublishedArtifact | None:
+def reward_model_for(stage, plan: StagePlan, store: ArtifactStore, base_model: str) -> PublishedArtifact | None:
     """The reward model an online stage scores with: the one its spec names, else the job's latest."""
     if getattr(stage, "reward", None) != MODEL_REWARD:
         return None
@@ -60,6 +60,11 @@ def reward_model_for(stage, plan: StagePlan, store: ArtifactStore) -> PublishedA
         raise ValueError(
             f"reward_model: {stage.reward_model} is an artifact of kind '{artifact.manifest.kind}', not a reward "
             "model; give artifact:<id> of an artifact an rm stage published (kind reward_model)"
+        )
+    if artifact.manifest.base_model != base_model:
+        raise ValueError(
+            f"reward_model: {stage.reward_model} was trained on base model '{artifact.manifest.base_model}' and "
+            f"this job trains '{base_model}'; give a reward model trained on the same base model"
         )
     return artifact
 
@@ -81,7 +86,7 @@ def run_job(
     results = []
     for index, name in enumerate(job.stage_names()):
         start_dir = store.download(plan.start_policy.uri) if plan.start_policy else None
-        reward_model = reward_model_for(job.stages[index], plan, store)
+        reward_model = reward_model_for(job.stages[index], plan, store, job.base_model)
         ctx = StageContext(
             job=job,
             index=index,

@@ -24,11 +24,17 @@ _ALWAYS_REFUSED_SCHEMES = ("http", "https")
 LOCAL_PREFIXES = ("builtin:", "artifact:")
 
 
-def check_job(spec: JobSpec, settings: Settings, find_artifact: Callable[[str], object | None]) -> list[Problem]:
+def check_job(
+    spec: JobSpec,
+    settings: Settings,
+    find_artifact: Callable[[str], object | None],
+    base_model_of: Callable[[object], str | None] | None = None,
+) -> list[Problem]:
     """Every check a submitted job passes before it is queued, each problem naming its field.
 
     Locations come first, so nothing outside the roots is ever opened; ``find_artifact`` looks up an
-    ``artifact:<id>`` base model or reward model among the caller's artifacts.
+    ``artifact:<id>`` base model or reward model among the caller's artifacts, and ``base_model_of``
+    tells the base model a found artifact was trained on.
     """
     problems = check_locations(
         spec, data_roots=settings.data_roots, model_roots=settings.model_roots, allowed_schemes=settings.allowed_schemes
@@ -42,12 +48,17 @@ def check_job(spec: JobSpec, settings: Settings, find_artifact: Callable[[str], 
         else:
             problems.append(("base_model", "starting a job from an artifact is not supported yet; give the local "
                              "model folder (or builtin:tiny) and chain the stages in one job"))
-    problems += check_reward_models(spec, find_artifact)
+    problems += check_reward_models(spec, find_artifact, base_model_of)
     return problems + check_model(spec) + check_data(spec)
 
 
-def check_reward_models(spec: JobSpec, find_artifact: Callable[[str], object | None]) -> list[Problem]:
-    """Each stage's ``reward_model: artifact:<id>`` must be one of the caller's reward-model artifacts."""
+def check_reward_models(
+    spec: JobSpec,
+    find_artifact: Callable[[str], object | None],
+    base_model_of: Callable[[object], str | None] | None = None,
+) -> list[Problem]:
+    """Each stage's ``reward_model: artifact:<id>`` must be one of the caller's reward-model artifacts,
+    trained on the job's base model."""
     problems = []
     for index, stage in enumerate(spec.stages):
         reference = getattr(stage, "reward_model", None)
@@ -65,6 +76,9 @@ def check_reward_models(spec: JobSpec, find_artifact: Callable[[str], object | N
         elif kind != "reward_model":
             message = (f"'{artifact_id}' is an artifact of kind '{kind}', not a reward model; give "
                        f"artifact:<id> of an artifact an rm stage published (kind reward_model){fallback}")
+        elif base_model_of is not None and (trained_on := base_model_of(artifact)) != spec.base_model:
+            message = (f"'{artifact_id}' was trained on base model '{trained_on}' and this job trains "
+                       f"'{spec.base_model}'; give a reward model trained on the same base model{fallback}")
         else:
             continue
         problems.append((field, message))

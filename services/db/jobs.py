@@ -446,6 +446,12 @@ def stage_inputs(s: Session, run: StageRun) -> StageInputs:
     return StageInputs(policy.uri if policy else None, parents, reward_model.uri if reward_model else None)
 
 
+def artifact_base_model(s: Session, artifact: Artifact) -> str | None:
+    """The base model the artifact's job trained (from the job's spec)."""
+    job = s.get(Job, artifact.job_id)
+    return job.spec.get("base_model") if job is not None else None
+
+
 def get_artifact(s: Session, tenant_id: str, artifact_id: str) -> Artifact | None:
     query = select(Artifact).where(Artifact.id == artifact_id, Artifact.tenant_id == tenant_id)
     return s.scalars(query).first()

@@ -73,7 +73,12 @@ def create_job(
         spec = parse_spec(body)
     except SpecError as error:
         raise FieldErrors(error.errors) from None
-    problems = paths.check_job(spec, settings, lambda artifact_id: jobs.get_artifact(session, tenant.id, artifact_id))
+    problems = paths.check_job(
+        spec,
+        settings,
+        lambda artifact_id: jobs.get_artifact(session, tenant.id, artifact_id),
+        base_model_of=lambda artifact: jobs.artifact_base_model(session, artifact),
+    )
     if problems:
         raise FieldErrors(problems)
     try:

@@ -117,3 +117,16 @@ def test_check_reward_models_names_each_stage_and_leaves_unnamed_ones_alone():
         "that an rm stage of one of your jobs published or drop reward_model to score with the rm stage "
         "before this one",
     }
+
+
+def test_check_reward_models_needs_the_job_base_model():
+    artifacts = {"m.rm-v1-0123456789ab": SimpleNamespace(kind="reward_model", base="/models/other")}
+    spec = parse_spec({"name": "t", "base_model": "builtin:tiny", "stages": [
+        {"type": "ppo", "data": {"path": "builtin:parity/prompts"}, "reward_model": "artifact:m.rm-v1-0123456789ab"},
+    ]})
+    problems = dict(check_reward_models(spec, artifacts.get, lambda artifact: artifact.base))
+    assert problems == {
+        "stages[0].reward_model": "'m.rm-v1-0123456789ab' was trained on base model '/models/other' and this job "
+        "trains 'builtin:tiny'; give a reward model trained on the same base model",
+    }
+    assert check_reward_models(spec, artifacts.get, lambda artifact: "builtin:tiny") == []

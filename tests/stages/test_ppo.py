@@ -236,3 +236,10 @@ def test_ppo_scores_with_a_named_fully_trained_reward_model(
     ])
     with pytest.raises(ValueError, match="is an artifact of kind 'adapter', not a reward model"):
         run_job(wrong, work_root=tmp_path / "wrong", artifact_root=artifacts)
+    (tmp_path / "other-model").symlink_to(small_model)  # the same weights under another name
+    other_base = job_factory(tmp_path / "other-model", [
+        {"type": "ppo", "data": {"path": str(prompts_file)}, "reward_model": rm.artifact.ref, "max_new_tokens": 5,
+         "max_length": 48},
+    ])
+    with pytest.raises(ValueError, match="was trained on base model .* give a reward model trained on the same base"):
+        run_job(other_base, work_root=tmp_path / "other", artifact_root=artifacts)
