@@ -27,11 +27,13 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 THREADS = 2
@@ -47,23 +49,6 @@ GENERATED_PAIRS = 512
 # TRL 1.16 on this machine (fp32, live reference), measured before this script existed.
 TRL_REFERENCE = {"tokens_per_s": 3276, "tokens_per_s_precomputed": 3650, "peak_rss_mib": 675}
 GOAL = {"speed": 2.0, "memory": 0.7}
-
-
-def child_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS=str(THREADS),
-        MKL_NUM_THREADS=str(THREADS),
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
-        DS_ACCELERATOR="cpu",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
-    )
-    env.setdefault("ALIGN_CACHE_DIR", str(REPO / ".align" / "cache"))
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".align" / "cache" / "torch_extensions"))
-    return env
 
 
 # --- what both sides train on ---------------------------------------------------------------------
@@ -323,20 +308,7 @@ def run_trl(config: dict) -> dict:
 
 
 def run_side(side: str, config: dict, work: Path) -> dict:
-    """Run one side in a child process; its peak RSS comes from ``wait4`` on that child alone."""
-    config_file, result_file, log_file = work / f"{side}.config.json", work / f"{side}.result.json", work / f"{side}.log"
-    config_file.write_text(json.dumps(config))
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", side, str(config_file), str(result_file)]
-    with log_file.open("w") as log:
-        process = subprocess.Popen(command, env=child_environment(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"the {side} side exited with {process.returncode}; last lines of {log_file}:\n{tail}")
-    result = json.loads(result_file.read_text())
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
-    return result
+    return harness.run_side(__file__, side, config, work, THREADS)
 
 
 def child_main(side: str, config_file: str, result_file: str) -> None:
@@ -363,7 +335,7 @@ def main() -> int:
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1")
 
-    os.environ.update({k: v for k, v in child_environment().items() if k != "PYTHONPATH"})
+    os.environ.update({k: v for k, v in harness.child_environment(THREADS).items() if k != "PYTHONPATH"})
     sys.path.insert(0, str(REPO))
     total = args.warmup + args.steps
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))

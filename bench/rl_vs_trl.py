@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +60,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dpo_vs_trl import child_environment as _dpo_child_environment
+import harness  # noqa: E402
 
 SEED = 42
 MODEL = "builtin:tiny"
@@ -71,13 +70,6 @@ MAX_LENGTH = 128
 CLIP_EPS = 0.2
 LR_SCHEDULER = "cosine"
 GOAL_SPEED = 1.5
-
-
-def child_environment(threads: int) -> dict[str, str]:
-    """The DPO benchmark's child environment (offline, CPU DeepSpeed, repo on the path) at ``threads`` threads."""
-    env = _dpo_child_environment()
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
 
 
 def lora_settings(r: int) -> dict:
@@ -316,22 +308,7 @@ def run_trl(config: dict) -> dict:
 
 
 def run_side(side: str, config: dict, work: Path) -> dict:
-    """Run one side in a child process; its peak RSS comes from ``wait4`` on that child alone."""
-    config_file, result_file, log_file = (work / f"{side}.{name}" for name in ("config.json", "result.json", "log"))
-    config_file.write_text(json.dumps(config))
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", side, str(config_file), str(result_file)]
-    with log_file.open("w") as log:
-        process = subprocess.Popen(
-            command, env=child_environment(config["threads"]), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-        )
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"the {side} side exited with {process.returncode}; last lines of {log_file}:\n{tail}")
-    result = json.loads(result_file.read_text())
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
-    return result
+    return harness.run_side(__file__, side, config, work, config["threads"])
 
 
 def child_main(side: str, config_file: str, result_file: str) -> None:
@@ -370,7 +347,7 @@ def main() -> int:
     if args.max_new_tokens >= MAX_LENGTH:
         parser.error(f"--max-new-tokens must be below {MAX_LENGTH}")
 
-    os.environ.update({k: v for k, v in child_environment(args.threads).items() if k != "PYTHONPATH"})
+    os.environ.update({k: v for k, v in harness.child_environment(args.threads).items() if k != "PYTHONPATH"})
     sys.path.insert(0, str(REPO))
     from align.tiny import build_tiny
 

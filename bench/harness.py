@@ -1,0 +1,50 @@
+"""What the benchmarks share: the child environment, and running one side in a child process whose
+peak memory is its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def child_environment(threads: int) -> dict[str, str]:
+    """Offline, CPU DeepSpeed, the repository on the path, ``threads`` torch threads."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+    )
+    env.setdefault("ALIGN_CACHE_DIR", str(REPO / ".align" / "cache"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".align" / "cache" / "torch_extensions"))
+    return env
+
+
+def run_side(script: str, side: str, config: dict, work: Path, threads: int) -> dict:
+    """Run ``script --child side CONFIG RESULT`` and return its result, with ``peak_rss_mib`` from
+    ``wait4`` on that child alone."""
+    config_file, result_file, log_file = (work / f"{side}.{name}" for name in ("config.json", "result.json", "log"))
+    config_file.write_text(json.dumps(config))
+    command = [sys.executable, str(Path(script).resolve()), "--child", side, str(config_file), str(result_file)]
+    with log_file.open("w") as log:
+        process = subprocess.Popen(
+            command, env=child_environment(threads), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+    returncode = os.waitstatus_to_exitcode(status)
+    if returncode != 0:
+        tail = "".join(log_file.read_text().splitlines(keepends=True)[-40:])
+        raise RuntimeError(f"the {side} side exited with {returncode}; last lines of {log_file}:\n{tail}")
+    result = json.loads(result_file.read_text())
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
+    return result
