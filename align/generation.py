@@ -1,7 +1,9 @@
 """Sampling interface for the online RL stages, so the loop never depends on one inference engine.
 
 A :class:`Generator` turns token-id prompts into completions. :class:`HFGenerator` implements it on
-Hugging Face ``generate``; a vLLM or SGLang engine can implement the same protocol.
+Hugging Face ``generate``; :class:`CachedGenerator`, which the stages use, runs its own sampling
+loop over the same model, encoding each prompt once for all its samples and drawing the same
+tokens. A vLLM or SGLang engine can implement the same protocol.
 """
 
 from __future__ import annotations
