@@ -211,7 +211,7 @@ class CachedGenerator(HFGenerator):
         was_training = self.model.training
         self.model.eval()
         fork_devices = [device] if device.type == "cuda" else []
-        rows: list[list[int]] = [[] for _ in range(len(prompts) * n)]
+        drawn: list[torch.Tensor] = []
         try:
             with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
                 torch.manual_seed(params.seed)
@@ -224,13 +224,10 @@ class CachedGenerator(HFGenerator):
                 logits = out.logits[:, -1].repeat_interleave(n, dim=0)
                 attention_mask = attention_mask.repeat_interleave(n, dim=0)
                 position = positions[:, -1:].repeat_interleave(n, dim=0)
-                finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+                finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
                 for step in range(params.max_new_tokens):
-                    tokens = self._draw(logits.float(), params)
-                    tokens = torch.where(finished, self.pad_token_id, tokens)
-                    for row, token in enumerate(tokens.tolist()):
-                        if not finished[row]:
-                            rows[row].append(token)
+                    tokens = torch.where(finished, self.pad_token_id, self._draw(logits.float(), params))
+                    drawn.append(tokens)
                     finished |= tokens == self.eos_token_id
                     if step + 1 == params.max_new_tokens or self._all_finished(finished):
                         break
@@ -241,6 +238,8 @@ class CachedGenerator(HFGenerator):
                     logits = out.logits[:, -1]
         finally:
             self.model.train(was_training)
+        # Rows that finished early hold padding after their EOS, which _completion cuts off.
+        rows = torch.stack(drawn, dim=1).tolist()
         return [self._completion(row // n, tokens) for row, tokens in enumerate(rows)]
 
     @staticmethod
