@@ -8,6 +8,8 @@ tokens. A vLLM or SGLang engine can implement the same protocol.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -166,13 +168,15 @@ class HFGenerator:
 def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
     """``{name: cache}`` for a forward call of ``model`` (a transformers model or a peft wrapper): the
     KV-cache argument is ``cache`` in newer transformers releases and ``past_key_values`` before."""
-    import inspect
-
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(inner, "module", inner)  # a DeepSpeed engine
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    name = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-    return {name: cache}
+    return {_cache_argument_name(type(inner)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument_name(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 class CachedGenerator(HFGenerator):

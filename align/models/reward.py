@@ -61,20 +61,24 @@ def load_frozen_reward_model(
     return model.eval()
 
 
-def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    inner = model.get_base_model() if isinstance(model, PeftModel) else model
-    body = getattr(inner, inner.base_model_prefix)
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def scalar_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The sequence-classification model's head (``score`` or ``classifier``)."""
+    inner = _unwrapped(model)
     for name in ("score", "classifier"):
         if isinstance(getattr(inner, name, None), torch.nn.Module):
-            return body, getattr(inner, name)
+            return getattr(inner, name)
     raise ValueError(f"{type(inner).__name__} has no `score` or `classifier` head to read a reward from")
 
 
 def token_scores(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The scalar head at every position, (batch, seq) in float32."""
-    body, head = _body_and_head(model)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask)[0]
-    return head(hidden).squeeze(-1).float()
+    inner = _unwrapped(model)
+    hidden = getattr(inner, inner.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask)[0]
+    return scalar_head(model)(hidden).squeeze(-1).float()
 
 
 def last_token_index(input_ids: Tensor, pad_token_id: int) -> Tensor:

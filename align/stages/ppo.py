@@ -44,6 +44,7 @@ from align.models.reward import (
     load_frozen_reward_model,
     load_reward_body,
     merge_policy_adapter,
+    scalar_head,
 )
 from align.ops.advantages import AdaptiveKLController, FixedKLController, gae, kl_estimate, token_rewards
 from align.ops.aggregate import accumulation_scale, global_count
@@ -278,9 +279,8 @@ def load_critic(ctx: StageContext, tokenizer) -> tuple[TokenValues, Scorer]:
         scorer = Scorer(pad, view=Reference(critic, reward_adapter, adapter_name=REWARD_ADAPTER))
     else:
         body = load_reward_model(base, dtype, pad, quantization)
-        for head in ("score", "classifier"):
-            if isinstance(getattr(body, head, None), torch.nn.Linear):
-                torch.nn.init.zeros_(getattr(body, head).weight)
+        for param in scalar_head(body).parameters():
+            torch.nn.init.zeros_(param)  # values start at 0
         if ctx.start_policy is not None:
             body = merge_policy_adapter(body, ctx.start_policy)
         critic = apply_adapter(body, job.adapter, **adapter_options)
