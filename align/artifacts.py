@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import metadata
@@ -95,6 +95,9 @@ class Manifest:
     """ISO-8601 UTC time the manifest was written."""
     content_hash: str
     """``content_hash(files)``: the artifact's identity, independent of where and when it was stored."""
+    precision: dict[str, Any] | None = None
+    """How the stage chose its precision: ``{"requested", "precision", "device", "native_bf16", "reason",
+    ...}`` (see :class:`align.precision.PrecisionChoice`); None for artifacts published outside a stage."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,15 +105,16 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         names = [f.name for f in fields(cls)]
+        required = [f.name for f in fields(cls) if f.default is MISSING]
         if data.get("schema_version") != ARTIFACT_SCHEMA_VERSION:
             raise ArtifactError(
                 f"manifest schema_version {data.get('schema_version')!r} is not supported; "
                 f"this align reads schema_version {ARTIFACT_SCHEMA_VERSION}"
             )
-        missing = [name for name in names if name not in data]
+        missing = [name for name in required if name not in data]
         if missing:
             raise ArtifactError(f"manifest is missing field(s) {missing}")
-        return cls(**{name: data[name] for name in names})
+        return cls(**{name: data[name] for name in names if name in data})
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,7 @@ class ArtifactStore:
         data_fingerprints: dict[str, str] | None = None,
         metrics: dict[str, Any] | None = None,
         job: dict[str, Any] | None = None,
+        precision: dict[str, Any] | None = None,
     ) -> PublishedArtifact:
         """Copy every file under ``local_dir`` into the next version of ``lineage``; the manifest goes last."""
         check_name("lineage", lineage)
@@ -297,6 +302,7 @@ class ArtifactStore:
         header = {
             "stage": dict(stage), "job": None if job is None else dict(job), "parents": list(parents),
             "data_fingerprints": dict(data_fingerprints or {}), "metrics": dict(metrics or {}),
+            "precision": None if precision is None else dict(precision),
         }
         # Fail on values JSON cannot hold before a version number is spent.
         json.dumps(header, default=_json_default)

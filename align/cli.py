@@ -64,6 +64,7 @@ def train(
         shutil.rmtree(work)
     root = artifact_root or paths.artifact_root()
     console.print(f"[bold]{job.name}[/bold]: {' -> '.join(job.stage_names())} on {job.base_model}")
+    _warn_precision(job)
 
     def on_metrics(stage: str, record: dict) -> None:
         step = record.get("step", 0)
@@ -74,6 +75,10 @@ def train(
         elif step % log_every == 0:
             shown = "  ".join(f"{k}={_fmt(record[k])}" for k in STEP_KEYS if k in record)
             console.print(f"  \\[{stage}] step {step:>5}  {shown}", soft_wrap=True)
+
+    def on_message(stage: str, text: str, level: str) -> None:
+        style = "yellow" if level == "warning" else "dim"
+        console.print(f"  [{stage}] {text}", style=style, markup=False, soft_wrap=True)
 
     def on_stage_end(stage: str, result) -> None:
         table = Table(title=f"stage {stage}: {result.artifact.artifact_id}", show_header=False)
@@ -86,7 +91,8 @@ def train(
     from align.models.load import ModelError
 
     try:
-        results = run_job(job, work_root=work, artifact_root=root, on_metrics=on_metrics, on_stage_end=on_stage_end)
+        results = run_job(job, work_root=work, artifact_root=root, on_metrics=on_metrics, on_stage_end=on_stage_end,
+                          on_message=on_message)
     except (DataError, ModelError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
@@ -106,6 +112,15 @@ def validate(spec: Path = typer.Argument(..., help="Job spec, YAML or JSON.")) -
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2)
     console.print(f"ok: {job.name} ({', '.join(job.stage_names())}), spec hash {job.hash()}")
+    _warn_precision(job)
+
+
+def _warn_precision(job) -> None:
+    from align.preflight import precision_warning
+
+    warning = precision_warning(job)
+    if warning:
+        console.print(f"warning: {warning}", style="yellow", markup=False, soft_wrap=True)
 
 
 @app.command("spec-docs")

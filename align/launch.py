@@ -15,6 +15,7 @@ from align.runner import context_from_json, run_stage
 def main(context_file: str, result_file: str) -> None:
     ctx = context_from_json(json.loads(Path(context_file).read_text()))
     ctx.on_metrics = lambda record: print(json.dumps({"stage": ctx.name, **record}), flush=True)
+    ctx.on_message = lambda text, level: print(f"[{ctx.name}] {level}: {text}", flush=True)
     result = run_stage(ctx)
     import torch.distributed as dist
 

@@ -21,6 +21,18 @@ def check_job(job: JobSpec, *, check_model: bool = True) -> None:
         check_stage_data(stage)
 
 
+def precision_warning(job: JobSpec) -> str | None:
+    """The warning for an explicit bf16 on CPU workers when this machine's CPU only emulates bf16.
+
+    Checked on the machine that runs the pre-flight (the workers of a local run); a stage also warns from
+    the worker it runs on."""
+    if job.deepspeed.precision != "bf16" or job.resources.gpus_per_worker > 0:
+        return None
+    from align.precision import resolve
+
+    return resolve("bf16", "cpu").warning
+
+
 def check_stage_data(stage) -> dict[str, int]:
     """Load and check one stage's data files; returns the row count of each (``path``, ``eval_path``)."""
     from align.stages.common import resolve_data_path

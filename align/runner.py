@@ -76,8 +76,11 @@ def run_job(
     artifact_root: str,
     on_metrics: Callable[[str, dict], None] | None = None,
     on_stage_end: Callable[[str, StageResult], None] | None = None,
+    on_message: Callable[[str, str, str], None] | None = None,
     resume: bool = True,
 ) -> list[StageResult]:
+    """Run every stage of ``job`` in order. The callbacks get the stage name first: ``on_metrics(stage,
+    record)``, ``on_message(stage, text, level)`` (in-process stages only; torchrun ranks print theirs)."""
     from align.preflight import check_job
 
     check_job(job)
@@ -98,6 +101,7 @@ def run_job(
             threads=job.resources.cpus_per_worker,
             resume=resume,
             on_metrics=(lambda record, name=name: on_metrics(name, record)) if on_metrics else None,
+            on_message=(lambda text, level, name=name: on_message(name, text, level)) if on_message else None,
         )
         if job.resources.num_workers == 1:
             result = run_stage(ctx)

@@ -64,8 +64,11 @@ class DeepSpeedSpec(_Spec):
     """ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters."""
     offload_optimizer: bool = False
     """Keep optimizer state and step on the CPU (ZeRO 1-3). Uses DeepSpeed's compiled CPU Adam."""
-    precision: Literal["fp32", "bf16"] = "bf16"
-    """Training precision. bf16 keeps fp32 master weights in the optimizer."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Training precision. `auto` trains in bf16 where the hardware computes in bf16 natively (CUDA devices
+    that support it, CPUs with AVX512-BF16 or AMX) and in fp32 elsewhere; each stage logs what it chose and
+    why, and its manifest records it. An explicit `bf16` on hardware that emulates it runs many times
+    slower (a warning gives the measured factor). bf16 keeps fp32 master weights in the optimizer."""
     gradient_clipping: float = Field(1.0, ge=0.0)
     """Clip the global gradient norm to this value; 0 switches clipping off."""
     gradient_checkpointing: bool = False

@@ -66,6 +66,7 @@ def train_func(config: dict) -> None:
         on_metrics=on_metrics if reporter else None,
         on_samples=reporter.samples if reporter else None,
         on_checkpoint=reporter.checkpoint if reporter else None,
+        on_message=reporter.message if reporter else None,
         job_id=ticket.get("job_id"),
     )
     result = run_stage(ctx)

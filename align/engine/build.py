@@ -12,8 +12,8 @@ from align.models.adapters import parameter_groups
 from align.spec import JobSpec
 
 
-def deepspeed_config(job: JobSpec, stage: Any, world_size: int) -> dict:
-    """The DeepSpeed JSON config for one stage of ``job``."""
+def deepspeed_config(job: JobSpec, stage: Any, world_size: int, dtype: torch.dtype) -> dict:
+    """The DeepSpeed JSON config for one stage of ``job``, training in ``dtype`` (the resolved precision)."""
     ds = job.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -25,8 +25,9 @@ def deepspeed_config(job: JobSpec, stage: Any, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": stage.batch_size,
         "gradient_accumulation_steps": stage.gradient_accumulation_steps,
         "train_batch_size": stage.batch_size * stage.gradient_accumulation_steps * world_size,
-        "gradient_clipping": ds.gradient_clipping,
-        "bf16": {"enabled": ds.precision == "bf16"},
+        # fp32 without ZeRO steps the bare torch optimizer: build_engine clips (and keeps the norm) there.
+        "gradient_clipping": 0.0 if _bare_optimizer(ds, dtype) else ds.gradient_clipping,
+        "bf16": {"enabled": dtype == torch.bfloat16},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -34,12 +35,20 @@ def deepspeed_config(job: JobSpec, stage: Any, world_size: int) -> dict:
     }
 
 
+def _bare_optimizer(ds, dtype: torch.dtype) -> bool:
+    """Whether DeepSpeed steps the torch optimizer itself, with no wrapper that computes the gradient norm."""
+    return ds.zero_stage == 0 and dtype == torch.float32
+
+
 def build_engine(
-    model: torch.nn.Module, job: JobSpec, stage: Any, total_steps: int, rank: Rank, lr: float | None = None
+    model: torch.nn.Module, job: JobSpec, stage: Any, total_steps: int, rank: Rank, *, dtype: torch.dtype,
+    lr: float | None = None,
 ):
     """Wrap ``model`` in a DeepSpeed engine with AdamW (CPU Adam when offloading) and the stage's schedule.
 
-    ``total_steps`` counts optimizer steps; ``lr`` overrides the stage's peak learning rate (the PPO critic).
+    ``total_steps`` counts optimizer steps; ``dtype`` is the precision the stage resolved; ``lr`` overrides
+    the stage's peak learning rate (the PPO critic). ``engine.get_global_grad_norm()`` gives the norm of
+    the last step's gradients before clipping in every precision and ZeRO stage.
     """
     import deepspeed
 
@@ -55,6 +64,25 @@ def build_engine(
         model=model,
         optimizer=optimizer,
         lr_scheduler=lambda opt: make_scheduler(opt, total_steps, stage.warmup_ratio, stage.lr_scheduler),
-        config=deepspeed_config(job, stage, rank.world_size),
+        config=deepspeed_config(job, stage, rank.world_size, dtype),
     )
+    if _bare_optimizer(job.deepspeed, dtype):
+        clip_before_step(engine, optimizer, job.deepspeed.gradient_clipping)
     return engine, optimizer, scheduler
+
+
+def clip_before_step(engine, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip the gradients to ``max_norm`` (0: no clipping) just before each optimizer step, and keep their
+    norm as the engine's global gradient norm.
+
+    DeepSpeed's mixed-precision and ZeRO optimizers record that norm; the bare torch optimizer it steps for
+    fp32 without ZeRO does not, and its own fp32 clipping throws the norm away. The gradients are already
+    averaged over ranks when the optimizer steps, so the local norm is the global one.
+    """
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    limit = max_norm if max_norm > 0 else float("inf")
+
+    def before_step(*_):
+        engine._global_grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+
+    optimizer.register_step_pre_hook(before_step)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +23,7 @@ from align.engine.metrics import MetricsLog
 from align.models.adapters import apply_adapter, save_trainable
 from align.models.load import load_causal_lm, load_reward_model, load_tokenizer, resolve_base_model
 from align.ops.logprobs import token_logprobs
+from align.precision import PrecisionChoice, resolve
 from align.spec import JobSpec
 
 
@@ -51,7 +52,11 @@ class StageContext:
     """Called on the main rank with sampled completions (step, prompt, completion, score) as they are logged."""
     on_checkpoint: Callable[[int, str], None] | None = None
     """Called on every rank with (step, folder) once the checkpoint after that step is complete."""
+    on_message: Callable[[str, str], None] | None = None
+    """Called on the main rank with (text, level) for what the stage reports in words (level info or warning)."""
     job_id: str | None = None
+    precision: PrecisionChoice | None = None
+    """What the stage trains in and why; set by :func:`start` from ``deepspeed.precision`` and the hardware."""
 
     @property
     def stage(self) -> Any:
@@ -80,11 +85,35 @@ class StageResult:
 
 
 def start(ctx: StageContext) -> Rank:
-    """Join the process group and seed every generator from the stage seed."""
+    """Join the process group, choose the precision, and seed every generator from the stage seed.
+
+    The stage's first message says which precision it trains in and why (a warning when an explicit bf16
+    runs on hardware that emulates it)."""
     rank = init_distributed(ctx.threads)
+    ctx.precision = agree_on_precision(resolve(ctx.job.deepspeed.precision))
+    if rank.is_main:
+        message(ctx, ctx.precision.summary())
+        if ctx.precision.warning:
+            message(ctx, ctx.precision.warning, "warning")
     seed_everything(ctx.stage.seed)
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     return rank
+
+
+def agree_on_precision(choice: PrecisionChoice) -> PrecisionChoice:
+    """One precision for every rank: ``auto`` falls back to fp32 on all ranks if any rank lacks native bf16."""
+    if choice.requested != "auto":
+        return choice
+    (bf16_ranks, world) = all_reduce_sum([float(choice.precision == "bf16"), 1.0])
+    if choice.precision == "bf16" and bf16_ranks < world:
+        return replace(choice, precision="fp32", reason=f"{int(world - bf16_ranks)} of {int(world)} ranks lack native bf16")
+    return choice
+
+
+def message(ctx: StageContext, text: str, level: str = "info") -> None:
+    """Report ``text`` through ``ctx.on_message`` (a job event in the service); call on the main rank."""
+    if ctx.on_message is not None:
+        ctx.on_message(text, level)
 
 
 def seed_everything(seed: int) -> None:
@@ -93,8 +122,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def dtype_of(job: JobSpec) -> torch.dtype:
-    return torch.bfloat16 if job.deepspeed.precision == "bf16" else torch.float32
+def dtype_of(ctx: StageContext) -> torch.dtype:
+    """The dtype the stage loads its models in: that of the precision :func:`start` chose."""
+    if ctx.precision is None:
+        raise RuntimeError("the stage's precision is chosen in common.start(); call it first")
+    return ctx.precision.dtype
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -299,7 +331,7 @@ def load_policy(ctx: StageContext):
     base = resolve_base_model(job.base_model)
     tokenizer = load_tokenizer(base)
     full_start = job.adapter.type == "full" and ctx.start_policy is not None
-    model = load_causal_lm(ctx.start_policy if full_start else base, dtype_of(job), job.quantization)
+    model = load_causal_lm(ctx.start_policy if full_start else base, dtype_of(ctx), job.quantization)
     model = apply_adapter(
         model,
         job.adapter,
@@ -321,7 +353,7 @@ def load_reward_model_for(ctx: StageContext):
     from_policy = ctx.stage.init == "policy" and ctx.start_policy is not None
     full_start = from_policy and job.adapter.type == "full"
     model = load_reward_model(
-        ctx.start_policy if full_start else base, dtype_of(job), tokenizer.pad_token_id, job.quantization
+        ctx.start_policy if full_start else base, dtype_of(ctx), tokenizer.pad_token_id, job.quantization
     )
     if from_policy and not full_start:
         # The policy's adapter becomes part of the reward model's frozen body.
@@ -441,6 +473,7 @@ def publish(
             data_fingerprints=fingerprints,
             metrics=metrics,
             job={"id": ctx.job_id, "name": ctx.job.name},
+            precision=ctx.precision.to_dict() if ctx.precision else None,
         )
     published = _broadcast(published)
     return StageResult(published, metrics)

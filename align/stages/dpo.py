@@ -33,7 +33,7 @@ def run(ctx: StageContext) -> StageResult:
     reference = Reference(model, ctx.start_policy) if job.adapter.type != "full" else None
     data = common.load_stage_data(ctx, "preference", tokenizer)
     steps = common.total_steps(stage, len(data.train), rank.world_size)
-    engine, _, scheduler = build_engine(model, job, stage, steps, rank)
+    engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=common.dtype_of(ctx))
     metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
     pad = common.pad_id(tokenizer)
     precomputed = None

@@ -51,7 +51,7 @@ def run(ctx: StageContext) -> StageResult:
     scorer = reward_scorer(ctx, tokenizer)
     advantages_of = grpo_advantages if stage.type == "grpo" else rloo_advantages
     steps = common.total_steps(stage, len(data.train), rank.world_size)
-    engine, _, scheduler = build_engine(model, job, stage, steps, rank)
+    engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=common.dtype_of(ctx))
     metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
     first_step = common.resume(ctx, engine, rank, metrics)
     if first_step == 0 and (held_out := evaluate(engine, tokenizer, data, ctx, rank)):
@@ -188,7 +188,7 @@ def reward_scorer(ctx: StageContext, tokenizer) -> Scorer:
     if stage.reward != MODEL_REWARD:
         return Scorer(tokenizer.pad_token_id, function=reward_function(stage.reward))
     model = load_frozen_reward_model(
-        resolve_base_model(job.base_model), ctx.reward_model, common.dtype_of(job), tokenizer.pad_token_id,
+        resolve_base_model(job.base_model), ctx.reward_model, common.dtype_of(ctx), tokenizer.pad_token_id,
         job.quantization,
     )
     return Scorer(tokenizer.pad_token_id, model=model)

@@ -82,8 +82,9 @@ def run(ctx: StageContext) -> StageResult:
     critic, scorer = load_critic(ctx, tokenizer)
     data = common.load_stage_data(ctx, "prompt", tokenizer)
     steps = common.total_steps(stage, len(data.train), rank.world_size)
-    policy_engine, _, scheduler = build_engine(policy, job, stage, steps * stage.ppo_epochs, rank)
-    critic_engine, _, _ = build_engine(critic, job, stage, steps * stage.ppo_epochs, rank, lr=stage.critic_lr)
+    dtype, ppo_steps = common.dtype_of(ctx), steps * stage.ppo_epochs
+    policy_engine, _, scheduler = build_engine(policy, job, stage, ppo_steps, rank, dtype=dtype)
+    critic_engine, _, _ = build_engine(critic, job, stage, ppo_steps, rank, dtype=dtype, lr=stage.critic_lr)
     scorer.attach(critic_engine)
     metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
     resumed = common.resume_state(ctx, policy_engine, rank, metrics, others={"critic": critic_engine})
@@ -265,7 +266,7 @@ def load_critic(ctx: StageContext, tokenizer) -> tuple[TokenValues, Scorer]:
     """The trainable critic (per-token values) and the scorer, as ``critic_init`` and ``reward`` ask."""
     job, stage = ctx.job, ctx.stage
     base = resolve_base_model(job.base_model)
-    dtype, pad, quantization = common.dtype_of(job), tokenizer.pad_token_id, job.quantization
+    dtype, pad, quantization = common.dtype_of(ctx), tokenizer.pad_token_id, job.quantization
     adapter_options = dict(
         task_type="SEQ_CLS", quantized=quantization is not None,
         gradient_checkpointing=job.deepspeed.gradient_checkpointing,

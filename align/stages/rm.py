@@ -26,7 +26,7 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer, model = common.load_reward_model_for(ctx)
     data = common.load_stage_data(ctx, "preference", tokenizer)
     steps = common.total_steps(stage, len(data.train), rank.world_size)
-    engine, _, scheduler = build_engine(model, job, stage, steps, rank)
+    engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=common.dtype_of(ctx))
     metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
     first_step = common.resume(ctx, engine, rank, metrics)
     pad = common.pad_id(tokenizer)

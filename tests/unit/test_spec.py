@@ -56,7 +56,7 @@ def test_yaml_and_json_give_the_same_job(tmp_path):
 def test_defaults_are_filled():
     job = parse_spec(base())
     assert job.adapter.type == "lora" and job.adapter.r == 16
-    assert job.deepspeed.zero_stage == 0 and job.deepspeed.precision == "bf16"
+    assert job.deepspeed.zero_stage == 0 and job.deepspeed.precision == "auto"
     assert job.resources.num_workers == 1
     assert job.stages[0].lr == 2e-4
 
