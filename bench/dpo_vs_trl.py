@@ -372,6 +372,7 @@ def main() -> int:
         f"data: {plan['pairs']} pairs; timed steps hold {timed_tokens:,} non-pad tokens "
         f"({timed_tokens / timed_padded:.0%} of the padded batches)\n"
     )
+    print(harness.machine())
     names = {"trl": f"TRL {trl.__version__}", "align": "align"}
     print(f"{'':<12}{'tokens/s':>10}{'peak RSS MiB':>14}{'final loss':>12}{'run s':>8}")
     for side, result in results.items():

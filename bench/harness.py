@@ -30,6 +30,17 @@ def child_environment(threads: int) -> dict[str, str]:
     return env
 
 
+def machine() -> str:
+    """The CPU and its instruction-set caps, printed beside every ratio: bf16 speed depends on them."""
+    from align.precision import hardware_summary
+
+    found = hardware_summary()
+    return (
+        f"machine: {found['cpu']}, {os.cpu_count()} CPUs; torch capability {found['cpu_capability']}, oneDNN cap "
+        f"{found['onednn_isa_cap'] or 'none'}; native bf16: {'yes' if found['cpu_native_bf16'] else 'no'}"
+    )
+
+
 def run_side(script: str, side: str, config: dict, work: Path, threads: int) -> dict:
     """Run ``script --child side CONFIG RESULT`` and return its result, with ``peak_rss_mib`` from
     ``wait4`` on that child alone."""

@@ -392,6 +392,7 @@ def main() -> int:
         f"{args.warmup} warm-up; {args.threads} threads"
     )
     print(f"data: {plan['prompts']} prompts ({PROMPTS}); reward {REWARD}; timed steps hold {timed_samples} samples\n")
+    print(harness.machine())
     names = {"trl": f"TRL {trl.__version__}", "align": "align"}
     print(f"{'':<12}{'samples/s':>10}{'tokens/s':>10}{'peak RSS MiB':>14}{'len/sample':>12}{'reward':>8}{'run s':>8}")
     for side, result in results.items():

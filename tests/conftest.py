@@ -18,6 +18,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 
+def pytest_report_header(config) -> list[str]:
+    """What this machine computes with, at the top of every test log: CPUs differ across machines."""
+    from align.precision import hardware_summary, measured_bf16_slowdown, resolve
+
+    hardware = hardware_summary()
+    return [
+        f"cpu: {hardware['cpu']}, torch capability {hardware['cpu_capability']}, "
+        f"oneDNN cap {hardware['onednn_isa_cap'] or 'none'}",
+        f"precision auto -> {resolve('auto').precision} ({hardware['cpu_bf16_reason']}); "
+        f"bf16/fp32 matmul time {measured_bf16_slowdown():.1f}x",
+    ]
+
+
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory) -> Path:
     """A 2-layer Llama with random weights and a small byte-level BPE tokenizer, saved as a local folder."""
