@@ -1,19 +1,23 @@
-"""The built-in model ``builtin:tiny``: a small Llama-style causal LM pretrained on text about numbers.
+"""The built-in model ``builtin:tiny``: a small Llama-style causal LM pretrained on simple English and on
+text about numbers.
 
 :func:`build_tiny` makes a complete local Hugging Face model folder (safetensors weights, config,
 generation config, a byte-level BPE tokenizer with the default chat template) so demos and tests run
-with no model hub. The model is not random: the build pretrains it briefly on a generated corpus that
-states whether numbers are even or odd, in the phrasings of the built-in ``parity`` task
-(:mod:`align.task`) and in plain statements, so the base model knows the answers that the alignment
-stages then elicit in chat form.
+with no model hub. The model is not random: the build pretrains it briefly on a generated corpus of two
+kinds of document. Half state whether numbers are even or odd, in the phrasings of the built-in
+``parity`` task (:mod:`align.task`) and in plain statements, so the base model knows the answers that
+the alignment stages then elicit in chat form. The other half are paragraphs of simple English over a
+vocabulary of a few thousand words (:mod:`align.english`), so the tokenizer holds English words and the
+model writes well-formed sentences that fine-tuning can shape.
 
 The corpus is plain text: documents separated by ``<|end|>`` (also the EOS token), no chat markup, so
 the role tokens of the chat template are unseen until fine-tuning, as with a real base model.
 
-Builds are deterministic on a machine: seeded initialisation, data order and corpus, and a fixed
-thread count. Training runs in bf16 autocast on the CPU, so weights built on a machine whose CPU
-kernels differ (for example one without AVX-512 BF16/AMX) may differ in the last bits. The folder is
-cached under ``cache_dir()/tiny-<BUILD_KEY>``; ``BUILD_KEY`` hashes every build parameter.
+Builds train in fp32 on every machine (bf16 is emulated, and tens of times slower, on CPUs without
+AVX512-BF16 or AMX) and are deterministic: seeded initialisation, data order and corpus, and a fixed
+thread count; CPUs whose fp32 kernels differ may differ in the last bits. The folder is cached under
+``cache_dir()/tiny-<BUILD_KEY>``; ``BUILD_KEY`` hashes every build parameter, the source of the corpus
+generators, and the versions of the libraries that initialise and train the model.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -31,14 +36,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import tokenizers
 import torch
+import transformers
 
-from align import task
+from align import english, english_words, task
 from align.data.templates import DEFAULT_CHAT_TEMPLATE, END_OF_TURN, PAD, ROLE_TOKENS, SPECIAL_TOKENS
 from align.paths import cache_dir
 
+logger = logging.getLogger(__name__)
+
 TINY_MODEL = "builtin:tiny"
-BUILD_VERSION = 4
+BUILD_VERSION = 5
 
 MODEL_CONFIG = dict(
     hidden_size=256,
@@ -55,6 +64,8 @@ VOCAB_SIZE = 1024
 PRETRAIN = dict(
     seed=0,
     documents=12000,
+    english_documents=12000,
+    english_sentences=(2, 5),
     sequence_length=64,
     batch_size=16,
     steps=400,
@@ -73,10 +84,14 @@ _STATEMENTS = (
 
 
 def build_key() -> str:
-    """Short hash of every parameter the built folder depends on."""
+    """Short hash of everything the built weights depend on: the build parameters, the corpus generators'
+    source, and the library versions that tokenise, initialise and train the model."""
+    sources = [Path(module.__file__).read_bytes() for module in (english, english_words)]
     parameters = [
         BUILD_VERSION, MODEL_CONFIG, VOCAB_SIZE, PRETRAIN, SPECIAL_TOKENS, DEFAULT_CHAT_TEMPLATE,
         task.MAX_DIGITS, task.PHRASINGS, task.ANSWERS, _STATEMENTS,
+        [hashlib.sha256(source).hexdigest() for source in sources],
+        [torch.__version__, transformers.__version__, tokenizers.__version__], "fp32",
     ]
     return hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -85,7 +100,8 @@ BUILD_KEY = build_key()
 
 
 def build_tiny(cache_root: Path | None = None) -> Path:
-    """The local folder of the built-in model, built on first use (about a minute on two CPU cores).
+    """The local folder of the built-in model, built on first use (about a minute on two CPU cores, AVX2 or
+    AVX-512 alike).
 
     The folder is built in a temporary folder next to it and renamed into place under a file lock,
     so concurrent builders (other processes, other ranks) wait for one build and never see a partial
@@ -100,8 +116,9 @@ def build_tiny(cache_root: Path | None = None) -> Path:
         if target.is_dir():
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".tiny-{BUILD_KEY}-", dir=root))
+        logger.warning("building the built-in model %s (about a minute, once per machine) under %s", TINY_MODEL, target)
         try:
-            _build_into(staging)
+            _build_into(staging, log=logger.info)
             os.rename(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -122,24 +139,32 @@ def _file_lock(path: Path) -> Iterator[None]:
 # --- corpus -------------------------------------------------------------------------------------------
 
 
-def pretraining_corpus(seed: int, documents: int) -> list[str]:
-    """Documents of a few lines, each a fresh number and its parity: a task question with its answer after
-    a space or on the next line (as in a chat reply, so the bare words are tokens too), or a statement."""
+def pretraining_corpus(seed: int, documents: int, english_documents: int = 0,
+                       english_sentences: tuple[int, int] = (2, 5)) -> list[str]:
+    """Parity documents and English paragraphs, shuffled together.
+
+    A parity document has a few lines, each a fresh number and its parity: a task question with its
+    answer after a space or on the next line (as in a chat reply, so the bare words are tokens too), or
+    a statement. An English document is a paragraph of ``english_sentences`` (low, high) sentences."""
     rng = random.Random(seed)
-    corpus = []
-    for _ in range(documents):
-        lines = []
-        for _ in range(rng.randint(3, 6)):
-            item = task.random_item(rng, rng.choice(task.FAMILIES))
-            form = rng.random()
-            if form < 0.35:
-                lines.append(f"{item.prompt()} {item.answer}")
-            elif form < 0.7:
-                lines.append(f"{item.prompt()}\n{item.answer}")
-            else:
-                lines.append(rng.choice(_STATEMENTS).format(number=item.number, parity=item.answer))
-        corpus.append("\n".join(lines))
+    corpus = [_parity_document(rng) for _ in range(documents)]
+    corpus += [english.paragraph(rng, rng.randint(*english_sentences)) for _ in range(english_documents)]
+    rng.shuffle(corpus)
     return corpus
+
+
+def _parity_document(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(3, 6)):
+        item = task.random_item(rng, rng.choice(task.FAMILIES))
+        form = rng.random()
+        if form < 0.35:
+            lines.append(f"{item.prompt()} {item.answer}")
+        elif form < 0.7:
+            lines.append(f"{item.prompt()}\n{item.answer}")
+        else:
+            lines.append(rng.choice(_STATEMENTS).format(number=item.number, parity=item.answer))
+    return "\n".join(lines)
 
 
 # --- tokenizer ----------------------------------------------------------------------------------------
@@ -202,7 +227,7 @@ def _packed_sequences(tokenizer, documents: list[str], length: int) -> torch.Ten
 
 
 def pretrain(model, sequences: torch.Tensor, generator: torch.Generator, log=None) -> None:
-    """AdamW with linear warm-up and cosine decay over ``PRETRAIN["steps"]`` random batches, bf16 autocast."""
+    """AdamW with linear warm-up and cosine decay over ``PRETRAIN["steps"]`` random batches, in fp32."""
     batch_size, steps = PRETRAIN["batch_size"], PRETRAIN["steps"]
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=PRETRAIN["learning_rate"], weight_decay=PRETRAIN["weight_decay"], betas=(0.9, 0.95)
@@ -218,8 +243,7 @@ def pretrain(model, sequences: torch.Tensor, generator: torch.Generator, log=Non
     model.train()
     for step in range(steps):
         batch = sequences[torch.randint(len(sequences), (batch_size,), generator=generator)]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -238,7 +262,9 @@ def _build_into(folder: Path, log=None) -> None:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(PRETRAIN["seed"])
-            documents = pretraining_corpus(PRETRAIN["seed"], PRETRAIN["documents"])
+            documents = pretraining_corpus(
+                PRETRAIN["seed"], PRETRAIN["documents"], PRETRAIN["english_documents"], PRETRAIN["english_sentences"]
+            )
             tokenizer = train_tokenizer(documents)
             model = LlamaForCausalLM(_config(tokenizer))
             generator = torch.Generator().manual_seed(PRETRAIN["seed"])

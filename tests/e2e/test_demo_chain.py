@@ -25,6 +25,8 @@ def test_sft_then_dpo_raises_held_out_accuracy(tmp_path):
 
     sft_accuracy = sft.metrics["eval_exact_match"]
     dpo_accuracy = dpo.metrics["eval_exact_match"]
+    print(f"held-out greedy accuracy: sft {sft_accuracy:.3f} -> dpo {dpo_accuracy:.3f}; "
+          f"implicit-reward accuracy {dpo.metrics['eval_rewards_accuracy']:.3f}")
     assert 0.4 < sft_accuracy < 0.85, "SFT learns the demonstrations' mistakes"
     assert dpo_accuracy >= 0.92 and dpo_accuracy >= sft_accuracy + 0.15
     assert dpo.metrics["eval_rewards_accuracy"] >= 0.95
