@@ -35,7 +35,7 @@ def dpo(data, **extra) -> dict:
 
 def job_spec(model, stages, name="e2e", **overrides) -> dict:
     spec = {"name": name, "base_model": str(model), "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-            "deepspeed": {"zero_stage": 0, "precision": "bf16"}, "resources": {"num_workers": 1, "cpus_per_worker": 1},
+            "deepspeed": {"zero_stage": 0, "precision": "auto"}, "resources": {"num_workers": 1, "cpus_per_worker": 1},
             "stages": stages}
     spec.update(overrides)
     return spec
@@ -145,7 +145,7 @@ def test_killed_stage_is_retried_and_resumes_from_its_checkpoint(service, small_
 def test_two_workers_on_two_nodes_with_zero2(service, small_model, small_data):
     client, _, log = service
     spec = job_spec(small_model, [sft(small_data, batch_size=2, max_steps=4)], name="e2e-multinode",
-                    deepspeed={"zero_stage": 2, "precision": "bf16"},
+                    deepspeed={"zero_stage": 2, "precision": "auto"},
                     resources={"num_workers": 2, "cpus_per_worker": 1})
     job = client.submit(spec)
     job = wait_until(client, job["id"], finished, 300)
@@ -189,7 +189,7 @@ def test_sft_rm_ppo_on_the_builtin_model_with_two_workers(service):
                                  "max_rows": 64}, "max_new_tokens": 4, "max_steps": 2, "ppo_epochs": 2,
          "lr": 5e-4, "critic_lr": 5e-4, "kl_target": 1.0, **common},
     ]
-    spec = job_spec("builtin:tiny", stages, name="e2e-ppo", deepspeed={"zero_stage": 2, "precision": "bf16"},
+    spec = job_spec("builtin:tiny", stages, name="e2e-ppo", deepspeed={"zero_stage": 2, "precision": "auto"},
                     resources={"num_workers": 2, "cpus_per_worker": 1},
                     adapter={"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0})
     job = client.submit(spec)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from align.artifacts import ArtifactStore
 from align.engine.dist import free_port
+from align.precision import resolve
 from align.runner import context_to_json
 from align.spec import parse_spec
 from align.stages.common import StageContext
@@ -27,7 +28,8 @@ from align.stages.common import StageContext
 pytestmark = pytest.mark.slow
 
 RANK_REPORT = Path(__file__).with_name("rank_report.py")
-PRECISION = "bf16"
+PRECISION = resolve("auto").precision
+"""What users get here: bf16 where the CPU computes in it, fp32 where bf16 would be emulated."""
 # Step-0 DPO loss is ln 2 up to the precision's rounding of the summed log-probs.
 LN2_TOLERANCE = {"bf16": 1e-4, "fp32": 1e-6}[PRECISION]
 SFT_STEPS = 4

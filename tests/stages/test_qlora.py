@@ -66,7 +66,7 @@ def test_qlora_dpo_after_sft_trains(small_model, small_data, job_factory, tmp_pa
              "lr": 3e-3, "beta": 0.1, "seed": 3},
         ],
         quantization={"bits": 4, "type": "nf4", "double_quant": True},
-        deepspeed={"zero_stage": 0, "precision": "bf16"},
+        deepspeed={"zero_stage": 0, "precision": "auto"},
     )
     sft, dpo = run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
 
@@ -95,7 +95,7 @@ def test_qlora_ppo_after_sft_and_rm_starts_at_the_reference(small_model, small_d
              "max_steps": 2, "ppo_epochs": 2, "lr": 1e-2, "critic_lr": 1e-2},
         ],
         quantization={"bits": 4, "type": "nf4", "double_quant": True},
-        deepspeed={"zero_stage": 0, "precision": "bf16"},
+        deepspeed={"zero_stage": 0, "precision": "auto"},
     )
     sft, rm, ppo = run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
 
