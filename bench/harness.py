@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def child_environment(threads: int) -> dict[str, str]:
-    """Offline, CPU DeepSpeed, the repository on the path, ``threads`` torch threads."""
+    """Offline, the repository on the path, ``threads`` torch threads, and CPU DeepSpeed unless
+    DS_ACCELERATOR names another accelerator."""
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS=str(threads),
@@ -22,9 +23,9 @@ def child_environment(threads: int) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
-        DS_ACCELERATOR="cpu",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
     )
+    env.setdefault("DS_ACCELERATOR", "cpu")  # set DS_ACCELERATOR=cuda to run the sides on a GPU
     env.setdefault("ALIGN_CACHE_DIR", str(REPO / ".align" / "cache"))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".align" / "cache" / "torch_extensions"))
     return env

@@ -25,6 +25,7 @@ from worker_helpers import (
 )
 
 from align.artifacts import ArtifactStore
+from align.precision import resolve
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +67,9 @@ def test_attempt_reports_progress_and_publishes_a_verified_adapter(uninterrupted
     losses = [r["payload"] for r in receiver.of_type("metrics") if "loss" in r["payload"]]
     assert [m["step"] for m in losses] == list(range(1, STEPS + 1))
     assert all(math.isfinite(m["loss"]) for m in losses)
+    # The stage's own first message says what it trains in and why (the service keeps it as a job event).
+    stage_messages = [m["payload"] for m in receiver.of_type("message") if not m["payload"]["text"].startswith("ranks")]
+    assert stage_messages[0] == {"level": "info", "text": resolve("fp32").summary()}
     (checkpoint,) = receiver.of_type("checkpoint")
     assert checkpoint["payload"]["step"] == CHECKPOINT_EVERY
     assert Path(checkpoint["payload"]["uri"]).parent == Path(ticket["work_dir"]) / "checkpoints"
@@ -81,6 +85,7 @@ def test_attempt_reports_progress_and_publishes_a_verified_adapter(uninterrupted
     assert (payload["artifact_id"], payload["version"], payload["kind"]) == (manifest["artifact_id"], 1, "adapter")
     assert payload["lineage"] == "workers.sft" and payload["parents"] == []
     assert manifest["job"]["id"] == ticket["job_id"]
+    assert manifest["precision"]["requested"] == manifest["precision"]["precision"] == "fp32"
     assert payload["metrics"]["loss"] == losses[-1]["loss"] and payload["metrics"]["steps"] == STEPS
 
     import torch
