@@ -104,9 +104,10 @@ def agree_on_precision(choice: PrecisionChoice) -> PrecisionChoice:
     """One precision for every rank: ``auto`` falls back to fp32 on all ranks if any rank lacks native bf16."""
     if choice.requested != "auto":
         return choice
-    (bf16_ranks, world) = all_reduce_sum([float(choice.precision == "bf16"), 1.0])
+    bf16_ranks, world = all_reduce_sum([float(choice.precision == "bf16"), 1.0])
     if choice.precision == "bf16" and bf16_ranks < world:
-        return replace(choice, precision="fp32", reason=f"{int(world - bf16_ranks)} of {int(world)} ranks lack native bf16")
+        lacking = f"{int(world - bf16_ranks)} of {int(world)} ranks lack native bf16"
+        return replace(choice, precision="fp32", reason=lacking)
     return choice
 
 
