@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/rl_vs_trl.py
 	$(VENV)/bin/python bench/rl_vs_trl.py --precision bf16
 	$(VENV)/bin/python bench/rl_vs_trl.py --algo rloo
+	$(VENV)/bin/python bench/precision.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check align services workers tests bench
