@@ -93,12 +93,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_bf16(flags: frozenset[str] | None = None, capability: str | None = None,
-             onednn_cap: str | None = None) -> tuple[bool, str]:
-    """Whether this CPU runs bf16 natively under the current library caps, and why (pure in its arguments)."""
-    flags = cpu_flags() if flags is None else flags
-    capability = cpu_capability() if capability is None else capability
-    onednn_cap = onednn_isa_cap() if onednn_cap is None else onednn_cap
+_FROM_THIS_MACHINE = object()
+
+
+def cpu_bf16(
+    flags=_FROM_THIS_MACHINE, capability=_FROM_THIS_MACHINE, onednn_cap=_FROM_THIS_MACHINE
+) -> tuple[bool, str]:
+    """Whether a CPU runs bf16 natively under the library caps, and why: pure in the arguments given
+    (its flags, torch's capability, oneDNN's cap or None), this machine's for those left out."""
+    flags = cpu_flags() if flags is _FROM_THIS_MACHINE else flags
+    capability = cpu_capability() if capability is _FROM_THIS_MACHINE else capability
+    onednn_cap = onednn_isa_cap() if onednn_cap is _FROM_THIS_MACHINE else onednn_cap
     hardware = sorted(flags & {"avx512_bf16", "amx_bf16"})
     if not hardware:
         return False, f"the CPU has no AVX512-BF16 or AMX (torch uses {capability})"
