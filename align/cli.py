@@ -195,8 +195,11 @@ def submit(
 
 
 def follow_job(client, job_id: str) -> dict:
-    """Live progress bars (step, loss, ETA) per stage from the event stream; returns the finished job."""
+    """Live progress bars (step, loss, ETA) per stage from the event stream, with each stage's precision and
+    any warning or error; returns the finished job."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from align.spec import PRECISION_SUMMARY_PREFIX
 
     job = client.job(job_id)
     columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.fields[steps]:>11}"),
@@ -228,6 +231,9 @@ def follow_job(client, job_id: str) -> dict:
                     progress.update(bar, info="  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
             elif event["type"] == "message" and event.get("level") in ("warning", "error"):
                 progress.console.print(f"[yellow]{payload.get('text', payload)}[/yellow]")
+            elif event["type"] == "message" and str(payload.get("text", "")).startswith(PRECISION_SUMMARY_PREFIX):
+                name = progress.tasks[bar].description
+                progress.console.print(f"  [{name}] {payload['text']}", style="dim", markup=False, soft_wrap=True)
     job = client.job(job_id)
     console.print(_job_table(job))
     return job

@@ -22,7 +22,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from align.spec import PRECISION_SUMMARY_PREFIX as SUMMARY_PREFIX
+
 PRECISIONS = ("auto", "fp32", "bf16")
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # oneDNN ISA caps below AVX512_CORE_BF16: with one of these set, oneDNN emulates bf16 matrix products.
@@ -56,7 +59,7 @@ class PrecisionChoice:
         return asdict(self)
 
     def summary(self) -> str:
-        return f"precision {self.precision} ({self.requested} on {self.device}): {self.reason}"
+        return f"{SUMMARY_PREFIX}{self.precision} ({self.requested} on {self.device}): {self.reason}"
 
 
 def cpu_capability() -> str:

@@ -25,6 +25,8 @@ RewardName = Literal["exact_answer"]
 """Reward functions a stage may name; ``align.rewards.REWARDS`` maps each to its function."""
 MODEL_REWARD = "model"
 """The ``reward`` of an online stage that scores with a reward model."""
+PRECISION_SUMMARY_PREFIX = "precision "
+"""How a stage's first message begins: the precision it trains in and why (``align.precision``)."""
 RewardChoice = Literal["model", "exact_answer"]
 """What an online stage's ``reward`` may name: the reward model or a reward function."""
 if get_args(RewardChoice) != (MODEL_REWARD, *get_args(RewardName)):
