@@ -96,8 +96,7 @@ class Manifest:
     content_hash: str
     """``content_hash(files)``: the artifact's identity, independent of where and when it was stored."""
     precision: dict[str, Any] | None = None
-    """How the stage chose its precision: ``{"requested", "precision", "device", "native_bf16", "reason",
-    ...}`` (see :class:`align.precision.PrecisionChoice`); None for artifacts published outside a stage."""
+    """How the stage chose its precision (:class:`align.precision.PrecisionChoice`); None outside a stage."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

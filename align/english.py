@@ -19,93 +19,14 @@ sets, whose order changes between processes with hash randomisation.
 from __future__ import annotations
 
 import random
-import re
 
 from align import english_words as W
+from align.english_forms import VOCAB, Zipfian, ing, past, plural, third, words
+from align.english_forms import nouns as _nouns
+from align.english_forms import pool as _pool
+from align.english_forms import verbs as _verbs
 
 __all__ = ["VOCABULARY", "ing", "paragraph", "past", "plural", "sentence", "third", "words"]
-
-# ---------------------------------------------------------------------------------------- inflection
-
-_IRREGULAR_PLURAL = dict(p.split(":") for p in W.IRREGULAR_PLURALS)
-_IRREGULAR_PAST = dict(p.split(":") for p in W.IRREGULAR_PAST)
-_DOUBLING = frozenset(W.DOUBLING)
-_SIBILANT = ("s", "x", "z", "ch", "sh")
-
-
-def _consonant_y(word: str) -> bool:
-    return word.endswith("y") and word[-2] not in "aeiou"
-
-
-def plural(noun: str) -> str:
-    """Plural of a noun: box -> boxes, city -> cities, child -> children."""
-    if noun in _IRREGULAR_PLURAL:
-        return _IRREGULAR_PLURAL[noun]
-    if noun.endswith(_SIBILANT):
-        return noun + "es"
-    return noun[:-1] + "ies" if _consonant_y(noun) else noun + "s"
-
-
-def third(verb: str) -> str:
-    """Third person singular present: carry -> carries, watch -> watches, go -> goes."""
-    if verb == "have":
-        return "has"
-    if verb.endswith(_SIBILANT) or (verb.endswith("o") and verb[-2] not in "aeiou"):
-        return verb + "es"
-    return verb[:-1] + "ies" if _consonant_y(verb) else verb + "s"
-
-
-def past(verb: str) -> str:
-    """Simple past: go -> went, stop -> stopped, carry -> carried, smile -> smiled."""
-    if verb in _IRREGULAR_PAST:
-        return _IRREGULAR_PAST[verb]
-    if verb.endswith("e"):
-        return verb + "d"
-    if _consonant_y(verb):
-        return verb[:-1] + "ied"
-    return verb + verb[-1] + "ed" if verb in _DOUBLING else verb + "ed"
-
-
-def ing(verb: str) -> str:
-    """Present participle: run -> running, make -> making, see -> seeing, tie -> tying."""
-    if verb.endswith("ie"):
-        return verb[:-2] + "ying"
-    if verb.endswith("e") and not verb.endswith(("ee", "ye", "oe")) and verb != "be":
-        return verb[:-1] + "ing"
-    return verb + verb[-1] + "ing" if verb in _DOUBLING else verb + "ing"
-
-
-# ------------------------------------------------------------------------------------- word pools
-# Every pool the generator draws from is registered here, so VOCABULARY is exactly what it can emit.
-
-_VOCAB: set[str] = set()
-_STATIVE = frozenset(W.STATIVE)
-
-
-def _pool(items) -> tuple:
-    items = tuple(items)
-    for item in items:
-        _VOCAB.update(words(" ".join(item) if isinstance(item, tuple) else item))
-    return items
-
-
-def _verbs(lemmas, progressive: bool = True) -> tuple:
-    """(base, third person, past, -ing, stative) per verb; -ing forms only where they can be used."""
-    out = tuple((v, third(v), past(v), ing(v), v in _STATIVE) for v in dict.fromkeys(lemmas))
-    _pool(f[:4] if progressive and not f[4] else f[:3] for f in out)
-    return out
-
-
-def _nouns(lemmas, adjectives, plurals=True) -> tuple:
-    """(singular forms, plural forms, adjectives), indexed together."""
-    lemmas = tuple(dict.fromkeys(lemmas))
-    return (_pool(lemmas), _pool(plural(n) for n in lemmas) if plurals else lemmas, _pool(adjectives))
-
-
-def words(text: str) -> list[str]:
-    """The lower-cased words of a text: runs of letters and apostrophes."""
-    return re.findall(r"[a-z']+", text.lower())
-
 
 _FEMALE, _MALE = _nouns(W.PEOPLE_F, W.A_LIVING + W.A_PEOPLE), _nouns(W.PEOPLE_M, W.A_LIVING + W.A_PEOPLE)
 _NEUTRAL = _nouns(W.PEOPLE_N, W.A_LIVING + W.A_PEOPLE)
@@ -152,7 +73,7 @@ _ENJOY = _verbs(["like", "love", "hate", "enjoy"], progressive=False)
 _DITRANS = tuple((_verbs([v])[0], prep, kinds) for v, prep, kinds in W.DITRANSITIVE)
 
 # Words the templates spell out themselves.
-_VOCAB.update(words("""a an the this that these those my your his her its our their some many every
+VOCAB.update(words("""a an the this that these those my your his her its our their some many every
 I you he she it we they me him us them who what where when why how which and but so because than
 of to for in at on under near behind beside next front by with not don't doesn't didn't won't isn't
 aren't wasn't weren't can't cannot couldn't shouldn't am is are was were will can could should might
@@ -656,52 +577,10 @@ _SENTENCES = (_statement,) * 9 + (_compound,) * 4 + (_yes_no,) * 2 + (_wh,) * 2 
     _have, _imperative, _other, _other, _other, _other, _exclaim)
 
 
-class _Zipfian:
-    """Draws from ``rng`` with word choices skewed as in natural text: in a list of more than
-    ``_FLAT_UP_TO`` items, ranked shortest first (short words are the common ones), item ``i`` of ``n`` is
-    drawn with probability falling off roughly as a power of ``i``. Every word still occurs, but a small
-    model sees the common ones often enough to learn them; short lists (grammatical choices) stay uniform."""
-
-    def __init__(self, rng: random.Random):
-        self._rng = rng
-        self.random, self.randint = rng.random, rng.randint
-
-    def __getattr__(self, name):
-        return getattr(self._rng, name)
-
-    def randrange(self, n: int) -> int:
-        """An index into a list of ``n`` words, skewed towards its start (lists put common words first)."""
-        return self._rng.randrange(n) if n <= _FLAT_UP_TO else int(n * self._rng.random() ** _SKEW)
-
-    def choice(self, items):
-        if len(items) <= _FLAT_UP_TO:
-            return self._rng.choice(items)
-        ranked = _RANKED.get(id(items))
-        if ranked is None or ranked[0] is not items:
-            words_only = all(_rank_key(item) is not None for item in items)
-            ranked = _RANKED[id(items)] = (items, sorted(items, key=_rank_key) if words_only else None)
-        if ranked[1] is None:  # not words: sentence patterns and the like
-            return self._rng.choice(items)
-        return ranked[1][int(len(items) * self._rng.random() ** _SKEW)]
-
-
-_FLAT_UP_TO = 12
-_SKEW = 2.5
-"""A fraction q of the draws falls on the first q ** (1 / _SKEW) of a ranked list: 40% on its top tenth."""
-_RANKED: dict[int, tuple] = {}
-
-
-def _rank_key(item) -> tuple[int, str] | None:
-    """(length, text) of a word, or of the first word in a tuple of forms; None for anything else."""
-    while isinstance(item, tuple):
-        item = next((part for part in item if isinstance(part, (str, tuple))), None)
-    return (len(item), item) if isinstance(item, str) else None
-
-
 def sentence(rng: random.Random) -> str:
     """One sentence: capitalised, with final punctuation and the right "a"/"an"."""
-    if not isinstance(rng, _Zipfian):
-        rng = _Zipfian(rng)
+    if not isinstance(rng, Zipfian):
+        rng = Zipfian(rng)
     tokens, end = rng.choice(_SENTENCES)(rng)
     for i in range(len(tokens) - 1):
         if tokens[i] == "a" and tokens[i + 1][0] in "aeiou":
@@ -712,8 +591,8 @@ def sentence(rng: random.Random) -> str:
 
 def paragraph(rng: random.Random, sentences: int) -> str:
     """``sentences`` sentences joined by single spaces."""
-    rng = _Zipfian(rng)
+    rng = Zipfian(rng)
     return " ".join([sentence(rng) for _ in range(sentences)])
 
 
-VOCABULARY: frozenset[str] = frozenset(_VOCAB)
+VOCABULARY: frozenset[str] = frozenset(VOCAB)

@@ -40,7 +40,7 @@ import tokenizers
 import torch
 import transformers
 
-from align import english, english_words, task
+from align import english, english_forms, english_words, task
 from align.data.templates import DEFAULT_CHAT_TEMPLATE, END_OF_TURN, PAD, ROLE_TOKENS, SPECIAL_TOKENS
 from align.paths import cache_dir
 
@@ -86,7 +86,7 @@ _STATEMENTS = (
 def build_key() -> str:
     """Short hash of everything the built weights depend on: the build parameters, the corpus generators'
     source, and the library versions that tokenise, initialise and train the model."""
-    sources = [Path(module.__file__).read_bytes() for module in (english, english_words)]
+    sources = [Path(module.__file__).read_bytes() for module in (english, english_forms, english_words)]
     parameters = [
         BUILD_VERSION, MODEL_CONFIG, VOCAB_SIZE, PRETRAIN, SPECIAL_TOKENS, DEFAULT_CHAT_TEMPLATE,
         task.MAX_DIGITS, task.PHRASINGS, task.ANSWERS, _STATEMENTS,
