@@ -10,7 +10,7 @@ subject-verb agreement and the right "a"/"an"; adjectives, adverbs, prepositiona
 agree with the tense; negation (with and without contractions); compound sentences with "and", "but",
 "so", "because" and "when"; yes/no and wh- questions; imperatives and exclamations; numbers as words.
 Nouns and verbs are grouped by kind so that a cat chases a mouse and a teacher reads a story, rather
-than the other way round. Inflection is by rule with explicit tables for irregular forms.
+than the other way round. Inflection and word frequency live in :mod:`align.english_forms`.
 
 Output is a pure function of the ``random.Random`` state: choices are made from tuples only, never from
 sets, whose order changes between processes with hash randomisation.

@@ -2,7 +2,7 @@
 
 Nouns are split by kind (people, animals, small and large things, food, places, abstract nouns) so the
 grammar can pick verbs and adjectives that fit, which keeps sentences sensible as well as grammatical.
-Lists are whitespace-separated lemmas; inflection is done by :mod:`align.english`, with the irregular or
+Lists are whitespace-separated lemmas; inflection is done by :mod:`align.english_forms`, with the irregular or
 tricky forms listed here. Words whose article or inflection the simple rules would get wrong (``hour``,
 ``unicorn``, ``mango``, ``quiz``) are left out rather than special-cased.
 """
