@@ -73,27 +73,25 @@ def onednn_isa_cap() -> str | None:
     return value.upper() if value else None
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is not available)."""
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line that starts with one of ``keys`` (None where there is none)."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
+                if line.startswith(keys):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is not available)."""
+    return frozenset((_cpuinfo("flags", "Features") or "").split())
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 _FROM_THIS_MACHINE = object()
@@ -127,7 +125,9 @@ def measured_bf16_slowdown(size: int = 256, seconds: float = 0.05) -> float:
     try:
         best = {}
         for dtype in (torch.float32, torch.bfloat16):
-            a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+            # A generator of its own: measuring must not move the global RNG that stages seed.
+            generator = torch.Generator().manual_seed(0)
+            a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
             a @ b
             fastest, deadline = float("inf"), time.perf_counter() + seconds
             for _ in range(50):
