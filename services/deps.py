@@ -59,14 +59,17 @@ def current_tenant(
     if token is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            "missing API key: send the header 'Authorization: Bearer <key>'",
+            "missing API key: send the header 'Authorization: Bearer <key>' (the align CLI sends "
+            "$ALIGN_API_KEY, else the key in $ALIGN_HOME/api_key or ./.align/api_key, else ~/.config/align/api_key)",
             headers={"WWW-Authenticate": "Bearer"},
         )
     tenant = jobs.tenant_for_key(session, token)
     if tenant is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            "invalid or revoked API key",
+            "invalid or revoked API key: send a key of this service in 'Authorization: Bearer <key>' (the "
+            "align CLI: set ALIGN_API_KEY; `align serve` writes the key it creates to .align/api_key and "
+            "~/.config/align/api_key)",
             headers={"WWW-Authenticate": "Bearer"},
         )
     # End the look-up's transaction: on SQLite every transaction holds the write lock, and a route may

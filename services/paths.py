@@ -101,16 +101,23 @@ def check_locations(
     problems = []
     for field, kind, location in spec_locations(spec):
         roots = data_roots if kind == "data" else model_roots
-        message = location_problem(location, roots, allowed_schemes, allow_artifact=kind == "model")
+        setting = "ALIGN_DATA_ROOTS" if kind == "data" else "ALIGN_MODEL_ROOTS"
+        message = location_problem(location, roots, allowed_schemes, allow_artifact=kind == "model", setting=setting)
         if message is not None:
             problems.append((field, message))
     return problems
 
 
 def location_problem(
-    location: str, roots: Sequence[str | Path], allowed_schemes: Sequence[str], *, allow_artifact: bool = False
+    location: str,
+    roots: Sequence[str | Path],
+    allowed_schemes: Sequence[str],
+    *,
+    allow_artifact: bool = False,
+    setting: str = "ALIGN_DATA_ROOTS",
 ) -> str | None:
-    """Why ``location`` may not be read, or None when it may."""
+    """Why ``location`` may not be read, or None when it may; a refusal by the roots names ``setting``,
+    the service setting that lists them."""
     if "\0" in location:
         return "contains a NUL character"
     if location.startswith("builtin:") or (allow_artifact and location.startswith("artifact:")):
@@ -118,10 +125,11 @@ def location_problem(
     match = _SCHEME_RE.match(location)
     scheme = match.group(1).lower() if match else "file"
     if scheme in _ALWAYS_REFUSED_SCHEMES:
-        return f"'{location}' is a web address; {scheme}:// locations are never read, give a path under {_roots(roots)}"
+        return (f"'{location}' is a web address; {scheme}:// locations are never read, give a path under "
+                f"{_roots(roots)} (the service's {setting})")
     if scheme not in [s.lower() for s in allowed_schemes]:
         allowed = ", ".join(f"{s}://" for s in allowed_schemes) or "none"
-        return f"scheme '{scheme}://' is not allowed (allowed: {allowed})"
+        return f"scheme '{scheme}://' is not allowed (allowed: {allowed}; the service's ALIGN_ALLOWED_SCHEMES)"
     path = location[match.end():] if match else location
     if ".." in PurePosixPath(path).parts:
         return f"'{location}' contains '..'; give a path without parent-directory steps"
@@ -136,7 +144,8 @@ def location_problem(
     for root in roots:
         if resolved.is_relative_to(os.path.realpath(root)):
             return None
-    return f"'{location}' is outside the allowed folders {_roots(roots)}"
+    return (f"'{location}' is outside the allowed folders {_roots(roots)}; move it under one of them, or add "
+            f"its folder to the service's {setting} (a JSON list of folders) and restart it")
 
 
 def _roots(roots: Sequence[str | Path]) -> str:

@@ -67,6 +67,18 @@ def test_check_locations_names_each_field(roots):
     spec = spec_with(str(outside / "a.jsonl"), base_model=str(outside / "model"), eval_path=f"{data}/../b.jsonl")
     problems = dict(check_locations(spec, data_roots=[data], model_roots=[models], allowed_schemes=["file"]))
     assert set(problems) == {"base_model", "stages[0].data.path", "stages[0].data.eval_path"}
+    # A refusal by the roots names the setting that lists them, and the roots themselves.
+    assert problems["stages[0].data.path"] == (
+        f"'{outside}/a.jsonl' is outside the allowed folders [{data}]; move it under one of them, or add its "
+        "folder to the service's ALIGN_DATA_ROOTS (a JSON list of folders) and restart it"
+    )
+    assert problems["base_model"] == (
+        f"'{outside}/model' is outside the allowed folders [{models}]; move it under one of them, or add its "
+        "folder to the service's ALIGN_MODEL_ROOTS (a JSON list of folders) and restart it"
+    )
+    web = spec_with("https://example.com/d.jsonl")
+    (message,) = dict(check_locations(web, data_roots=[data], model_roots=[models], allowed_schemes=["file"])).values()
+    assert message.endswith(f"give a path under [{data}] (the service's ALIGN_DATA_ROOTS)")
 
 
 def test_check_data_names_missing_files_and_columns(roots):
