@@ -87,15 +87,18 @@ def ensure_local_api_key(settings) -> None:
 
 
 def start_local_ray(num_cpus: Optional[int]):
-    """A local Ray for the embedded set-up; returns the Jobs API client of its dashboard."""
+    """A Ray of this service's own (services.local_ray); returns the Jobs API client of its dashboard."""
     from services.dispatcher import RayJobs
+    from services.local_ray import LocalRayError
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    console.print(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs), jobs API at {context.dashboard_url}")
-    return RayJobs("http://" + context.dashboard_url)
+    try:
+        client = RayJobs.start_local(num_cpus)
+    except LocalRayError as error:
+        console.print(f"[red]{error}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"started a local Ray ({num_cpus or 'all'} CPUs), jobs API at {client.address}, "
+                  f"GCS at {client.cluster_address}")
+    return client
 
 
 @app.command()
@@ -123,9 +126,7 @@ def serve(
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:
         if ray_client is not None:
-            import ray
-
-            ray.shutdown()
+            ray_client.close()
 
 
 @app.command("dispatcher")

@@ -20,6 +20,7 @@ import shlex
 import socket
 import sys
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.db import jobs
 from services.db.models import RUNNING, SUCCEEDED, Job, StageRun, utcnow
+from services.local_ray import CLUSTER_ENV_VAR
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,23 +53,67 @@ def _is_missing(error: RuntimeError) -> bool:
 
 
 class RayJobs:
-    """The Ray Jobs API as the dispatcher uses it; an unknown submission id reads as None, not an error."""
+    """The Ray Jobs API as the dispatcher uses it; an unknown submission id reads as None, not an error.
 
-    def __init__(self, address: str):
+    ``cluster_address`` is the GCS address of the cluster when this service knows it (its own local
+    Ray): the dispatcher pins it in every job's runtime env. ``local`` is that local Ray, stopped by
+    :meth:`close`.
+    """
+
+    def __init__(self, address: str, cluster_address: str | None = None, local: Any = None):
         from ray.job_submission import JobSubmissionClient
 
         self.address = address
+        self.cluster_address = cluster_address
+        self.local = local
         self._client = JobSubmissionClient(address)
+        self._probes: list[str] = []
 
     @classmethod
     def connect(cls, ray_address: str | None) -> RayJobs:
-        """Connect to ``ray_address``, or start a local Ray (its dashboard serves the Jobs API)."""
-        if ray_address:
-            return cls(ray_address)
-        import ray
+        """Connect to ``ray_address``, or start a local Ray of this service's own (see :func:`start_local`)."""
+        return cls(ray_address) if ray_address else cls.start_local()
 
-        context = ray.init(include_dashboard=True, ignore_reinit_error=True)
-        return cls("http://" + context.dashboard_url)
+    @classmethod
+    def start_local(cls, num_cpus: int | None = None) -> RayJobs:
+        """Start a Ray head of this service's own (:mod:`services.local_ray`) and talk to its Jobs API.
+
+        Raises :class:`services.local_ray.LocalRayError` with a one-line message when it does not start.
+        """
+        from align.paths import home_dir
+        from services import local_ray
+
+        ray = local_ray.start(home_dir(), num_cpus=num_cpus)
+        try:
+            return cls(ray.dashboard_url, cluster_address=ray.gcs_address, local=ray)
+        except Exception:
+            ray.stop()
+            raise
+
+    def close(self) -> None:
+        """Stop the local Ray this client started, if it did."""
+        if self.local is not None:
+            self.local.stop()
+
+    def check_submission(self) -> None:
+        """Submit a job that does nothing; raises when the Jobs API does not accept it.
+
+        Answering a status query only needs the dashboard; a submission also needs the head node's
+        job agent and raylet, which is what the dispatcher needs. Earlier probes that ended are deleted.
+        """
+        for submission_id in list(self._probes):
+            try:
+                status = self.get_job_status(submission_id)
+                if status in ENDED:
+                    self._client.delete_job(submission_id)
+                if status in ENDED or status is None:
+                    self._probes.remove(submission_id)
+            except (OSError, RuntimeError):
+                break
+        submission_id = f"align-readiness-{uuid.uuid4().hex[:12]}"
+        self._client.submit_job(entrypoint="true", submission_id=submission_id, entrypoint_num_cpus=0,
+                                metadata={"align": "readiness probe"})
+        self._probes.append(submission_id)
 
     def submit_job(self, *, entrypoint: str, submission_id: str, runtime_env: dict,
                    entrypoint_num_cpus: float = 0) -> str:
@@ -200,6 +246,11 @@ class Dispatcher:
     def runtime_env(self, ticket: dict[str, Any]) -> dict[str, Any]:
         env = {name: os.environ[name] for name in PASSED_ENV_VARS if name in os.environ}
         env["ALIGN_TICKET"] = json.dumps(ticket)
+        cluster = getattr(self.ray, "cluster_address", None)
+        if cluster:
+            # Not RAY_ADDRESS: the job supervisor replaces that with its own "auto" look-up for the
+            # entrypoint. workers.entrypoint joins this address explicitly.
+            env[CLUSTER_ENV_VAR] = cluster
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         return {"env_vars": env}
 

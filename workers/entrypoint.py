@@ -130,7 +130,8 @@ def build_trainer(ticket: Ticket, job, planned_steps: int):
 
     if not ray.is_initialized():
         started = time.perf_counter()
-        ray.init()  # RAY_ADDRESS from the job submission; a fresh local Ray without it
+        # The cluster the dispatcher pinned (its own local Ray), else RAY_ADDRESS from the job submission.
+        ray.init(address=os.environ.get("ALIGN_RAY_CLUSTER"))
         logger.info("joined Ray in %.1fs", time.perf_counter() - started)
     resources = job.resources
     use_gpu = resources.gpus_per_worker > 0

@@ -76,7 +76,7 @@ def train_func(config: dict) -> None:
 
 
 def _gather_placement() -> list[dict]:
-    """Where every rank runs (rank, node id, host), gathered over the process group Ray Train made."""
+    """Where every rank runs (rank, node id, the cluster's GCS address, host), gathered over the process group Ray Train made."""
     import torch.distributed as dist
 
     context = ray.train.get_context()
@@ -84,6 +84,7 @@ def _gather_placement() -> list[dict]:
         "rank": context.get_world_rank(),
         "local_rank": context.get_local_rank(),
         "node_id": ray.get_runtime_context().get_node_id(),
+        "cluster": ray.get_runtime_context().gcs_address,
         "host": socket.gethostname(),
     }
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -1,0 +1,172 @@
+"""The embedded Ray of ``align serve``: a single-node cluster that belongs to this service alone.
+
+Two services on one host must never share a cluster. Ray's "auto" address resolves to the newest
+cluster on the host (through ``/tmp/ray/ray_current_cluster``), so a second ``align serve`` used to
+capture the stages of the first. Here each service starts its head with ``ray start --head --block``
+as a child process, with its own temp dir and explicit free ports; the head writes its address into
+that temp dir, where the Jobs API's supervisor looks it up, and the dispatcher pins the GCS address in
+every job's runtime env (``ALIGN_RAY_CLUSTER``, read by ``workers.entrypoint``).
+
+A start that fails (the dashboard sometimes does not come up under load) is retried on fresh ports;
+after the last attempt :class:`LocalRayError` says in one line what happened and what to do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+START_ATTEMPTS = 3
+START_TIMEOUT_SECONDS = 90.0
+STOP_TIMEOUT_SECONDS = 30.0
+CLUSTER_ENV_VAR = "ALIGN_RAY_CLUSTER"
+"""The GCS address (``host:port``) a job's entrypoint must join; set in every job's runtime env."""
+PORT_FLAGS = ("port", "dashboard-port", "node-manager-port", "object-manager-port", "ray-client-server-port",
+              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+              "metrics-export-port")
+
+
+class LocalRayError(RuntimeError):
+    """The local Ray did not start; the message is one line that says what to do."""
+
+
+@dataclass
+class LocalRay:
+    """A running head started by :func:`start`; :meth:`stop` ends it and every process it started."""
+
+    process: subprocess.Popen
+    temp_dir: Path
+    ports: dict[str, int]
+    log_path: Path
+    num_cpus: int | None = None
+    attempts: int = 1
+    failures: list[str] = field(default_factory=list)
+    """One line per failed start attempt before this one."""
+
+    @property
+    def gcs_address(self) -> str:
+        """``host:port`` of the head's GCS, as the head wrote it into its own temp dir."""
+        return (self.temp_dir / "ray_current_cluster").read_text().strip()
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['dashboard-port']}"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+        """SIGTERM the ``ray start --block`` process: it stops the head's processes before it exits."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def temp_dir_for(home: Path) -> Path:
+    """A short temp dir unique to ``home`` (the service's ALIGN_HOME).
+
+    Ray puts unix sockets under ``<temp dir>/session_<date>_<pid>/sockets/``, and a socket path must
+    stay under ~107 bytes, so the dir lives under /tmp with a name derived from the home folder.
+    """
+    digest = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
+    return Path("/tmp") / f"align-ray-{digest}"
+
+
+def start(home: Path, num_cpus: int | None = None, attempts: int = START_ATTEMPTS,
+          timeout: float = START_TIMEOUT_SECONDS, pick_ports=None) -> LocalRay:
+    """Start this service's own Ray head; retried on fresh ports, :class:`LocalRayError` after ``attempts``.
+
+    ``pick_ports(attempt)`` gives the ports of one attempt (default: free ports on 127.0.0.1).
+    """
+    temp_dir = temp_dir_for(home)
+    logs = home / "ray"
+    logs.mkdir(parents=True, exist_ok=True)
+    pick_ports = pick_ports or (lambda _attempt: {flag: free_port() for flag in PORT_FLAGS})
+    failures: list[str] = []
+    for attempt in range(1, attempts + 1):
+        ports = pick_ports(attempt)
+        log_path = logs / f"start-{attempt}.log"
+        process = _launch(temp_dir, ports, num_cpus, log_path)
+        ray = LocalRay(process, temp_dir, ports, log_path, num_cpus, attempt, failures)
+        problem = _wait_until_up(ray, timeout)
+        if problem is None:
+            return ray
+        ray.stop()
+        failures.append(f"attempt {attempt}: {problem} (log: {log_path})")
+    raise LocalRayError(
+        f"the local Ray did not start after {attempts} attempts ({failures[-1]}); free some memory and CPU "
+        "and run `align serve` again, or set ALIGN_RAY_ADDRESS to a running cluster's jobs API"
+    )
+
+
+def _launch(temp_dir: Path, ports: dict[str, int], num_cpus: int | None, log_path: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+               f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               "--disable-usage-stats", *(f"--{flag}={port}" for flag, port in ports.items())]
+    if num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus}")
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    env.pop("RAY_ADDRESS", None)  # a head of its own, whatever the caller's environment names
+    # The head's processes find this interpreter's packages (the workers run `<python> -m workers...`).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    with open(log_path, "wb") as log:
+        # Its own session: a Ctrl-C at the terminal reaches the service, which then stops the head.
+        # preexec_fn only makes one foreign call, to a libc loaded beforehand.
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, preexec_fn=_die_with_parent, start_new_session=True)  # noqa: PLW1509
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the service dies, so no orphaned cluster stays behind."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _wait_until_up(ray: LocalRay, timeout: float) -> str | None:
+    """None once the head's Jobs API answers, else why not: the start exited, or it took too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not ray.alive():
+            return f"`ray start` exited with {ray.process.returncode}: {_last_error(ray.log_path)}"
+        try:
+            up = httpx.get(f"{ray.dashboard_url}/api/version", timeout=2).status_code == 200
+            if up and (ray.temp_dir / "ray_current_cluster").exists():
+                return None
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return f"its jobs API at {ray.dashboard_url} did not answer in {timeout:.0f} s"
+
+
+def _last_error(log_path: Path) -> str:
+    """The most telling line of a failed start's log (Ray prints a long traceback)."""
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    for marker in ("Failed to start the dashboard", "Error", "error"):
+        found = [line for line in lines if marker in line]
+        if found:
+            return found[-1][:200]
+    return lines[-1][:200] if lines else "no output"
