@@ -1,30 +1,73 @@
-"""The ``align`` command line."""
+"""The ``align`` command line.
+
+Every message that comes from the service, a spec or a data file is printed with rich markup off, so
+text such as ``[a-z0-9]`` or ``[/data]`` prints as it is.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import time
+import warnings
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from align import paths
+from align.progress import StageProgress, epoch_seconds, fmt
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Preference-alignment training: SFT, RM, DPO.")
-console = Console(width=int(os.environ.get("COLUMNS", 140)))
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Preference-alignment training: SFT, reward models, DPO, PPO, GRPO and RLOO.")
+console = Console(width=int(os.environ.get("COLUMNS", "140")))
 
 STEP_KEYS = ("loss", "rewards_accuracy", "rewards_margin", "accuracy", "lr", "grad_norm", "tokens_per_s")
+FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+_fmt = fmt
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    return str(value)
+def say(text: str, style: str | None = None) -> None:
+    """Print ``text`` as it is: no markup, no highlighting, no wrapping inside words."""
+    console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def fail(text: str, code: int = 2) -> typer.Exit:
+    """Print an error in red, as it is; raise the returned exit."""
+    say(text, style="red")
+    return typer.Exit(code)
+
+
+QUIET_WARNINGS = "ignore::FutureWarning,ignore::DeprecationWarning,ignore::PendingDeprecationWarning"
+
+
+def quiet_warnings() -> None:
+    """Keep library deprecation notices (transformers' FutureWarning, ...) out of the command's output."""
+    for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"align {version('align')}")
+        except PackageNotFoundError:
+            print("align (not installed as a package)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    quiet_warnings()
 
 
 def _quiet_libraries() -> None:
@@ -39,80 +82,133 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-@app.command()
-def train(
-    spec: Path = typer.Argument(..., help="Job spec, YAML or JSON."),
-    work_dir: Path | None = typer.Option(None, help="Checkpoints and logs (default .align/runs/<job name>)."),
-    artifact_root: str | None = typer.Option(None, help="Artifact store root, a path or fsspec URL."),
-    fresh: bool = typer.Option(False, help="Ignore checkpoints from an earlier run of this job."),
-    log_every: int = typer.Option(10, help="Print every N-th logged step."),
-) -> None:
-    """Train a job's stages in order on this machine, without the service."""
-    _quiet_libraries()
-    from align.runner import run_job
+def _load(spec: Path):
     from align.spec import SpecError, load_spec
 
     try:
-        job = load_spec(spec)
+        return load_spec(spec)
     except SpecError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def train(
+    spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")],
+    work_dir: Annotated[Path | None, typer.Option(help="Checkpoints and logs (default .align/runs/<job name>).")] = None,
+    artifact_root: Annotated[str | None, typer.Option(help="Artifact store root, a path or fsspec URL.")] = None,
+    fresh: Annotated[bool, typer.Option(help="Ignore checkpoints from an earlier run of this job.")] = False,
+    log_every: Annotated[int, typer.Option(help="Also print every N-th logged step as a line (0: bars only).")] = 0,
+) -> None:
+    """Train a job's stages in order on this machine, without the service."""
+    _quiet_libraries()
+    if QUIET_WARNINGS not in os.environ.get("PYTHONWARNINGS", ""):  # torchrun ranks inherit it
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), QUIET_WARNINGS]))
+    from align.runner import run_job
+
+    job = _load(spec)
     work = work_dir or paths.home_dir() / "runs" / job.name
     if fresh and work.exists():
         import shutil
 
         shutil.rmtree(work)
     root = artifact_root or paths.artifact_root()
-    console.print(f"[bold]{job.name}[/bold]: {' -> '.join(job.stage_names())} on {job.base_model}")
+    say(f"{job.name}: {' -> '.join(job.stage_names())} on {job.base_model}", style="bold")
     _warn_precision(job)
-
-    def on_metrics(stage: str, record: dict) -> None:
-        step = record.get("step", 0)
-        evaluation = {k: v for k, v in record.items() if k.startswith("eval_")}
-        if evaluation:
-            shown = "  ".join(f"{k.removeprefix('eval_')}={_fmt(v)}" for k, v in evaluation.items())
-            console.print(f"  \\[{stage}] step {step:>5} [bold]held-out[/bold] {shown}", soft_wrap=True)
-        elif step % log_every == 0:
-            shown = "  ".join(f"{k}={_fmt(record[k])}" for k in STEP_KEYS if k in record)
-            console.print(f"  \\[{stage}] step {step:>5}  {shown}", soft_wrap=True)
-
-    def on_message(stage: str, text: str, level: str) -> None:
-        style = "yellow" if level == "warning" else "dim"
-        console.print(f"  [{stage}] {text}", style=style, markup=False, soft_wrap=True)
-
-    def on_stage_end(stage: str, result) -> None:
-        table = Table(title=f"stage {stage}: {result.artifact.artifact_id}", show_header=False)
-        for key, value in result.metrics.items():
-            table.add_row(key, _fmt(value))
-        table.add_row("artifact", result.artifact.uri)
-        console.print(table)
 
     from align.data.load import DataError
     from align.models.load import ModelError
 
-    try:
-        results = run_job(job, work_root=work, artifact_root=root, on_metrics=on_metrics, on_stage_end=on_stage_end,
-                          on_message=on_message)
-    except (DataError, ModelError) as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
-    console.print("[bold]artifacts[/bold]")
+    with StageProgress(console) as bars:
+        for name in job.stage_names():
+            bars.add(name, name, state="waiting")
+
+        def on_metrics(stage: str, record: dict) -> None:
+            step = record.get("step", 0)
+            evaluation = {k: v for k, v in record.items() if k.startswith("eval_")}
+            if evaluation:
+                shown = "  ".join(f"{k.removeprefix('eval_')}={fmt(v)}" for k, v in evaluation.items())
+                bars.print(f"  [{stage}] step {step:>5} held-out {shown}")
+            elif log_every and step % log_every == 0:
+                shown = "  ".join(f"{k}={fmt(record[k])}" for k in STEP_KEYS if k in record)
+                bars.print(f"  [{stage}] step {step:>5}  {shown}")
+            bars.step(stage, record)
+
+        def on_message(stage: str, text: str, level: str) -> None:
+            bars.print(f"  [{stage}] {text}", style="yellow" if level == "warning" else "dim")
+
+        def on_stage_end(stage: str, result) -> None:
+            bars.end(stage, "succeeded", steps=result.metrics.get("steps"))
+            table = Table(title=Text(f"stage {stage}: {result.artifact.artifact_id}"), show_header=False)
+            for key, value in result.metrics.items():
+                table.add_row(key, fmt(value))
+            table.add_row("artifact", Text(result.artifact.uri))
+            bars.show(table)
+
+        def on_stage_start(stage: str, planned_steps: int) -> None:
+            bars.start(stage, total=planned_steps, started=time.time())
+
+        try:
+            results = run_job(job, work_root=work, artifact_root=root, on_metrics=on_metrics,
+                              on_stage_end=on_stage_end, on_message=on_message, on_stage_start=on_stage_start)
+        except (DataError, ModelError) as exc:
+            raise fail(str(exc)) from None
+    say("artifacts", style="bold")
     for result in results:
-        console.print(f"  {result.artifact.artifact_id}  {result.artifact.uri}")
+        say(f"  {result.artifact.artifact_id}  {result.artifact.uri}")
 
 
 @app.command()
-def validate(spec: Path = typer.Argument(..., help="Job spec, YAML or JSON.")) -> None:
-    """Check a job spec without training."""
-    from align.spec import SpecError, load_spec
-
-    try:
-        job = load_spec(spec)
-    except SpecError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
-    console.print(f"ok: {job.name} ({', '.join(job.stage_names())}), spec hash {job.hash()}")
+def validate(spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")]) -> None:
+    """Check a job spec, its data files and its base model without training (the checks POST /jobs makes;
+    relative paths are taken from the spec's folder, as ``align submit`` sends them)."""
+    job = _load(spec)
+    problems = file_problems(job, spec.resolve().parent)
+    if problems:
+        lines = "\n".join(f"  {field}: {message}" for field, message in problems)
+        raise fail(f"{spec}: the spec is valid, but its files are not\n{lines}")
+    say(f"ok: {job.name} ({', '.join(job.stage_names())}), spec hash {job.hash()}")
     _warn_precision(job)
+
+
+def file_problems(job, folder: Path) -> list[tuple[str, str]]:
+    """``(field, message)`` for a local base model that is not a model folder and for each data file that
+    is missing or does not fit its stage; remote locations are left to the worker that reads them."""
+    from align.data.load import DataError, detect_format, load_rows, validate_rows
+    from align.preflight import DATA_KIND
+
+    def local(location: str) -> str | None:
+        location = location.removeprefix("file://")
+        return None if ":" in location.split("/", 1)[0] else paths.beside(location, folder)
+
+    problems = []
+    model = local(job.base_model)
+    if model is not None:
+        from align.models.load import ModelError, resolve_base_model  # imports torch: only when needed
+
+        try:
+            resolve_base_model(model)
+        except ModelError as error:
+            problems.append(("base_model", str(error).removeprefix("base_model: ")))
+    for index, stage in enumerate(job.stages):
+        for key in ("path", "eval_path"):
+            location, field = getattr(stage.data, key), f"stages[{index}].data.{key}"
+            if location is None:
+                continue
+            if location.startswith("builtin:"):
+                from align.task import BUILTIN_DATASETS  # imports torch: only when needed
+
+                if location not in BUILTIN_DATASETS:
+                    problems.append((field, f"unknown built-in dataset '{location}'; known: {', '.join(BUILTIN_DATASETS)}"))
+                continue
+            path = local(location)
+            if path is None:
+                continue
+            try:
+                rows = load_rows(path)
+                validate_rows(rows, detect_format(rows, DATA_KIND[stage.type], path), path, kind=DATA_KIND[stage.type])
+            except DataError as error:
+                problems.append((field, str(error)))
+    return problems
 
 
 def _warn_precision(job) -> None:
@@ -120,7 +216,7 @@ def _warn_precision(job) -> None:
 
     warning = precision_warning(job)
     if warning:
-        console.print(f"warning: {warning}", style="yellow", markup=False, soft_wrap=True)
+        say(f"warning: {warning}", style="yellow")
 
 
 @app.command("spec-docs")
@@ -147,7 +243,8 @@ def _client(url: str | None):
 
 
 def _service_call(call):
-    """Run a client call; a refusal prints the service's per-field messages and exits 2."""
+    """Run a client call; a refusal prints the service's per-field messages (and, for a 401, where the
+    key was looked for) and exits 2."""
     import httpx
 
     from align.client import ServiceError
@@ -155,93 +252,94 @@ def _service_call(call):
     try:
         return call()
     except ServiceError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2 if exc.status < 500 else 1)
+        raise fail(str(exc), 2 if exc.status < 500 else 1) from None
     except httpx.ConnectError as exc:
-        console.print(f"[red]cannot reach the service: {exc}; is `align serve` running?[/red]")
-        raise typer.Exit(1)
+        raise fail(f"cannot reach the service: {exc}; is `align serve` running?", 1) from None
 
 
 def _job_table(job: dict) -> Table:
-    table = Table(title=f"{job['id']}  {job['name']}  [bold]{job['status']}[/bold]")
+    table = Table(title=Text.assemble(f"{job['id']}  {job['name']}  ", (job["status"], "bold")))
     for column in ("stage", "type", "state", "attempt", "step", "artifact", "error"):
         table.add_column(column)
     for stage in job["stages"]:
         progress = stage.get("progress") or {}
         step = f"{progress.get('step') or 0}/{progress.get('total_steps') or '?'}"
         error = stage.get("error") or {}
-        message = (f"{error.get('code')}: {error.get('message')}" if error else "")[:80]
+        message = ": ".join(str(part) for part in (error.get("code"), error.get("message")) if part)[:80]
         table.add_row(stage["name"], stage["type"], stage["state"], f"{stage['attempt']}/{stage['max_attempts']}",
-                      step, stage.get("artifact_id") or "", message)
+                      step, stage.get("artifact_id") or "", Text(message))
     return table
 
 
 @app.command()
 def submit(
-    spec: Path = typer.Argument(..., help="Job spec, YAML or JSON; relative data paths are taken from its folder."),
-    follow: bool = typer.Option(False, "--follow", "-f", help="Show live progress until the job ends."),
-    idempotency_key: str | None = typer.Option(None, help="Resubmitting with the same key never makes a second job."),
+    spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON; relative paths are taken from its folder.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Show live progress until the job ends.")] = False,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Resubmitting with the same key never makes a second job.")
+    ] = None,
     url: str | None = URL_OPTION,
 ) -> None:
     """Submit a job to the service."""
+    import yaml
+
     from align.client import read_spec
 
+    try:
+        body = read_spec(spec)
+    except (OSError, TypeError, ValueError, yaml.YAMLError) as exc:
+        raise fail(f"{spec}: {exc}") from None
     with _client(url) as client:
-        job = _service_call(lambda: client.submit(read_spec(spec), idempotency_key))
-        console.print(f"submitted [bold]{job['id']}[/bold] ({job['name']}: {' -> '.join(s['name'] for s in job['stages'])})")
+        job = _service_call(lambda: client.submit(body, idempotency_key))
+        say(f"submitted {job['id']} ({job['name']}: {' -> '.join(s['name'] for s in job['stages'])})")
         if follow:
             job = follow_job(client, job["id"])
             raise typer.Exit(0 if job["status"] == "succeeded" else 1)
 
 
 def follow_job(client, job_id: str) -> dict:
-    """Live progress bars (step, loss, ETA) per stage from the event stream, with each stage's precision and
-    any warning or error; returns the finished job."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    """Live progress bars (step, loss, time since the stage started, ETA) per stage from the event stream,
+    with each stage's precision and any warning or error; returns the finished job."""
     from align.spec import PRECISION_SUMMARY_PREFIX
 
     job = client.job(job_id)
-    columns = (TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.fields[steps]:>11}"),
-               TextColumn("{task.fields[state]:<10} {task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        asked: set[int] = set()
-        bars = {s["id"]: progress.add_task(s["name"], total=None, state=s["state"], info="", steps="") for s in job["stages"]}
+    with StageProgress(console) as bars:
+        for stage in job["stages"]:
+            progress = stage.get("progress") or {}
+            bars.add(stage["id"], stage["name"], stage["state"], total=progress.get("total_steps"),
+                     step=progress.get("step") or 0, started=epoch_seconds(stage.get("started_at")),
+                     ended=epoch_seconds(stage.get("finished_at")))
+        asked: set[str] = set()
         for event in client.stream_events(job_id):
-            bar = bars.get(event.get("stage_run_id"))
-            if bar is None:
+            key = event.get("stage_run_id")
+            if key not in bars:
                 continue
-            payload = event["payload"]
+            payload, name = event["payload"], bars.name(key)
             if event["type"] == "state":
-                progress.update(bar, state=payload.get("to", ""))
-                if payload.get("to") in ("failed", "cancelled") and payload.get("error_message"):
-                    progress.console.print(f"[red]{payload.get('error_code')}: {payload['error_message']}[/red]")
+                state = payload.get("to", "")
+                if state == "running":  # a new attempt: its clock starts at the stage's started_at
+                    stage = _stage(client, job_id, key)
+                    bars.start(key, started=epoch_seconds(stage.get("started_at")) or epoch_seconds(event["time"]),
+                               total=(stage.get("progress") or {}).get("total_steps"))
+                bars.state(key, state, at=epoch_seconds(event["time"]))
+                if state in ("failed", "cancelled") and payload.get("error_message"):
+                    bars.print(f"  [{name}] {payload.get('error_code')}: {payload['error_message']}", style="red")
             elif event["type"] == "metrics":
-                total = progress.tasks[bar].total
-                if total is None and bar not in asked:  # the worker's first heartbeat carries the plan
-                    asked.add(bar)
-                    total = _total_steps(client, job_id, event["stage_run_id"])
-                if total:
-                    progress.update(bar, total=total)
-                if "step" in payload:
-                    progress.update(bar, completed=payload["step"], steps=f"{payload['step']}/{total or '?'}")
-                shown = {k: payload[k] for k in ("loss", "eval_loss", "eval_exact_match", "eval_rewards_accuracy")
-                         if k in payload}
-                if shown:
-                    progress.update(bar, info="  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+                if bars.total(key) is None and key not in asked:  # the worker's first heartbeat carries the plan
+                    asked.add(key)
+                    bars.set_total(key, (_stage(client, job_id, key).get("progress") or {}).get("total_steps"))
+                bars.step(key, payload)
             elif event["type"] == "message" and event.get("level") in ("warning", "error"):
-                progress.console.print(f"[yellow]{payload.get('text', payload)}[/yellow]")
+                bars.print(f"  [{name}] {payload.get('text', payload)}", style="yellow")
             elif event["type"] == "message" and str(payload.get("text", "")).startswith(PRECISION_SUMMARY_PREFIX):
-                name = progress.tasks[bar].description
-                progress.console.print(f"  [{name}] {payload['text']}", style="dim", markup=False, soft_wrap=True)
+                bars.print(f"  [{name}] {payload['text']}", style="dim")
     job = client.job(job_id)
     console.print(_job_table(job))
     return job
 
 
-def _total_steps(client, job_id: str, stage_run_id: str) -> int | None:
-    stage = next(s for s in client.job(job_id)["stages"] if s["id"] == stage_run_id)
-    return (stage.get("progress") or {}).get("total_steps")
+def _stage(client, job_id: str, stage_run_id: str) -> dict:
+    return next(s for s in client.job(job_id)["stages"] if s["id"] == stage_run_id)
 
 
 @jobs_app.command("list")
@@ -271,8 +369,12 @@ def jobs_show(job_id: str, url: str | None = URL_OPTION) -> None:
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str, url: str | None = URL_OPTION) -> None:
-    """Cancel a job: its running stage is stopped and later stages never start."""
+    """Cancel a job: its running stage is stopped and later stages never start. A job that has already
+    ended is left as it is, and the command exits 1."""
     with _client(url) as client:
+        job = _service_call(lambda: client.job(job_id))
+        if job["status"] in FINAL_STATUSES:
+            raise fail(f"{job_id} has already ended ({job['status']}); there is nothing to cancel", 1)
         console.print(_job_table(_service_call(lambda: client.cancel(job_id))))
 
 
@@ -299,28 +401,28 @@ def artifacts_show(artifact_id: str, url: str | None = URL_OPTION) -> None:
 
 
 def print_artifact(artifact: dict) -> None:
-    table = Table(title=f"{artifact['id']}  ({artifact['kind']})", show_header=False)
-    table.add_row("lineage", f"{artifact['lineage']} v{artifact['version']}")
-    table.add_row("parents", ", ".join(artifact["parents"]) or "(base model)")
-    table.add_row("uri", artifact["uri"])
+    table = Table(title=Text(f"{artifact['id']}  ({artifact['kind']})"), show_header=False)
+    table.add_row("lineage", Text(f"{artifact['lineage']} v{artifact['version']}"))
+    table.add_row("parents", Text(", ".join(artifact["parents"]) or "(base model)"))
+    table.add_row("uri", Text(artifact["uri"]))
     table.add_row("manifest", artifact["manifest_hash"])
     for key, value in artifact.get("metrics", {}).items():
-        table.add_row(key, _fmt(value))
+        table.add_row(Text(key), fmt(value))
     files = (artifact.get("manifest") or {}).get("files", {})
-    table.add_row("files", "\n".join(f"{name}  ({entry.get('size', '?')} B)" for name, entry in sorted(files.items())))
+    table.add_row("files", Text("\n".join(f"{name}  ({entry.get('size', '?')} B)" for name, entry in sorted(files.items()))))
     console.print(table)
 
 
 @artifacts_app.command("download")
 def artifacts_download(
     artifact_id: str,
-    dest: Path = typer.Argument(..., help="Folder to write the files into."),
+    dest: Annotated[Path, typer.Argument(help="Folder to write the files into.")],
     url: str | None = URL_OPTION,
 ) -> None:
     """Download an artifact's files (checked against its manifest)."""
     with _client(url) as client:
         folder = _service_call(lambda: client.download_artifact(artifact_id, dest))
-    console.print(f"{artifact_id} -> {folder}")
+    say(f"{artifact_id} -> {folder}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A small Python client for the align service (the CLI's ``submit``, ``jobs`` and ``artifacts`` use it).
 
     from align.client import Client
-    client = Client()                      # ALIGN_URL / ALIGN_API_KEY, or the local service's key file
+    client = Client()                      # ALIGN_URL; the key from ALIGN_API_KEY or a key file (find_api_key)
     job = client.submit("examples/tiny-sft-dpo.yaml")
     for event in client.stream_events(job["id"]):
         ...
@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import yaml
+from httpx_sse import connect_sse
 
 from align import paths
 
@@ -28,26 +29,50 @@ DEFAULT_URL = "http://127.0.0.1:8321"
 
 
 class ServiceError(RuntimeError):
-    """The service refused a request; ``errors`` lists (field, message) pairs for a 422."""
+    """The service refused a request; ``errors`` lists (field, message) pairs for a 422, and ``hint`` says
+    what on this side would fix it (for a 401: where the client looked for a key)."""
 
-    def __init__(self, status: int, detail: Any):
+    def __init__(self, status: int, detail: Any, hint: str | None = None):
         self.status = status
+        self.hint = hint
         self.errors: list[tuple[str, str]] = []
         if isinstance(detail, list):
             self.errors = [(item.get("field", "?"), item.get("message", "")) for item in detail]
             text = "\n".join(f"  {field}: {message}" for field, message in self.errors)
         else:
             text = str(detail)
-        super().__init__(f"HTTP {status}: {text}" if "\n" not in text else f"HTTP {status}:\n{text}")
+        text = f"HTTP {status}: {text}" if "\n" not in text else f"HTTP {status}:\n{text}"
+        super().__init__(text + (f"\n{hint}" if hint else ""))
+
+
+def find_api_key() -> tuple[str | None, str]:
+    """The API key and where it came from: ``$ALIGN_API_KEY``, else the first key file of
+    :func:`align.paths.api_key_files` (``$ALIGN_HOME/api_key`` or ``./.align/api_key``, then
+    ``~/.config/align/api_key``), the order the gh and huggingface CLIs use (variable, then file)."""
+    key = os.environ.get("ALIGN_API_KEY", "").strip()
+    if key:
+        return key, "ALIGN_API_KEY"
+    for key_file in paths.api_key_files():
+        if key_file.is_file():
+            key = key_file.read_text().strip()
+            if key:
+                return key, str(key_file)
+    return None, ""
 
 
 def default_api_key() -> str | None:
-    """``ALIGN_API_KEY``, else the key the local service wrote under ``.align/`` on first start."""
-    key = os.environ.get("ALIGN_API_KEY")
-    if key:
-        return key
-    key_file = paths.home_dir() / "api_key"
-    return key_file.read_text().strip() if key_file.is_file() else None
+    """The key :func:`find_api_key` finds, or None."""
+    return find_api_key()[0]
+
+
+def key_hint(source: str) -> str:
+    """What to do about a 401, naming where this client looked for a key."""
+    places = ", ".join(["ALIGN_API_KEY"] + [str(path) for path in paths.api_key_files()])
+    if source:
+        return (f"the key sent came from {source}, and the service does not accept it; set ALIGN_API_KEY or "
+                f"write a valid key to one of the key files (looked at, in order: {places})")
+    return (f"no API key found (looked at, in order: {places}); set ALIGN_API_KEY=<key> or write the key to "
+            "one of those files (`align serve` writes the key it creates to the first and last of them)")
 
 
 def read_spec(path: str | Path) -> dict:
@@ -59,13 +84,11 @@ def read_spec(path: str | Path) -> dict:
     path = Path(path)
     data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of fields at the top level")
+        raise TypeError(f"{path}: expected a mapping of fields at the top level")
     base = path.resolve().parent
 
     def absolute(location: Any) -> Any:
-        if not isinstance(location, str) or ":" in location.split("/", 1)[0] or Path(location).is_absolute():
-            return location
-        return str((base / location).resolve())
+        return paths.beside(location, base) if isinstance(location, str) else location
 
     if "base_model" in data:
         data["base_model"] = absolute(data["base_model"])
@@ -80,14 +103,14 @@ def read_spec(path: str | Path) -> dict:
 class Client:
     def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0):
         self.url = (url or os.environ.get("ALIGN_URL") or DEFAULT_URL).rstrip("/")
-        key = api_key or default_api_key()
+        key, self.key_source = (api_key, "the api_key argument") if api_key else find_api_key()
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -96,12 +119,16 @@ class Client:
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.http.request(method, path, **kwargs)
         if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise ServiceError(response.status_code, detail)
+            self._raise(response)
         return response.json()
+
+    def _raise(self, response: httpx.Response) -> None:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        hint = key_hint(self.key_source) if response.status_code == 401 else None
+        raise ServiceError(response.status_code, detail, hint)
 
     # --- jobs ----------------------------------------------------------------------------------------
 
@@ -127,22 +154,15 @@ class Client:
 
     def stream_events(self, job_id: str, after: int = 0) -> Iterator[dict]:
         """Events as they are recorded (server-sent events), until the job ends."""
-        headers = {"Accept": "text/event-stream", "Last-Event-ID": str(after)}
-        with self.http.stream("GET", f"/jobs/{job_id}/events", headers=headers, timeout=None) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise ServiceError(response.status_code, response.json().get("detail"))
-            kind, data = None, []
-            for line in response.iter_lines():
-                if line.startswith("event:"):
-                    kind = line.split(":", 1)[1].strip()
-                elif line.startswith("data:"):
-                    data.append(line.split(":", 1)[1].strip())
-                elif not line and data:
-                    if kind == "end":
-                        return
-                    yield json.loads("\n".join(data))
-                    kind, data = None, []
+        headers = {"Last-Event-ID": str(after)}
+        with connect_sse(self.http, "GET", f"/jobs/{job_id}/events", headers=headers, timeout=None) as source:
+            if source.response.status_code >= 400:
+                source.response.read()
+                self._raise(source.response)
+            for event in source.iter_sse():
+                if event.event == "end":
+                    return
+                yield event.json()
 
     def metrics(self, job_id: str) -> list[dict]:
         return self._call("GET", f"/jobs/{job_id}/metrics")
@@ -167,7 +187,7 @@ class Client:
             with self.http.stream("GET", f"/artifacts/{artifact_id}/files/{name}") as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise ServiceError(response.status_code, response.text)
+                    self._raise(response)
                 with open(target, "wb") as out:
                     for chunk in response.iter_bytes():
                         out.write(chunk)

@@ -13,14 +13,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from align.artifacts import ArtifactStore, PublishedArtifact
 from align.engine.dist import free_port
 from align.spec import MODEL_REWARD, POLICY_STAGE_TYPES, JobSpec
-from align.stages.common import StageContext, StageResult
+from align.stages.common import StageContext, StageResult, total_steps
 
 
 def run_stage(ctx: StageContext) -> StageResult:
@@ -77,10 +77,12 @@ def run_job(
     on_metrics: Callable[[str, dict], None] | None = None,
     on_stage_end: Callable[[str, StageResult], None] | None = None,
     on_message: Callable[[str, str, str], None] | None = None,
+    on_stage_start: Callable[[str, int], None] | None = None,
     resume: bool = True,
 ) -> list[StageResult]:
-    """Run every stage of ``job`` in order. The callbacks get the stage name first: ``on_metrics(stage,
-    record)``, ``on_message(stage, text, level)`` (in-process stages only; torchrun ranks print theirs)."""
+    """Run every stage of ``job`` in order. The callbacks get the stage name first: ``on_stage_start(stage,
+    planned_steps)``, ``on_metrics(stage, record)``, ``on_message(stage, text, level)`` (in-process stages
+    only; torchrun ranks print theirs) and ``on_stage_end(stage, result)``."""
     from align.preflight import check_job
 
     check_job(job)
@@ -103,6 +105,8 @@ def run_job(
             on_metrics=(lambda record, name=name: on_metrics(name, record)) if on_metrics else None,
             on_message=(lambda text, level, name=name: on_message(name, text, level)) if on_message else None,
         )
+        if on_stage_start:
+            on_stage_start(name, planned_steps(job.stages[index], job.resources.num_workers))
         if job.resources.num_workers == 1:
             result = run_stage(ctx)
             gc.collect()
@@ -113,6 +117,21 @@ def run_job(
             on_stage_end(name, result)
         plan = plan_next(plan, job.stages[index].type, result.artifact)
     return results
+
+
+def planned_steps(stage, world_size: int) -> int:
+    """Optimizer steps a stage will take (its data is counted when it sets no ``max_steps``); rows the
+    stage later drops as too long can make it end a little earlier."""
+    if stage.max_steps is not None:
+        return stage.max_steps
+    from align.preflight import check_stage_data
+
+    train_rows = check_stage_data(stage)["path"]
+    if not stage.data.eval_path:
+        train_rows -= round(stage.data.eval_fraction * train_rows)
+    if stage.data.max_rows is not None:
+        train_rows = min(train_rows, stage.data.max_rows)
+    return total_steps(stage, train_rows, world_size)
 
 
 def context_to_json(ctx: StageContext) -> dict:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from align.cli import app, console
+from align.cli import app, console, fail
 
 db_app = typer.Typer(no_args_is_help=True, help="Database schema migrations.")
 app.add_typer(db_app, name="db")
@@ -53,37 +53,42 @@ def prepare_database(url: str) -> None:
     try:
         check_migrated(engine)
     except NotMigrated as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+        raise fail(str(error)) from None
     finally:
         engine.dispose()
 
 
-def ensure_local_api_key(settings) -> None:
-    """With no key configured and none in the database, create tenant `default` and write its key to disk."""
+def ensure_local_api_key(settings) -> list[Path]:
+    """With no key configured and none in the database, create tenant `default` and write its key where the
+    client looks: the state folder (``$ALIGN_HOME`` or ``./.align``) and the user's config folder
+    (``~/.config/align``), so the CLI finds it from any folder. Returns the files written."""
     from sqlalchemy import func, select
 
-    from align.paths import home_dir
+    from align.paths import config_dir, home_dir
     from services.db import jobs
     from services.db.models import ApiKey
     from services.db.session import make_engine, make_sessionmaker
 
     if settings.bootstrap_api_key:
-        return
-    key_file = home_dir() / "api_key"
+        return []
     engine = make_engine(settings.database_url)
     try:
         with make_sessionmaker(engine).begin() as session:
             if session.scalar(select(func.count()).select_from(ApiKey)):
-                return
+                return []
             tenant = jobs.create_tenant(session, "default")
             _, plaintext = jobs.create_api_key(session, tenant.id, "local", plaintext="al-" + secrets.token_urlsafe(24))
     finally:
         engine.dispose()
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.touch(mode=0o600)
-    key_file.write_text(plaintext + "\n")
-    console.print(f"created API key for tenant 'default' in {key_file} (the CLI reads it from there)")
+    written = [home_dir() / "api_key", config_dir() / "api_key"]
+    for key_file in written:
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.touch(mode=0o600)
+        key_file.chmod(0o600)
+        key_file.write_text(plaintext + "\n")
+    console.print(f"created API key for tenant 'default' in {' and '.join(map(str, written))} (the CLI reads it "
+                  "from there; ALIGN_API_KEY overrides both)", markup=False, soft_wrap=True)
+    return written
 
 
 def start_local_ray(num_cpus: Optional[int]):

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import sqlite3
+import threading
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -61,3 +71,236 @@ def test_service_error_lists_fields():
     error = ServiceError(422, [{"field": "stages[0].lr", "message": "must be > 0"}])
     assert error.errors == [("stages[0].lr", "must be > 0")]
     assert "stages[0].lr: must be > 0" in str(error)
+
+
+# --- the client commands against a real service (uvicorn in a thread, SQLite, no dispatcher) ------------
+
+KEY = "cli-test-key"
+
+
+@pytest.fixture(autouse=True)
+def _own_key_places(tmp_path, monkeypatch):
+    """No key from the environment or the developer's own files: every test sets what it needs."""
+    for name in ("ALIGN_API_KEY", "ALIGN_URL", "PYTHONWARNINGS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALIGN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, _migrated_sqlite_template):
+    import socket
+
+    import uvicorn
+
+    from services.app import create_app
+    from services.settings import Settings
+
+    root = tmp_path_factory.mktemp("cli-service")
+    (root / "data").mkdir()
+    (root / "models").mkdir()
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(4)]
+    (root / "data" / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copyfile(_migrated_sqlite_template, root / "align.db")
+    settings = Settings(
+        database_url=f"sqlite:///{root / 'align.db'}", artifact_root=str(root / "artifacts"),
+        work_root=str(root / "work"), data_roots=[str(root / "data")], model_roots=[str(root / "models")],
+        bootstrap_api_key=KEY, run_dispatcher=False, report_secret="cli-test-secret",
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the test service did not start"
+        time.sleep(0.05)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", root=root, data=root / "data", models=root / "models",
+                          settings=settings)
+    server.should_exit = True
+    thread.join(10)
+
+
+def write_spec(path: Path, data_path: str, base_model: str = "builtin:tiny", name: str = "cli-job") -> Path:
+    path.write_text(yaml.safe_dump({"name": name, "base_model": base_model,
+                                    "stages": [{"type": "sft", "data": {"path": data_path}, "max_steps": 2}]}))
+    return path
+
+
+def test_submit_prints_a_refusal_with_brackets_as_it_is(service, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_API_KEY", KEY)
+    outside = tmp_path / "some" / "folder"
+    spec = write_spec(tmp_path / "job.yaml", str(outside / "sft.jsonl"), base_model=str(outside / "model"))
+    result = runner.invoke(app, ["submit", str(spec), "--url", service.url])
+    assert result.exit_code == 2, result.output
+    assert f"  base_model: '{outside}/model' is outside the allowed folders [{service.models}]; move it under one " \
+           "of them, or add its folder to the service's ALIGN_MODEL_ROOTS (a JSON list of folders) and restart it\n" \
+           in result.output
+    assert f"  stages[0].data.path: '{outside}/sft.jsonl' is outside the allowed folders [{service.data}]; move " \
+           "it under one of them, or add its folder to the service's ALIGN_DATA_ROOTS (a JSON list of folders) " \
+           "and restart it\n" in result.output
+
+
+def test_validate_prints_a_pattern_whole(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: Bad Name\nbase_model: builtin:tiny\nstages: [{type: sft, data: {path: builtin:parity/sft}}]\n")
+    result = runner.invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 2
+    assert result.output == (f"{spec}: invalid job spec\n"
+                             "  name: String should match pattern '^[a-z0-9][a-z0-9_.-]{0,62}$' (got 'Bad Name')\n")
+
+
+def test_validate_checks_the_data_files_from_the_specs_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "sft.jsonl").write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+    (folder / "prefs.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    monkeypatch.chdir(tmp_path)  # relative paths are taken from the spec's folder, not the working one
+    result = runner.invoke(app, ["validate", str(write_spec(folder / "good.yaml", "sft.jsonl"))])
+    assert result.exit_code == 0 and result.output.startswith("ok: cli-job (sft), spec hash sha256:"), result.output
+    result = runner.invoke(app, ["validate", str(write_spec(folder / "missing.yaml", "[data]/nope.jsonl"))])
+    assert result.exit_code == 2
+    assert (f"  stages[0].data.path: {folder}/[data]/nope.jsonl: no such file or folder; check the path and that "
+            "the file was uploaded\n") in result.output
+    spec = folder / "dpo.yaml"
+    spec.write_text(yaml.safe_dump({"name": "x", "base_model": "builtin:tiny",
+                                    "stages": [{"type": "dpo", "data": {"path": "prefs.jsonl"}}]}))
+    result = runner.invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 2 and "stages[0].data.path: " in result.output and "'rejected'" in result.output
+
+
+def test_a_401_says_where_the_key_was_looked_for(service, tmp_path, monkeypatch):
+    result = runner.invoke(app, ["jobs", "list", "--url", service.url])
+    assert result.exit_code == 2
+    places = f"ALIGN_API_KEY, {tmp_path}/home/api_key, {tmp_path}/config/align/api_key"
+    assert "send the header 'Authorization: Bearer <key>'" in result.output
+    assert f"no API key found (looked at, in order: {places}); set ALIGN_API_KEY=<key>" in result.output
+    monkeypatch.setenv("ALIGN_API_KEY", "not-a-key")
+    result = runner.invoke(app, ["jobs", "list", "--url", service.url])
+    assert result.exit_code == 2 and "invalid or revoked API key" in result.output
+    assert "the key sent came from ALIGN_API_KEY, and the service does not accept it" in result.output
+
+
+def test_key_lookup_order(tmp_path, monkeypatch):
+    from align.client import find_api_key
+
+    assert find_api_key() == (None, "")
+    config_file = tmp_path / "config" / "align" / "api_key"
+    config_file.parent.mkdir(parents=True)
+    config_file.write_text("from-config\n")
+    assert find_api_key() == ("from-config", str(config_file))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "api_key").write_text("from-home\n")
+    assert find_api_key() == ("from-home", str(tmp_path / "home" / "api_key"))
+    monkeypatch.setenv("ALIGN_API_KEY", "from-env")
+    assert find_api_key() == ("from-env", "ALIGN_API_KEY")
+    # Without ALIGN_HOME the state folder is ./.align; without XDG_CONFIG_HOME the config is ~/.config/align.
+    for name in ("ALIGN_API_KEY", "ALIGN_HOME", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".align").mkdir()
+    (tmp_path / ".align" / "api_key").write_text("from-dot-align\n")
+    assert find_api_key() == ("from-dot-align", str(tmp_path / ".align" / "api_key"))
+    (tmp_path / ".align" / "api_key").unlink()
+    assert find_api_key() == (None, "")
+    (tmp_path / "user" / ".config" / "align").mkdir(parents=True)
+    (tmp_path / "user" / ".config" / "align" / "api_key").write_text("from-home-config\n")
+    assert find_api_key()[0] == "from-home-config"
+
+
+def test_serve_writes_its_key_where_the_cli_finds_it_from_any_folder(tmp_path, monkeypatch, _migrated_sqlite_template):
+    from align.client import find_api_key
+    from services.cli import ensure_local_api_key
+    from services.settings import Settings
+
+    shutil.copyfile(_migrated_sqlite_template, tmp_path / "align.db")
+    monkeypatch.delenv("ALIGN_HOME")
+    (tmp_path / "service").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "service")
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'align.db'}")
+    written = ensure_local_api_key(settings)
+    assert written == [tmp_path / "service" / ".align" / "api_key", tmp_path / "config" / "align" / "api_key"]
+    key = written[0].read_text().strip()
+    assert key.startswith("al-") and written[1].read_text().strip() == key
+    assert {oct(path.stat().st_mode & 0o777) for path in written} == {"0o600"}
+    assert find_api_key() == (key, str(written[0]))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert find_api_key() == (key, str(written[1]))
+    assert ensure_local_api_key(settings) == [], "a database that has a key gets no second one"
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == "align 0.1.0\n"
+
+
+def test_cancel_a_job_that_has_ended_exits_1_and_says_so(service, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_API_KEY", KEY)
+    spec = write_spec(tmp_path / "job.yaml", str(service.data / "sft.jsonl"), name="to-cancel")
+    result = runner.invoke(app, ["submit", str(spec), "--url", service.url])
+    assert result.exit_code == 0, result.output
+    job_id = result.output.split()[1]
+    result = runner.invoke(app, ["jobs", "cancel", job_id, "--url", service.url])
+    assert result.exit_code == 0 and "cancelled" in result.output, result.output
+    result = runner.invoke(app, ["jobs", "cancel", job_id, "--url", service.url])
+    assert result.exit_code == 1
+    assert result.output == f"{job_id} has already ended (cancelled); there is nothing to cancel\n"
+
+
+def test_follow_shows_steps_loss_and_time_since_the_stage_started(service, tmp_path, monkeypatch, capsys):
+    """A stage that started two minutes before following began shows 0:02:0x elapsed when it is cancelled, not
+    the seconds spent following; its bar has the reported step, plan and loss, and a bracketed warning prints."""
+    import httpx
+    from sqlalchemy import update
+
+    from align.cli import follow_job
+    from align.client import Client
+    from services.db import jobs
+    from services.db.models import StageRun
+    from services.db.session import make_engine, make_sessionmaker
+
+    monkeypatch.setenv("ALIGN_API_KEY", KEY)
+    spec = write_spec(tmp_path / "job.yaml", str(service.data / "sft.jsonl"), name="followed")
+    engine = make_engine(f"sqlite:///{service.root / 'align.db'}")
+    with Client(service.url) as client:
+        job = client.submit(spec)
+        with make_sessionmaker(engine).begin() as session:
+            run = jobs.claim_next(session, "test-owner", 300)
+            session.execute(update(StageRun).where(StageRun.id == run.id)
+                            .values(started_at=run.started_at - timedelta(seconds=120)))
+        token = service.settings.report_token(run.id, run.attempt)
+        for kind, payload in [("heartbeat", {"step": 1, "total_steps": 2}), ("metrics", {"step": 1, "loss": 0.25}),
+                              ("message", {"level": "warning", "text": "rows in [/data/x] dropped"})]:
+            body = {"stage_run_id": run.id, "attempt": run.attempt, "type": kind, "payload": payload}
+            answer = httpx.post(f"{service.url}/internal/reports", json=body,
+                                headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == 200, answer.text
+        client.cancel(job["id"])
+        capsys.readouterr()
+        assert follow_job(client, job["id"])["status"] == "cancelled"
+    engine.dispose()
+    output = capsys.readouterr().out
+    assert "  [sft] rows in [/data/x] dropped\n" in output
+    bar = next(line for line in output.splitlines() if line.startswith("sft "))
+    assert "1/2" in bar and "cancelled" in bar and "loss=0.25" in bar and re.search(r" 0:02:0\d ", bar), bar
+
+
+def test_library_warnings_stay_out_of_cli_output(tmp_path):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _ = model.is_gradient_checkpointing
+    assert [w.category for w in caught] == [FutureWarning], "the library no longer warns here; pick another call"
+    spec = write_spec(tmp_path / "job.yaml", "builtin:parity/sft")
+    assert runner.invoke(app, ["validate", str(spec)]).exit_code == 0  # any command quiets them
+    with warnings.catch_warnings(record=True) as caught:
+        _ = model.is_gradient_checkpointing
+    assert caught == []
