@@ -176,8 +176,9 @@ def causes(error: BaseException) -> Iterator[BaseException]:
 
 
 def classify(error: BaseException, ticket: Ticket) -> dict[str, Any]:
-    """The "failed" payload: errors in the user's spec, data, model or checkpoints are not retryable."""
-    from align.data.load import DataError
+    """The "failed" payload: errors in the user's spec, data, model (its chat template included) or
+    checkpoints are not retryable."""
+    from align.data.load import DataError, TemplateError
     from align.models.load import ModelError
     from align.spec import SpecError
     from align.stages.common import MissingCheckpoint
@@ -186,6 +187,8 @@ def classify(error: BaseException, ticket: Ticket) -> dict[str, Any]:
     for cause in found:
         if isinstance(cause, SpecError):
             return _failure("bad_spec", cause, cause.errors[0][0] if cause.errors else None)
+        if isinstance(cause, TemplateError):
+            return _failure("bad_template", cause, "base_model")
         if isinstance(cause, DataError):
             return _failure("bad_data", cause, _data_field(ticket, cause.path))
         if isinstance(cause, ModelError):

@@ -1,4 +1,5 @@
-"""Datasets: load a user's file, check its rows, tokenize them with the chat template, and batch them.
+"""Datasets: load a user's file, check its rows, tokenize them (conversations with the chat template,
+plain text as TRL does), and batch them.
 
     dataset = load_rows(path)
     fmt = detect_format(dataset, "preference", path)
@@ -15,6 +16,7 @@ from typing import Any
 
 _EXPORTS = {
     "DataError": "load",
+    "TemplateError": "load",
     "Format": "load",
     "Kind": "load",
     "load_rows": "load",
@@ -25,6 +27,8 @@ _EXPORTS = {
     "tokenize_preference": "tokenize",
     "tokenize_prompt": "tokenize",
     "tokenize_dataset": "tokenize",
+    "is_text_row": "tokenize",
+    "render_conversation": "render",
     "pad_sequences": "collate",
     "collate_sft": "collate",
     "collate_preference": "collate",

@@ -56,6 +56,28 @@ class DataError(ValueError):
         super().__init__(f"{where}: {problem}" + (f"; {fix}" if fix else ""))
 
 
+class TemplateError(DataError):
+    """The tokenizer's chat template cannot render a row, or cannot mark the assistant's tokens in it.
+
+    ``template`` names the template (:func:`align.data.templates.template_name`) and ``sample`` is the
+    rendered row with the span that would be trained on marked. Raised while tokenizing, where the file
+    and row are unknown; :meth:`at` gives the same error located in a file.
+    """
+
+    def __init__(
+        self, template: str, problem: str, fix: str = "", sample: str = "", path: str = "", row: int | None = None
+    ):
+        self.template = template
+        self.sample = sample
+        self.template_problem = problem
+        super().__init__(path or "chat template", row, None, f"the {template} {problem}", fix)
+        if sample:
+            self.args = (f"{self.args[0]}\n{sample}",)
+
+    def at(self, path: str, row: int | None) -> "TemplateError":
+        return TemplateError(self.template, self.template_problem, self.fix, self.sample, path, row)
+
+
 def load_rows(path: str) -> datasets.Dataset:
     """Read a local dataset file into memory.
 

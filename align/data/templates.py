@@ -8,6 +8,9 @@ should learn to produce, the closing ``<|end|>`` (the EOS token) included. The g
 rendered with ``add_generation_prompt=True`` is a prefix of the same conversation with the reply.
 """
 
+import hashlib
+import re
+
 END_OF_TURN = "<|end|>"
 PAD = "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -23,3 +26,28 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>\n{% endif -%}"
 )
+
+_GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
+_FAMILIES = (
+    ("<|im_start|>", "ChatML"),
+    ("<|start_header_id|>", "Llama-3 headers"),
+    ("[INST]", "Mistral [INST]"),
+    ("<start_of_turn>", "Gemma turns"),
+)
+
+
+def has_generation_markers(template: str | None) -> bool:
+    """Whether a template wraps assistant replies in ``{% generation %}`` blocks."""
+    return bool(template) and _GENERATION_MARKER.search(template) is not None
+
+
+def template_name(template: str | None) -> str:
+    """How an error names a chat template: its style, when recognised, and the start of its text's sha256."""
+    if not template:
+        return "no chat template"
+    if template == DEFAULT_CHAT_TEMPLATE:
+        style = "align's default"
+    else:
+        style = next((name for marker, name in _FAMILIES if marker in template), "custom")
+    digest = hashlib.sha256(template.encode("utf-8")).hexdigest()[:12]
+    return f"{style} chat template (sha256 {digest})"

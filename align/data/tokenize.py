@@ -1,9 +1,19 @@
-"""Turning validated rows into token ids and loss masks with the tokenizer's chat template.
+"""Turning validated rows into token ids and loss masks, the way TRL does.
 
-Every row is rendered as a conversation by ``tokenizer.apply_chat_template``. The loss mask is the
-template's assistant mask (the ``{% generation %}`` spans): 1 on the tokens of assistant replies,
-their closing EOS included, 0 on system and user turns and on the role headers. It is never derived
-from ``input_ids != pad_id``, which would lose the EOS when the pad token is the EOS token.
+Conversational rows (lists of messages: ``messages``, conversational ``prompt``/``completion``,
+``preference_conversational``) are rendered by ``tokenizer.apply_chat_template``. The loss mask is the
+assistant mask of :mod:`align.data.render`: 1 on the tokens of assistant replies and the token that
+ends each reply, 0 on system and user turns and on the role headers. It comes from the template's
+``{% generation %}`` spans when it has them, otherwise from rendering the conversation prefix by prefix.
+It is never derived from ``input_ids != pad_id``, which would lose the EOS when the pad token is the EOS
+token.
+
+Plain-text rows (string ``prompt``/``completion``, ``prompt``/``chosen``/``rejected`` and ``prompt``
+values) follow TRL 1.x (``SFTTrainer``, ``DPOTrainer``, ``GRPOTrainer``) and use no chat template: the
+EOS token's text is appended to each reply unless it already ends with it, ``prompt`` and
+``prompt + reply`` are each encoded with ``tokenizer(text)`` (so a tokenizer that adds a BOS, as Llama's
+do, adds it here too), and the reply is what follows the first token where the two encodings differ.
+The reply tokens, EOS included, carry the loss. A prompt for generation is ``tokenizer(prompt)``.
 
 Truncation policy
 -----------------
@@ -30,6 +40,7 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from align.data.load import Format, Kind, split_implicit_prompt
+from align.data.render import common_prefix_length, render_conversation, render_prompt
 from align.data.templates import DEFAULT_CHAT_TEMPLATE, END_OF_TURN
 
 logger = logging.getLogger(__name__)
@@ -105,41 +116,54 @@ def prompt_and_reference(row: dict[str, Any], fmt: Format) -> tuple[list[Message
     return prompt, chosen[-1]["content"]
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and the template's assistant mask."""
-    encoding = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    input_ids, assistant_mask = list(encoding["input_ids"]), list(encoding["assistant_masks"])
-    if not any(assistant_mask) and any(message["role"] == "assistant" for message in messages):
-        raise ValueError(
-            "The tokenizer's chat template marks no assistant tokens: it needs {% generation %} ... "
-            "{% endgeneration %} around assistant replies (see align.data.templates.DEFAULT_CHAT_TEMPLATE)."
-        )
-    return input_ids, assistant_mask
+def is_text_row(row: dict[str, Any], fmt: Format) -> bool:
+    """Whether a row is plain text (TRL's non-conversational rows): its prompt and reply values are strings.
+
+    A ``prompt_completion`` row that mixes a string with a list of messages is conversational."""
+    if fmt == "preference":
+        return True
+    if fmt == "prompt":
+        return isinstance(row["prompt"], str)
+    if fmt == "prompt_completion":
+        return isinstance(row["prompt"], str) and isinstance(row.get("completion"), (str, type(None)))
+    return False
 
 
-def _render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
-    """Token ids of the prompt turns followed by the template's generation prompt."""
-    encoding = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=True
-    )
-    return list(encoding["input_ids"])
+def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of plain text as TRL encodes it: ``tokenizer(text)``, special tokens (a BOS) included."""
+    return list(tokenizer(text)["input_ids"])
 
 
-def _reply_tokens(
-    tokenizer: PreTrainedTokenizerBase, prompt: list[Message], prompt_ids: list[int], reply: list[Message]
-) -> tuple[list[int], list[int]]:
-    """The tokens that follow ``prompt_ids`` when the reply is rendered after the prompt, with their mask."""
-    input_ids, assistant_mask = _render(tokenizer, prompt + reply)
-    if input_ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(
-            "The chat template renders the prompt with its generation prompt differently from the start "
-            "of the same conversation with the reply, so prompt and reply tokens cannot be separated. "
-            "Fix the template's add_generation_prompt branch to emit exactly the text that opens an "
-            "assistant turn."
-        )
-    return input_ids[len(prompt_ids) :], assistant_mask[len(prompt_ids) :]
+def _with_eos(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """The reply text followed by the EOS token's text, unless it already ends with it (as TRL does)."""
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no EOS token, so a plain-text reply cannot be ended; set eos_token")
+    return text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token
+
+
+def _text_replies(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, replies: list[str]
+) -> tuple[list[int], list[list[int]]]:
+    """The prompt's ids and each reply's ids (EOS appended) as TRL splits ``prompt + reply``: the reply
+    starts where the encodings of the prompt alone and of prompt + reply first differ."""
+    prompt_ids = _text_ids(tokenizer, prompt)
+    joined = [_text_ids(tokenizer, prompt + _with_eos(tokenizer, reply)) for reply in replies]
+    shared = min(common_prefix_length(prompt_ids, ids) for ids in joined)
+    return prompt_ids[:shared], [ids[shared:] for ids in joined]
+
+
+def _conversation_replies(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[Message], *replies: list[Message]
+) -> tuple[list[int], ...]:
+    """The prompt's ids (generation prompt included) and each reply's ids and assistant mask.
+
+    As TRL does, each reply starts where the rendered prompt and the rendered prompt + reply first
+    differ (the shorter of the two for chosen and rejected), so a template that renders the prompt alone
+    a little differently still splits cleanly."""
+    prompt_ids = render_prompt(tokenizer, prompt)
+    rendered = [render_conversation(tokenizer, prompt + reply) for reply in replies]
+    shared = min(common_prefix_length(prompt_ids, ids) for ids, _ in rendered)
+    return (prompt_ids[:shared], *((ids[shared:], mask[shared:]) for ids, mask in rendered))
 
 
 def _final_reply_start(loss_mask: list[int]) -> int:
@@ -163,8 +187,12 @@ def tokenize_sft(
 
     See the module docstring for the truncation policy.
     """
-    ensure_chat_template(tokenizer)
-    input_ids, loss_mask = _render(tokenizer, sft_conversation(row, fmt))
+    if is_text_row(row, fmt):
+        prompt_ids, (completion_ids,) = _text_replies(tokenizer, row["prompt"], [row["completion"]])
+        input_ids, loss_mask = prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+    else:
+        ensure_chat_template(tokenizer)
+        input_ids, loss_mask = render_conversation(tokenizer, sft_conversation(row, fmt))
     if len(input_ids) > max_length:
         if truncation == "drop":
             return None
@@ -197,11 +225,16 @@ def tokenize_preference(
     and ``prompt_length`` (both sequences start with the same ``prompt_length`` tokens, masked 0), or
     ``None`` when the prompt leaves no room for a reply token under ``max_length``.
     """
-    ensure_chat_template(tokenizer)
-    prompt, chosen, rejected = preference_conversations(row, fmt)
-    prompt_ids = _render_prompt(tokenizer, prompt)
-    chosen_ids, chosen_mask = _reply_tokens(tokenizer, prompt, prompt_ids, chosen)
-    rejected_ids, rejected_mask = _reply_tokens(tokenizer, prompt, prompt_ids, rejected)
+    if is_text_row(row, fmt):
+        prompt_ids, (chosen_ids, rejected_ids) = _text_replies(
+            tokenizer, row["prompt"], [row["chosen"], row["rejected"]]
+        )
+        chosen_mask, rejected_mask = [1] * len(chosen_ids), [1] * len(rejected_ids)
+    else:
+        ensure_chat_template(tokenizer)
+        prompt_ids, (chosen_ids, chosen_mask), (rejected_ids, rejected_mask) = _conversation_replies(
+            tokenizer, *preference_conversations(row, fmt)
+        )
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
     reply_room = max_length - len(prompt_ids)
@@ -227,9 +260,12 @@ def tokenize_prompt(
 ) -> dict[str, Any]:
     """``{"prompt_input_ids"}`` (generation prompt appended, cut from the left to ``max_prompt_length``),
     plus ``"reference"``, the text of the completion or chosen answer, when the row has one."""
-    ensure_chat_template(tokenizer)
     prompt, reference = prompt_and_reference(row, fmt)
-    prompt_ids = _render_prompt(tokenizer, prompt)
+    if is_text_row(row, fmt):
+        prompt_ids = _text_ids(tokenizer, row["prompt"])
+    else:
+        ensure_chat_template(tokenizer)
+        prompt_ids = render_prompt(tokenizer, prompt)
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
     features: dict[str, Any] = {"prompt_input_ids": prompt_ids}

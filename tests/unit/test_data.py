@@ -212,12 +212,20 @@ def test_sft_loss_mask_is_exactly_the_assistant_replies_and_eos(tokenizer):
     assert tokenized["loss_mask"][-1] == 1
 
 
-def test_prompt_completion_becomes_user_and_assistant_turns(tokenizer):
-    row = {"prompt": "What is two plus two?", "completion": "Four."}
+def test_prompt_completion_messages_become_one_conversation(tokenizer):
+    prompt = [{"role": "user", "content": "What is two plus two?"}]
+    row = {"prompt": prompt, "completion": [{"role": "assistant", "content": "Four."}]}
     tokenized = tokenize_sft(row, "prompt_completion", tokenizer, max_length=512)
-    conversation = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": "Four."}]
+    conversation = prompt + row["completion"]
     assert tokenized == tokenize_sft({"messages": conversation}, "messages", tokenizer, max_length=512)
     assert masked_text(tokenizer, **tokenized) == f"Four.{END_OF_TURN}"
+
+
+def test_text_prompt_completion_is_plain_text_plus_eos(tokenizer):
+    row = {"prompt": "What is two plus two?", "completion": " Four."}
+    tokenized = tokenize_sft(row, "prompt_completion", tokenizer, max_length=512)
+    assert tokenizer.decode(tokenized["input_ids"]) == f"What is two plus two? Four.{END_OF_TURN}"
+    assert masked_text(tokenizer, **tokenized) == f" Four.{END_OF_TURN}"
 
 
 def test_eos_keeps_its_loss_when_pad_is_eos():
@@ -271,57 +279,43 @@ def test_tokenize_dataset_counts_dropped_rows(plain_tokenizer):
     assert len(features) == 1 and dropped == 1
 
 
-def test_default_template_is_set_when_missing_and_required_markers_checked():
+def test_default_template_is_set_when_missing():
     tokenizer = build_tokenizer()
     tokenizer.chat_template = None
     ensure_chat_template(tokenizer)
     assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE.replace("{% generation %}", "").replace(
-        "{% endgeneration %}", ""
-    )
-    with pytest.raises(ValueError, match="generation"):
-        tokenize_sft({"messages": CONVERSATION}, "messages", tokenizer, max_length=512)
 
 
 # Preference tokenization
 
 
 PREFERENCE_SHAPES = [
-    ("preference", PREFERENCE_ROW),
-    (
-        "preference_conversational",
-        {
-            "prompt": [{"role": "user", "content": PREFERENCE_ROW["prompt"]}],
-            "chosen": [{"role": "assistant", "content": PREFERENCE_ROW["chosen"]}],
-            "rejected": [{"role": "assistant", "content": PREFERENCE_ROW["rejected"]}],
-        },
-    ),
-    (
-        "preference_conversational",
-        {
-            "chosen": [
-                {"role": "user", "content": PREFERENCE_ROW["prompt"]},
-                {"role": "assistant", "content": PREFERENCE_ROW["chosen"]},
-            ],
-            "rejected": [
-                {"role": "user", "content": PREFERENCE_ROW["prompt"]},
-                {"role": "assistant", "content": PREFERENCE_ROW["rejected"]},
-            ],
-        },
-    ),
+    {
+        "prompt": [{"role": "user", "content": PREFERENCE_ROW["prompt"]}],
+        "chosen": [{"role": "assistant", "content": PREFERENCE_ROW["chosen"]}],
+        "rejected": [{"role": "assistant", "content": PREFERENCE_ROW["rejected"]}],
+    },
+    {
+        "chosen": [
+            {"role": "user", "content": PREFERENCE_ROW["prompt"]},
+            {"role": "assistant", "content": PREFERENCE_ROW["chosen"]},
+        ],
+        "rejected": [
+            {"role": "user", "content": PREFERENCE_ROW["prompt"]},
+            {"role": "assistant", "content": PREFERENCE_ROW["rejected"]},
+        ],
+    },
 ]
 
 
-@pytest.mark.parametrize(
-    ("fmt", "row"), PREFERENCE_SHAPES, ids=["strings", "explicit_prompt", "implicit_prompt"]
-)
-def test_preference_shares_the_prompt_and_masks_the_replies(tokenizer, fmt, row):
-    tokenized = tokenize_preference(row, fmt, tokenizer, max_length=512, max_prompt_length=None)
+@pytest.mark.parametrize("row", PREFERENCE_SHAPES, ids=["explicit_prompt", "implicit_prompt"])
+def test_preference_shares_the_prompt_and_masks_the_replies(tokenizer, row):
+    tokenized = tokenize_preference(row, "preference_conversational", tokenizer, max_length=512)
     prompt_length = tokenized["prompt_length"]
     assert tokenized["chosen_input_ids"][:prompt_length] == tokenized["rejected_input_ids"][:prompt_length]
     assert (
         tokenized["chosen_input_ids"][:prompt_length]
-        == tokenize_prompt(PREFERENCE_ROW, "preference", tokenizer)["prompt_input_ids"]
+        == tokenize_prompt(PREFERENCE_SHAPES[0], "preference_conversational", tokenizer)["prompt_input_ids"]
     )
     for side in ("chosen", "rejected"):
         assert masked_text(tokenizer, tokenized[f"{side}_input_ids"], tokenized[f"{side}_loss_mask"]) == (
@@ -335,6 +329,19 @@ def test_preference_shares_the_prompt_and_masks_the_replies(tokenizer, fmt, row)
     ]
     sft = tokenize_sft({"messages": conversation}, "messages", tokenizer, max_length=512)
     assert tokenized["chosen_input_ids"] == sft["input_ids"]
+
+
+def test_text_preference_rows_use_no_template(tokenizer):
+    tokenized = tokenize_preference(PREFERENCE_ROW, "preference", tokenizer, max_length=512)
+    prompt_length = tokenized["prompt_length"]
+    assert tokenized["chosen_input_ids"][:prompt_length] == tokenizer(PREFERENCE_ROW["prompt"])["input_ids"]
+    for side in ("chosen", "rejected"):
+        assert tokenizer.decode(tokenized[f"{side}_input_ids"]) == (
+            PREFERENCE_ROW["prompt"] + PREFERENCE_ROW[side] + END_OF_TURN
+        )
+        assert masked_text(tokenizer, tokenized[f"{side}_input_ids"], tokenized[f"{side}_loss_mask"]) == (
+            PREFERENCE_ROW[side] + END_OF_TURN
+        )
 
 
 def test_preference_truncation_cuts_prompt_left_then_replies_right(plain_tokenizer):
