@@ -8,13 +8,16 @@ stages change is how it answers a chat prompt.
 
 The splits use disjoint numbers, so no two splits share a prompt:
 
+Every row is conversational (lists of ``{"role", "content"}`` messages), so every stage renders it with
+the chat template, the way the model is asked at inference:
+
 | split | rows | purpose |
 |---|---|---|
 | ``sft`` | ``messages`` | demonstrations of mixed quality: most ``tell`` answers give the wrong parity, a few ``ask`` answers do too, so supervised fine-tuning alone learns the mistake |
-| ``prefs`` | ``prompt``, ``chosen``, ``rejected`` | chosen is the right parity, rejected the wrong one |
+| ``prefs`` | ``prompt`` (user turn), ``chosen``, ``rejected`` (assistant turns) | chosen is the right parity, rejected the wrong one |
 | ``prefs_eval`` | as ``prefs`` | held-out pairs (implicit-reward or reward-model accuracy) |
-| ``eval`` | ``prompt``, ``completion`` | held-out prompts with the correct answer (greedy exact match) |
-| ``prompts`` | ``prompt`` | prompts only, for reinforcement learning with :func:`exact_answer_reward` |
+| ``eval`` | ``prompt`` (user turn), ``completion`` (assistant turn) | held-out prompts with the correct answer (greedy exact match) |
+| ``prompts`` | ``prompt`` (user turn) | prompts only, for reinforcement learning with :func:`exact_answer_reward` |
 | ``eval_tell`` | as ``eval`` | the ``tell`` rows of ``eval``: the family supervised fine-tuning gets mostly wrong |
 
 Everything is generated from ``SEED``; :func:`materialize` writes a split as JSON Lines under the
@@ -36,7 +39,7 @@ import torch
 
 from align.paths import cache_dir
 
-TASK_VERSION = 3
+TASK_VERSION = 4
 SEED = 1234
 MAX_DIGITS = 5
 PHRASINGS = {
@@ -132,21 +135,24 @@ def build_splits(seed: int = SEED) -> dict[str, list[dict]]:
         rows = []
         for item in items:
             prompt, correct = item.prompt(), item.answer
+            question = [{"role": "user", "content": prompt}]
             if split == "sft":
                 answer = mistake(correct) if rng.random() < MISTAKE_RATE[item.family] else correct
-                rows.append(
-                    {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
-                )
+                rows.append({"messages": [*question, {"role": "assistant", "content": answer}]})
             elif split in ("prefs", "prefs_eval"):
-                rows.append({"prompt": prompt, "chosen": correct, "rejected": mistake(correct)})
+                rows.append({"prompt": question, "chosen": _reply(correct), "rejected": _reply(mistake(correct))})
             elif split == "eval":
-                rows.append({"prompt": prompt, "completion": correct})
+                rows.append({"prompt": question, "completion": _reply(correct)})
             else:
-                rows.append({"prompt": prompt})
+                rows.append({"prompt": question})
         splits[split] = rows
     for split, (source, family) in DERIVED_SPLITS.items():
         splits[split] = [row for row, item in zip(splits[source], items_of[source]) if item.family == family]
     return splits
+
+
+def _reply(answer: str) -> list[dict]:
+    return [{"role": "assistant", "content": answer}]
 
 
 def data_key() -> str:

@@ -15,7 +15,13 @@ def splits():
 
 
 def prompt_of(row: dict) -> str:
-    return row["messages"][0]["content"] if "messages" in row else row["prompt"]
+    return row["messages"][0]["content"] if "messages" in row else text(row["prompt"])
+
+
+def text(turns: list[dict]) -> str:
+    """The content of a one-turn list (every built-in row is conversational)."""
+    (turn,) = turns
+    return turn["content"]
 
 
 def test_split_sizes_and_disjoint_numbers(splits):
@@ -23,7 +29,7 @@ def test_split_sizes_and_disjoint_numbers(splits):
     derived = {name: splits.pop(name) for name in task.DERIVED_SPLITS}
     assert {name: len(rows) for name, rows in splits.items()} == task.SPLIT_SIZES
     # eval_tell is exactly the tell-family half of eval.
-    assert derived["eval_tell"] == [r for r in splits["eval"] if r["prompt"].startswith(("Tell", "Say"))]
+    assert derived["eval_tell"] == [r for r in splits["eval"] if prompt_of(r).startswith(("Tell", "Say"))]
     assert len(derived["eval_tell"]) == task.SPLIT_SIZES["eval"] // 2
     numbers = {name: {int(task._NUMBER_PATTERN.search(prompt_of(r)).group()) for r in rows}
                for name, rows in splits.items()}
@@ -48,8 +54,9 @@ def test_sft_mistakes_follow_the_family_rates(splits):
 
 def test_preference_pairs_put_the_right_parity_first(splits):
     for row in splits["prefs"] + splits["prefs_eval"]:
-        assert row["chosen"] == task.answer_of(row["prompt"])
-        assert {row["chosen"], row["rejected"]} == {"even", "odd"}
+        assert text(row["chosen"]) == task.answer_of(prompt_of(row))
+        assert {text(row["chosen"]), text(row["rejected"])} == {"even", "odd"}
+        assert (row["prompt"][0]["role"], row["chosen"][0]["role"]) == ("user", "assistant")
 
 
 def test_answers_and_reward():
