@@ -22,26 +22,25 @@ generators, and the versions of the libraries that initialise and train the mode
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
+import filelock
 import tokenizers
 import torch
 import transformers
 
 from align import english, english_forms, english_words, task
 from align.data.templates import DEFAULT_CHAT_TEMPLATE, END_OF_TURN, PAD, ROLE_TOKENS, SPECIAL_TOKENS
+from align.engine.schedule import schedule_curve
 from align.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -49,30 +48,30 @@ logger = logging.getLogger(__name__)
 TINY_MODEL = "builtin:tiny"
 BUILD_VERSION = 5
 
-MODEL_CONFIG = dict(
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-)
+MODEL_CONFIG = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
 VOCAB_SIZE = 1024
-PRETRAIN = dict(
-    seed=0,
-    documents=12000,
-    english_documents=3000,
-    english_sentences=(2, 5),
-    sequence_length=64,
-    batch_size=16,
-    steps=400,
-    learning_rate=3e-3,
-    warmup_steps=30,
-    weight_decay=0.01,
-)
+PRETRAIN = {
+    "seed": 0,
+    "documents": 12000,
+    "english_documents": 3000,
+    "english_sentences": (2, 5),
+    "sequence_length": 64,
+    "batch_size": 16,
+    "steps": 400,
+    "learning_rate": 3e-3,
+    "warmup_steps": 30,
+    "weight_decay": 0.01,
+}
 BUILD_THREADS = 4
 """At most this many CPU threads pretrain; fewer when the process may use fewer cores."""
 
@@ -99,41 +98,51 @@ def build_key() -> str:
 BUILD_KEY = build_key()
 
 
-def build_tiny(cache_root: Path | None = None) -> Path:
+def build_tiny(cache_root: Path | None = None, progress: Callable[[str], None] | None = None) -> Path:
     """The local folder of the built-in model, built on first use: 66-79 s measured on a 2-core Xeon, with
     its AVX-512/AMX kernels or held to AVX2 (fp32 alike); a CPU with slower cores takes longer.
 
     The folder is built in a temporary folder next to it and renamed into place under a file lock,
     so concurrent builders (other processes, other ranks) wait for one build and never see a partial
-    folder.
+    folder. ``progress`` gets what the build is doing in words: waiting for another builder, the
+    tokenizer trained, every tenth of the pretraining steps, the folder in place. A cached model
+    returns at once, with no message.
     """
     root = Path(cache_root or cache_dir())
     target = root / f"tiny-{BUILD_KEY}"
     if target.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / f"tiny-{BUILD_KEY}.lock"):
+
+    def report(text: str) -> None:
+        logger.info("%s", text)
+        if progress is not None:
+            progress(text)
+
+    lock = filelock.FileLock(root / f"tiny-{BUILD_KEY}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        report(f"{TINY_MODEL}: waiting for another process that is building it under {target}")
+        lock.acquire()
+    try:
         if target.is_dir():
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".tiny-{BUILD_KEY}-", dir=root))
         logger.warning("building the built-in model %s (a minute or two, once per machine) under %s", TINY_MODEL, target)
+        if progress is not None:
+            progress(f"{TINY_MODEL}: building it (a minute or two, once per machine) under {target}")
+        started = time.perf_counter()
         try:
-            _build_into(staging, log=logger.info)
+            _build_into(staging, log=lambda text: report(f"{TINY_MODEL}: {text}"))
             os.rename(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        report(f"{TINY_MODEL}: built in {time.perf_counter() - started:.0f}s")
+    finally:
+        lock.release()
     return target
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --- corpus -------------------------------------------------------------------------------------------
@@ -226,20 +235,28 @@ def _packed_sequences(tokenizer, documents: list[str], length: int) -> torch.Ten
     return torch.tensor(ids[: rows * length]).view(rows, length)
 
 
+def pretraining_schedule(optimizer: torch.optim.Optimizer) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate by step: linear warm-up to the peak at step ``warmup_steps - 1``,
+    the peak again at step ``warmup_steps``, then cosine decay to 5% of it (transformers' ``cosine_with_min_lr``).
+
+    transformers' warm-up is s / W and reaches the peak at step W; the built model was trained with
+    (s + 1) / W, which is its warm-up read one step ahead. The decay is read as it is.
+    """
+    warmup_steps = PRETRAIN["warmup_steps"]
+    curve = schedule_curve(optimizer, "cosine_with_min_lr", warmup_steps, PRETRAIN["steps"], min_lr_rate=0.05)
+    return lambda step: curve(step + 1 if step < warmup_steps else step)
+
+
 def pretrain(model, sequences: torch.Tensor, generator: torch.Generator, log=None) -> None:
-    """AdamW with linear warm-up and cosine decay over ``PRETRAIN["steps"]`` random batches, in fp32."""
+    """AdamW with linear warm-up and cosine decay over ``PRETRAIN["steps"]`` random batches, in fp32.
+
+    ``log`` gets the step count and loss after the first step and each further tenth of the steps."""
     batch_size, steps = PRETRAIN["batch_size"], PRETRAIN["steps"]
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=PRETRAIN["learning_rate"], weight_decay=PRETRAIN["weight_decay"], betas=(0.9, 0.95)
     )
 
-    def schedule(step: int) -> float:
-        if step < PRETRAIN["warmup_steps"]:
-            return (step + 1) / PRETRAIN["warmup_steps"]
-        progress = (step - PRETRAIN["warmup_steps"]) / max(1, steps - PRETRAIN["warmup_steps"])
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, pretraining_schedule(optimizer))
     model.train()
     for step in range(steps):
         batch = sequences[torch.randint(len(sequences), (batch_size,), generator=generator)]
@@ -249,8 +266,9 @@ def pretrain(model, sequences: torch.Tensor, generator: torch.Generator, log=Non
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if log is not None and (step % 50 == 0 or step == steps - 1):
-            log(f"step {step + 1}/{steps} loss {loss.item():.4f}")
+        done = step + 1
+        if log is not None and (done == 1 or done * 10 // steps > step * 10 // steps):
+            log(f"pretraining step {done}/{steps} ({done * 100 // steps}%), loss {loss.item():.4f}")
     model.eval()
 
 
@@ -269,6 +287,9 @@ def _build_into(folder: Path, log=None) -> None:
             model = LlamaForCausalLM(_config(tokenizer))
             generator = torch.Generator().manual_seed(PRETRAIN["seed"])
             sequences = _packed_sequences(tokenizer, documents, PRETRAIN["sequence_length"])
+            if log is not None:
+                log(f"tokenizer trained ({len(tokenizer)} tokens) on {len(documents)} documents; "
+                    f"pretraining {sum(p.numel() for p in model.parameters()):,} parameters")
             started = time.perf_counter()
             pretrain(model, sequences, generator, log)
             if log is not None:
