@@ -5,7 +5,6 @@ PYTHON ?= python3
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
 export ALIGN_CACHE_DIR ?= $(CURDIR)/.align/cache
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.align/cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 

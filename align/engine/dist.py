@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.paths import cache_dir
+from align.engine import use_op_cache
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def configure_environment(threads: int | None = None) -> None:
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    use_op_cache()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
