@@ -52,7 +52,7 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def current_tenant(
-    session: SessionDep, authorization: Annotated[str | None, Header()] = None
+    session: SessionDep, authorization: Annotated[str | None, Header(include_in_schema=False)] = None
 ) -> Tenant:
     """The tenant whose API key is in ``Authorization: Bearer <key>``; 401 when missing or unknown."""
     token = bearer_token(authorization)

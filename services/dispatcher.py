@@ -248,9 +248,10 @@ class Dispatcher:
         env["ALIGN_TICKET"] = json.dumps(ticket)
         cluster = getattr(self.ray, "cluster_address", None)
         if cluster:
-            # Not RAY_ADDRESS: the job supervisor replaces that with its own "auto" look-up for the
-            # entrypoint. workers.entrypoint joins this address explicitly.
-            env[CLUSTER_ENV_VAR] = cluster
+            # RAY_ADDRESS reaches every actor of the job (Ray Train's own look-ups fail with "multiple
+            # active Ray instances" without it); the job supervisor gives the entrypoint its own "auto"
+            # look-up instead, so the entrypoint joins ALIGN_RAY_CLUSTER explicitly.
+            env["RAY_ADDRESS"] = env[CLUSTER_ENV_VAR] = cluster
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         return {"env_vars": env}
 

@@ -21,10 +21,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
 
 START_ATTEMPTS = 3
 START_TIMEOUT_SECONDS = 90.0
@@ -153,10 +153,11 @@ def _wait_until_up(ray: LocalRay, timeout: float) -> str | None:
         if not ray.alive():
             return f"`ray start` exited with {ray.process.returncode}: {_last_error(ray.log_path)}"
         try:
-            up = httpx.get(f"{ray.dashboard_url}/api/version", timeout=2).status_code == 200
+            with urllib.request.urlopen(f"{ray.dashboard_url}/api/version", timeout=2) as answer:
+                up = answer.status == 200
             if up and (ray.temp_dir / "ray_current_cluster").exists():
                 return None
-        except httpx.HTTPError:
+        except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
     return f"its jobs API at {ray.dashboard_url} did not answer in {timeout:.0f} s"

@@ -40,6 +40,12 @@ class ErrorBody(BaseModel):
     detail: list[FieldError]
 
 
+class ErrorMessage(BaseModel):
+    """The body of a 401, 404 or 409: what is wrong, for people."""
+
+    detail: str
+
+
 class Progress(_Public):
     step: int | None = None
     """Last optimizer step reported by the worker."""

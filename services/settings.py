@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import secrets
 from functools import lru_cache
 from pathlib import Path
 
+from itsdangerous import BadSignature, SignatureExpired, TimestampSigner
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -36,7 +35,10 @@ class Settings(BaseSettings):
     bootstrap_api_key: str | None = None
     """An API key created for tenant `default` at start-up, if set."""
     report_secret: str = Field(default_factory=lambda: secrets.token_hex(32))
-    """HMAC secret for worker report tokens. Set it when more than one API process runs."""
+    """Secret that signs worker report tokens. Set it when more than one API process runs."""
+    report_token_seconds: float = Field(7 * 24 * 3600.0, gt=0)
+    """A report token is refused (401) this long after the dispatcher issued it; a stage attempt that
+    runs longer needs a larger value."""
     host: str = "127.0.0.1"
     """Address the API listens on."""
     port: int = 8321
@@ -54,6 +56,8 @@ class Settings(BaseSettings):
     interpreter for a local Ray)."""
     run_dispatcher: bool = True
     """Run the dispatcher in the API process."""
+    ready_probe_seconds: float = Field(30.0, ge=0)
+    """`/readyz` submits a no-op Ray job to check that jobs can start; a success stands for this long."""
 
     @model_validator(mode="after")
     def _default_public_url(self) -> Settings:
@@ -61,13 +65,27 @@ class Settings(BaseSettings):
             self.public_url = f"http://{self.host}:{self.port}"
         return self
 
-    def report_token(self, stage_run_id: str, attempt: int) -> str:
-        """Bearer token for one stage attempt's reports: HMAC-SHA256(secret, "<stage_run_id>:<attempt>")."""
-        message = f"{stage_run_id}:{attempt}".encode()
-        return hmac.new(self.report_secret.encode(), message, hashlib.sha256).hexdigest()
+    def _report_signer(self) -> TimestampSigner:
+        return TimestampSigner(self.report_secret, salt="align.report-token")
 
-    def check_report_token(self, stage_run_id: str, attempt: int, token: str) -> bool:
-        return hmac.compare_digest(self.report_token(stage_run_id, attempt), token)
+    def report_token(self, stage_run_id: str, attempt: int) -> str:
+        """Bearer token for one stage attempt's reports: ``<stage_run_id>:<attempt>`` signed with the
+        time it was issued (itsdangerous, HMAC-SHA1 of the secret; valid ``report_token_seconds``)."""
+        return self._report_signer().sign(f"{stage_run_id}:{attempt}").decode()
+
+    def check_report_token(self, stage_run_id: str, attempt: int, token: str) -> str | None:
+        """None when ``token`` is this attempt's and not expired, else why it is refused."""
+        try:
+            value = self._report_signer().unsign(token, max_age=self.report_token_seconds)
+        except SignatureExpired as expired:
+            issued = expired.date_signed.isoformat(timespec="seconds") if expired.date_signed else "long ago"
+            return (f"report token expired: issued {issued}, valid {self.report_token_seconds:g} s "
+                    "(ALIGN_REPORT_TOKEN_SECONDS); the dispatcher will retry the attempt with a new one")
+        except BadSignature:
+            return "bad report token for this stage run and attempt"
+        if value.decode() != f"{stage_run_id}:{attempt}":
+            return "bad report token for this stage run and attempt"
+        return None
 
 
 @lru_cache

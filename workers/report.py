@@ -1,7 +1,10 @@
 """Reports from a stage attempt to the service: POST {report_url}, fenced by (stage_run_id, attempt).
 
-Delivery is best-effort (short timeout, a couple of retries) except for one answer: 409 means the
-attempt is stale or its stage run is no longer running, and raises :class:`Fenced` so training stops.
+A report the service cannot take now (unreachable, 5xx) is retried with jittered exponential back-off
+(tenacity), then kept in order and sent again before the next report; :meth:`Reporter.close` makes a
+last try and logs what was never delivered. Answers that will not change on retry (401, 422) are
+logged as errors and not retried. 409 means the attempt is stale or its stage run is no longer
+running, and raises :class:`Fenced` so training stops.
 """
 
 from __future__ import annotations
@@ -9,21 +12,40 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import deque
 from typing import Any
 
 import httpx
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from align.artifacts import MANIFEST, ArtifactStore, PublishedArtifact
 
 logger = logging.getLogger(__name__)
+
+MAX_HELD_REPORTS = 10_000
 
 
 class Fenced(RuntimeError):
     """The service answered 409: this attempt must stop and exit non-zero without publishing."""
 
 
+class _NotTaken(Exception):
+    """The service could not take a report now (no connection, or a 5xx): worth another try."""
+
+
 class Reporter:
-    """Sends one attempt's reports. Heartbeats are throttled to one per ``heartbeat_every`` seconds."""
+    """Sends one attempt's reports. Heartbeats are throttled to one per ``heartbeat_every`` seconds.
+
+    Each delivery makes up to ``retries + 1`` tries, waiting a random time of up to ``backoff * 2**n``
+    seconds (capped at ``max_backoff``) before try n + 1. Reports that still are not taken wait in
+    order for the next delivery (a newer heartbeat replaces a held one).
+    """
 
     def __init__(
         self,
@@ -35,36 +57,73 @@ class Reporter:
         timeout: float = 5.0,
         retries: int = 2,
         backoff: float = 0.5,
+        max_backoff: float = 8.0,
         heartbeat_every: float = 5.0,
+        sleep=time.sleep,
     ):
         self.url = url
         self.stage_run_id = stage_run_id
         self.attempt = attempt
-        self.retries = retries
-        self.backoff = backoff
         self.heartbeat_every = heartbeat_every
+        self.held: deque[dict[str, Any]] = deque()
+        """Reports not yet taken by the service, oldest first."""
+        self._retrying = Retrying(
+            stop=stop_after_attempt(retries + 1),
+            wait=wait_random_exponential(multiplier=backoff, max=max_backoff),
+            retry=retry_if_exception_type(_NotTaken),
+            sleep=sleep,
+        )
         self._last_heartbeat = float("-inf")
         self._last_heartbeat_step: int | None = None
         self._client = httpx.Client(timeout=timeout, headers={"Authorization": f"Bearer {token}"})
 
     def send(self, type_: str, payload: dict[str, Any]) -> bool:
-        """POST one report; True once the service took it. Raises :class:`Fenced` on 409."""
+        """Deliver the held reports, then this one; True once the service took it. Raises :class:`Fenced` on 409."""
         body = {"stage_run_id": self.stage_run_id, "attempt": self.attempt, "type": type_, "payload": payload}
-        for attempt in range(self.retries + 1):
+        if type_ == "heartbeat":
+            # Progress only: a newer heartbeat says all that an older held one would.
+            self.held = deque(held for held in self.held if held["type"] != "heartbeat")
+        if len(self.held) >= MAX_HELD_REPORTS:
+            dropped = self.held.popleft()
+            logger.error("report %s dropped: %d reports are held for a service that does not take them",
+                         dropped["type"], MAX_HELD_REPORTS)
+        self.held.append(body)
+        return any(taken is body for taken in self._deliver_held())
+
+    def _deliver_held(self) -> list[dict[str, Any]]:
+        """Send held reports oldest first, until the service cannot take one now (it stays held).
+
+        Returns the reports the service took."""
+        taken = []
+        while self.held:
+            body = self.held[0]
             try:
-                response = self._client.post(self.url, json=body)
-            except httpx.HTTPError as error:
-                logger.warning("report %s not delivered (%s)", type_, error)
-            else:
-                if response.status_code == 409:
-                    raise Fenced(f"the service fenced off {self.stage_run_id} attempt {self.attempt}: {response.text}")
-                if response.is_success:
-                    return True
-                logger.warning("report %s answered %s: %s", type_, response.status_code, response.text[:200])
-                if response.status_code < 500:
-                    return False  # a 401 or 422 will not change on retry
-            if attempt < self.retries:
-                time.sleep(self.backoff * (attempt + 1))
+                accepted = self._retrying(self._post, body)
+            except RetryError as gave_up:
+                logger.warning("report %s not delivered after %d tries (%s); %d held, sent again with the "
+                               "next report", body["type"], gave_up.last_attempt.attempt_number,
+                               gave_up.last_attempt.exception(), len(self.held))
+                break
+            self.held.popleft()
+            if accepted:
+                taken.append(body)
+        return taken
+
+    def _post(self, body: dict[str, Any]) -> bool:
+        """One try: True when taken, False when refused for good; raises :class:`_NotTaken` or :class:`Fenced`."""
+        try:
+            response = self._client.post(self.url, json=body)
+        except httpx.HTTPError as error:
+            raise _NotTaken(f"{type(error).__name__}: {error}") from None
+        if response.status_code == 409:
+            raise Fenced(f"the service fenced off {self.stage_run_id} attempt {self.attempt}: {response.text}")
+        if response.is_success:
+            return True
+        if response.status_code >= 500:
+            raise _NotTaken(f"answered {response.status_code}: {response.text[:200]}")
+        # A 401 or 422 will not change on retry.
+        logger.error("report %s refused with %s, not sent again: %s", body["type"], response.status_code,
+                     response.text[:300])
         return False
 
     def heartbeat(self, step: int, total_steps: int, force: bool = False) -> None:
@@ -108,7 +167,16 @@ class Reporter:
         self.send("failed", {"code": code, "message": message, "field": field, "retryable": retryable})
 
     def close(self) -> None:
-        self._client.close()
+        """One last try for held reports; the ones still not taken are logged, never dropped silently."""
+        try:
+            if self.held:
+                self._deliver_held()
+            if self.held:
+                kinds = ", ".join(sorted({held["type"] for held in self.held}))
+                logger.error("%d reports (%s) of %s attempt %d were never delivered to %s", len(self.held),
+                             kinds, self.stage_run_id, self.attempt, self.url)
+        finally:
+            self._client.close()
 
 
 def manifest_hash(store: ArtifactStore, uri: str) -> str:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import mimetypes
 from collections.abc import Iterator
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, HTTPException, Request, Security, status
 from fastapi.responses import StreamingResponse
 
 from align.artifacts import MANIFEST, ArtifactError, ArtifactStore, PublishedArtifact
 from services.db import jobs
 from services.deps import SessionDep, TenantDep
+from services.routes.openapi import API_KEY, NOT_FOUND, PROTECTED
 from services.schemas import ArtifactPublic
 
-router = APIRouter(prefix="/artifacts", tags=["artifacts"])
+router = APIRouter(prefix="/artifacts", tags=["artifacts"], dependencies=[Security(API_KEY)],
+                   responses={**PROTECTED, **NOT_FOUND})
 
 CHUNK_BYTES = 1 << 20
 

@@ -6,7 +6,7 @@ import time
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, Security, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 
@@ -15,9 +15,10 @@ from services import paths
 from services.db import jobs
 from services.db.models import TERMINAL_STATES
 from services.deps import FieldErrors, SessionDep, SettingsDep, TenantDep
+from services.routes.openapi import API_KEY, NOT_FOUND, PROTECTED
 from services.schemas import JOB_STATUSES, EventPublic, JobPublic, Page, StageMetrics, StageRunPublic
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Security(API_KEY)], responses=PROTECTED)
 
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
@@ -112,19 +113,19 @@ def list_jobs(
     return Page[JobPublic](data=[job_public(session, job) for job in rows], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
     return job_public(session, _owned_job(session, tenant.id, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=NOT_FOUND)
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
     """Cancel the job's unfinished stages; a running stage's Ray job is stopped by the dispatcher."""
     _owned_job(session, tenant.id, job_id)
     return job_public(session, jobs.cancel_job(session, tenant.id, job_id))
 
 
-@router.get("/{job_id}/metrics", response_model=list[StageMetrics])
+@router.get("/{job_id}/metrics", response_model=list[StageMetrics], responses=NOT_FOUND)
 def job_metrics(job_id: str, session: SessionDep, tenant: TenantDep) -> list[StageMetrics]:
     """Metrics records reported by each stage, in stage order."""
     job = _owned_job(session, tenant.id, job_id)
@@ -138,7 +139,8 @@ def job_metrics(job_id: str, session: SessionDep, tenant: TenantDep) -> list[Sta
 @router.get(
     "/{job_id}/events",
     response_model=Page[EventPublic],
-    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON page, or a live SSE stream"}},
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON page, or a live SSE stream"},
+               **NOT_FOUND},
 )
 def job_events(
     job_id: str,

@@ -10,13 +10,14 @@ from services.db import jobs
 from services.deps import FieldErrors, SessionDep, SettingsDep, bearer_token
 from services.schemas import Ok, ReportIn
 
-router = APIRouter(prefix="/internal", tags=["internal"])
+# Workers call it with a per-attempt token from their ticket; it is not part of the public API.
+router = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=False)
 
 
 @router.post(
     "/reports",
     response_model=Ok,
-    responses={401: {"description": "Bad report token"}, 409: {"description": "Stale attempt or stage not running"}},
+    responses={401: {"description": "Missing, bad or expired report token"}, 409: {"description": "Stale attempt or stage not running"}},
 )
 def post_report(
     report: ReportIn,
@@ -26,8 +27,10 @@ def post_report(
 ) -> Ok:
     """Apply a report if it comes from the stage run's current, running attempt; 409 tells the worker to stop."""
     token = bearer_token(authorization)
-    if token is None or not settings.check_report_token(report.stage_run_id, report.attempt, token):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "bad report token for this stage run and attempt")
+    refused = "missing report token" if token is None else settings.check_report_token(
+        report.stage_run_id, report.attempt, token)
+    if refused:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, refused)
     if report.type == "samples":
         samples = report.payload.get("samples")
         if not isinstance(samples, list) or not all(isinstance(sample, dict) for sample in samples):

@@ -130,8 +130,8 @@ def test_unauthenticated_bad_body_is_401(client):
 class FakeRay:
     """Answers the Jobs API calls the dispatcher makes; ``down`` makes every call fail like a dead head."""
 
-    def __init__(self, down: bool = False):
-        self.down, self.submitted = down, {}
+    def __init__(self, down: bool = False, refuses_jobs: bool = False):
+        self.down, self.refuses_jobs, self.submitted = down, refuses_jobs, {}
 
     def _check(self) -> None:
         if self.down:
@@ -150,6 +150,12 @@ class FakeRay:
         self._check()
         return True
 
+    def check_submission(self):
+        self._check()
+        if self.refuses_jobs:
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job, please "
+                               "try again later.\nTraceback (most recent call last):\n  ...")
+
     def get_job_info(self, submission_id):
         return {"status": self.get_job_status(submission_id)}
 
@@ -165,6 +171,15 @@ def test_health(client, settings, session_factory):
         unready = down.get("/readyz")
     assert unready.status_code == 503
     assert unready.json()["checks"]["database"] == "ok" and "refused" in unready.json()["checks"]["ray"]
+    # Status queries answer, but the head cannot start a job: not ready, with Ray's reason on one line.
+    refusing = FakeRay(refuses_jobs=True)
+    assert refusing.get_job_status("align-anything") is None
+    with TestClient(create_app(settings, session_factory=session_factory, ray_client=refusing)) as app:
+        refused = app.get("/readyz")
+    assert refused.status_code == 503 and refused.json()["checks"]["ray"] == (
+        "cannot accept a job: RuntimeError: Request failed with status code 500: No available agent to submit "
+        "job, please try again later. ... ..."
+    )
 
 
 def test_app_runs_the_dispatcher_when_asked(settings, session_factory, data_dir):
@@ -179,7 +194,7 @@ def test_app_runs_the_dispatcher_when_asked(settings, session_factory, data_dir)
             time.sleep(0.1)
     stage_run_id = client.get(f"/jobs/{job['id']}", headers=headers).json()["stages"][0]["id"]
     ticket = ray.submitted[f"align-{stage_run_id}-a1"]
-    assert ticket["report_token"] == settings.report_token(stage_run_id, 1) and ticket["index"] == 0
+    assert settings.check_report_token(stage_run_id, 1, ticket["report_token"]) is None and ticket["index"] == 0
     assert not any(t.name == "align-dispatcher" and t.is_alive() for t in threading.enumerate())
 
 
@@ -336,6 +351,8 @@ def test_reports_are_fenced(client, alice, data_dir, session_factory):
     stage_run_id, attempt = claim_first_stage(session_factory)
     heartbeat = {"step": 1, "total_steps": 4}
     assert report(client, stage_run_id, attempt, "heartbeat", heartbeat, token="forged").status_code == 401
+    other_attempt = Settings(report_secret=SECRET).report_token(stage_run_id, attempt + 1)
+    assert report(client, stage_run_id, attempt, "heartbeat", heartbeat, token=other_attempt).status_code == 401
     stale = report(client, stage_run_id, attempt + 1, "heartbeat", heartbeat)
     assert stale.status_code == 409 and "stale" in stale.json()["detail"]
     assert report(client, stage_run_id, attempt, "heartbeat", heartbeat).json() == {"ok": True}
@@ -532,3 +549,17 @@ def test_refuses_to_start_on_an_unmigrated_database(tmp_path):
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'empty.db'}", run_dispatcher=False)
     with pytest.raises(RuntimeError, match="align db upgrade"), TestClient(create_app(settings)):
         pass
+
+
+def test_an_expired_report_token_is_refused(client, alice, data_dir, session_factory, settings, monkeypatch):
+    submit(client, alice, make_spec(data_dir))
+    stage_run_id, attempt = claim_first_stage(session_factory)
+    issued_long_ago = time.time() - settings.report_token_seconds - 60
+    with monkeypatch.context() as patched:
+        patched.setattr(time, "time", lambda: issued_long_ago)
+        old_token = settings.report_token(stage_run_id, attempt)
+    refused = report(client, stage_run_id, attempt, "heartbeat", {"step": 1, "total_steps": 2}, token=old_token)
+    assert refused.status_code == 401
+    assert refused.json()["detail"].startswith("report token expired: issued ")
+    assert "ALIGN_REPORT_TOKEN_SECONDS" in refused.json()["detail"]
+    assert report(client, stage_run_id, attempt, "heartbeat", {"step": 1, "total_steps": 2}).status_code == 200

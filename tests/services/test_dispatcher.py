@@ -177,13 +177,27 @@ def test_submits_one_ray_job_per_attempt_with_its_ticket(
         "work_dir": f"/work-root/{job_id}/{run.id}",
         "require_checkpoint": False,
         "report_url": "http://127.0.0.1:8321/internal/reports",
-        "report_token": settings.report_token(run.id, 1),
+        "report_token": ticket["report_token"],
     }
+    assert settings.check_report_token(run.id, 1, ticket["report_token"]) is None
+    assert settings.check_report_token(run.id, 2, ticket["report_token"]) is not None
     assert parse_spec(ticket["spec"]).stage_names() == ["sft", "rm", "dpo"]
     for _ in range(2):
         dispatcher.tick()
     assert len(ray.submissions) == 1
     assert states(session_factory, job_id) == [("running", 1), ("pending", 0), ("pending", 0)]
+
+
+def test_the_cluster_of_a_local_ray_is_pinned_in_every_runtime_env(dispatcher, session_factory, tenant_id, ray):
+    """A service's own Ray: every job joins that cluster, never "the newest cluster on the host"."""
+    new_job(session_factory, tenant_id, STAGES[:1])
+    dispatcher.tick()
+    assert not {"RAY_ADDRESS", "ALIGN_RAY_CLUSTER"} & set(ray.submissions[0]["runtime_env"]["env_vars"])
+    ray.cluster_address = "192.0.2.7:52279"
+    new_job(session_factory, tenant_id, STAGES[:1])
+    dispatcher.tick()
+    env = ray.submissions[1]["runtime_env"]["env_vars"]
+    assert env["RAY_ADDRESS"] == env["ALIGN_RAY_CLUSTER"] == "192.0.2.7:52279"
 
 
 def test_a_restarted_dispatcher_does_not_submit_again(settings, session_factory, tenant_id, ray, dispatcher):
@@ -310,7 +324,8 @@ def test_retryable_failure_resumes_from_the_checkpoint(dispatcher, session_facto
     assert [s["submission_id"] for s in ray.submissions] == [f"align-{run_id}-a1", f"align-{run_id}-a2"]
     ticket = ray.ticket()
     assert (ticket["attempt"], ticket["require_checkpoint"]) == (2, True)
-    assert ticket["report_token"] == settings.report_token(run_id, 2) != settings.report_token(run_id, 1)
+    assert settings.check_report_token(run_id, 2, ticket["report_token"]) is None
+    assert settings.check_report_token(run_id, 1, ticket["report_token"]) == "bad report token for this stage run and attempt"
     assert ticket["work_dir"] == f"/work-root/{job_id}/{run_id}"
     assert not report(session_factory, run_id, 1, "heartbeat", {"step": 51, "total_steps": 100})
     assert states(session_factory, job_id)[0] == ("running", 2)

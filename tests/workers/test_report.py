@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import deque
 
 import pytest
 from worker_helpers import TOKEN, make_ticket
@@ -14,7 +15,7 @@ from workers.report import Fenced, Reporter
 
 
 def reporter_for(receiver, **options) -> Reporter:
-    return Reporter(receiver.url, TOKEN, "sr_1", 2, backoff=0.01, **options)
+    return Reporter(receiver.url, TOKEN, "sr_1", 2, **{"backoff": 0.01, **options})
 
 
 def test_reports_carry_the_attempt_and_payload(receiver):
@@ -48,12 +49,37 @@ def test_a_409_raises_fenced(receiver):
     assert len(receiver.reports) == 2  # a 409 is final: never retried
 
 
-def test_unavailable_service_is_retried_then_given_up(receiver):
+def test_unavailable_service_is_retried_with_jittered_backoff(receiver):
+    waits = []
     receiver.unavailable = 2
-    assert reporter_for(receiver, retries=2).send("heartbeat", {"step": 1, "total_steps": 2})
+    reporter = reporter_for(receiver, retries=2, max_backoff=0.02, sleep=waits.append)
+    assert reporter.send("heartbeat", {"step": 1, "total_steps": 2})
     assert [r["status"] for r in receiver.reports] == [503, 503, 200]
-    receiver.unavailable = 5
-    assert not reporter_for(receiver, retries=1).send("heartbeat", {"step": 1, "total_steps": 2})
+    # wait_random_exponential: before try n+1 a random wait in [0, min(0.02, 0.01 * 2**n)].
+    assert len(waits) == 2 and 0 <= waits[0] <= 0.01 and 0 <= waits[1] <= 0.02
+
+
+def test_reports_the_service_cannot_take_are_held_and_sent_in_order(receiver, caplog):
+    reporter = reporter_for(receiver, retries=1, sleep=lambda _: None)
+    receiver.unavailable = 4
+    assert not reporter.send("metrics", {"step": 1, "loss": 2.0})
+    assert not reporter.send("heartbeat", {"step": 1, "total_steps": 9})
+    assert [held["type"] for held in reporter.held] == ["metrics", "heartbeat"]
+    assert "1 held" in caplog.text and "2 held" in caplog.text
+    reporter.heartbeat(2, 9, force=True)  # replaces the held heartbeat; the service is back
+    assert reporter.held == deque()
+    delivered = [(r["type"], r["payload"].get("step")) for r in receiver.reports if r["status"] == 200]
+    assert delivered == [("metrics", 1), ("heartbeat", 2)]
+
+
+def test_reports_never_delivered_are_logged_at_close(receiver, caplog):
+    reporter = reporter_for(receiver, retries=0, sleep=lambda _: None)
+    receiver.unavailable = 10
+    reporter.checkpoint(4, "/work/step-4")
+    reporter.message("hello")
+    reporter.close()
+    assert [r["type"] for r in receiver.reports] == ["checkpoint", "checkpoint", "checkpoint"]
+    assert "2 reports (checkpoint, message) of sr_1 attempt 2 were never delivered" in caplog.text
 
 
 def test_bad_token_is_not_retried_and_does_not_stop_training(receiver):
