@@ -166,30 +166,78 @@ def check_data(spec: JobSpec) -> list[Problem]:
     """Open each stage's local data and check its rows fit the stage; built-in names must exist.
 
     Nothing is downloaded: remote locations (allowed schemes other than file) are left to the worker.
+    When the base model's tokenizer loads from its files alone (see ``align.preflight.chat_tokenizer``),
+    a sample of each dataset's conversational rows is rendered with its chat template, and a template
+    that cannot mark the assistant's tokens is refused on ``base_model`` with the rendered row.
     """
-    from align.data.load import DataError, detect_format, load_rows, validate_rows
+    from align.data.load import DataError, TemplateError, detect_format, load_rows, validate_rows
+    from align.preflight import check_chat_template
 
     problems = []
+    tokenizer = _Tokenizer(spec.base_model)
     for field, kind, location in spec_locations(spec):
         if kind != "data":
             continue
         stage = spec.stages[int(field.split("[", 1)[1].split("]", 1)[0])]
+        data_kind = DATA_KIND[stage.type]
         if location.startswith("builtin:"):
             message = _builtin_data_problem(location)
             if message:
                 problems.append((field, message))
-            continue
-        path = local_path(location)
-        if path is None:
-            continue
-        data_kind = DATA_KIND[stage.type]
+            if message or tokenizer.get() is None:
+                continue
+            path, rows = location, _builtin_sample(location)
+        else:
+            path = local_path(location)
+            if path is None:
+                continue
+            try:
+                rows = load_rows(path)
+            except DataError as error:
+                problems.append((field, str(error).replace(path, location, 1)))
+                continue
         try:
-            rows = load_rows(path)
             fmt = detect_format(rows, data_kind, path)
             validate_rows(rows, fmt, path, kind=data_kind)
+            if tokenizer.get() is not None and not tokenizer.refused:
+                check_chat_template(rows, fmt, data_kind, tokenizer.get(), path)
+        except TemplateError as error:
+            tokenizer.refused = True
+            problems.append(("base_model", str(error).replace(path, location, 1)))
         except DataError as error:
             problems.append((field, str(error).replace(path, location, 1)))
+    if tokenizer.error:
+        problems.append(("base_model", tokenizer.error))
     return problems
+
+
+class _Tokenizer:
+    """The base model's tokenizer, loaded on first use (tokenizer files only), or why it could not be."""
+
+    def __init__(self, base_model: str):
+        self.base_model = base_model
+        self.loaded, self.value, self.error, self.refused = False, None, None, False
+
+    def get(self):
+        if not self.loaded:
+            from align.preflight import chat_tokenizer
+
+            self.loaded = True
+            try:
+                self.value = chat_tokenizer(self.base_model)
+            except Exception as error:  # noqa: BLE001 - transformers raises many types for unreadable files
+                self.error = f"cannot load the tokenizer of '{self.base_model}': {type(error).__name__}: {error}"
+        return self.value
+
+
+def _builtin_sample(location: str):
+    """The first rows of a built-in dataset, in memory (nothing is written)."""
+    import datasets
+
+    from align.preflight import TEMPLATE_SCAN_ROWS
+    from align.task import build_splits
+
+    return datasets.Dataset.from_list(build_splits()[location.split("/", 1)[1]][:TEMPLATE_SCAN_ROWS])
 
 
 def _builtin_data_problem(location: str) -> str | None:
