@@ -264,3 +264,20 @@ def test_text_rows_use_no_template_and_end_with_eos():
         f"<|user|>\nHi{END_OF_TURN}<|assistant|>\nHello!{END_OF_TURN}"
     )
     json.dumps(features)  # plain lists, ready for the collators
+
+
+def test_job_preflight_loads_the_local_tokenizer_and_refuses_its_template(tmp_path):
+    from align.preflight import check_job
+    from align.spec import parse_spec
+
+    model = tmp_path / "mistral"
+    style_tokenizer("mistral_v3").save_pretrained(model)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"messages": TURNS}) + "\n" + json.dumps({"messages": [SYSTEM, *TURNS]}) + "\n")
+    job = parse_spec({"name": "j", "base_model": str(model), "stages": [{"type": "sft", "data": {"path": str(data)}}]})
+    with pytest.raises(TemplateError, match=f"^{data} row 1: the Mistral \\[INST\\] chat template"):
+        check_job(job)
+    data.write_text(json.dumps({"messages": TURNS}) + "\n")
+    check_job(job)
