@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -73,15 +74,26 @@ def trainable_state_dict(model: torch.nn.Module, zero_stage: int) -> dict[str, t
         return {name: param.detach().to("cpu", copy=True) for name, param in named}
 
 
-def save_trainable(model: torch.nn.Module, out_dir: Path, zero_stage: int, write: bool) -> None:
+def save_trainable(
+    model: torch.nn.Module, out_dir: Path, zero_stage: int, write: bool, base_model: str | None = None
+) -> None:
     """Save what the stage trained: the peft adapter, or the whole model after full fine-tuning.
 
     Every rank must call this (ZeRO-3 gathers collectively); only ranks with ``write`` write files.
+    ``base_model`` is how ``adapter_config.json`` names the base (``base_model_name_or_path``), e.g.
+    ``builtin:tiny``, in place of the local folder peft records: the folder the base was loaded from,
+    which for ``builtin:tiny`` is a cache folder. It is written after peft saved, since peft reads the
+    base's config.json from that folder while saving.
     """
     if isinstance(model, PeftModel):
         state = trainable_state_dict(model, zero_stage)
         if write:
             model.save_pretrained(out_dir, state_dict=state, selected_adapters=["default"])
+            if base_model is not None:
+                config_file = Path(out_dir) / "adapter_config.json"
+                config = json.loads(config_file.read_text())
+                config["base_model_name_or_path"] = base_model
+                config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
         return
     named = list(model.named_parameters())
     gather = nullcontext()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,12 +24,13 @@ class ModelError(ValueError):
     """A base model that cannot be used; the message says which and why."""
 
 
-def resolve_base_model(base_model: str) -> Path:
-    """Turn a spec's ``base_model`` into a local model folder."""
+def resolve_base_model(base_model: str, progress: Callable[[str], None] | None = None) -> Path:
+    """Turn a spec's ``base_model`` into a local model folder. ``progress`` hears how building
+    ``builtin:tiny`` goes when it is not yet cached (a minute or two)."""
     if base_model == "builtin:tiny":
         from align.tiny import build_tiny
 
-        return build_tiny()
+        return build_tiny(progress=progress)
     if base_model.startswith("artifact:"):
         raise ModelError(
             f"base_model: '{base_model}': starting a job from an artifact is not supported yet; give the local "
@@ -44,6 +47,72 @@ def resolve_base_model(base_model: str) -> Path:
             "(convert .bin weights with `transformers` save_pretrained(safe_serialization=True))"
         )
     return path
+
+
+def artifact_folder(reference: str | Path, artifact_root: str | None = None) -> Path:
+    """A local folder holding an artifact: ``artifact:<id>`` is fetched (and checked) from the store at
+    ``artifact_root`` (default ``align.paths.artifact_root()``); a path is used as it is."""
+    if isinstance(reference, str) and reference.startswith("artifact:"):
+        from align.artifacts import ArtifactStore
+        from align.paths import artifact_root as default_root
+
+        return ArtifactStore(artifact_root or default_root()).download(reference)
+    folder = Path(str(reference).removeprefix("file://")).expanduser()
+    if not folder.is_dir():
+        raise ModelError(f"artifact '{reference}' is not a folder; give artifact:<id> or an artifact's folder")
+    return folder
+
+
+def artifact_base_model(folder: Path) -> str:
+    """How an adapter artifact names its base model: ``base_model_name_or_path`` of its ``adapter_config.json``
+    (``builtin:tiny``, a path, ...), as :func:`align.model_card.base_model_reference` recorded it."""
+    config_file = Path(folder) / "adapter_config.json"
+    try:
+        base_model = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as error:
+        raise ModelError(f"artifact {folder}: cannot read adapter_config.json: {error}") from None
+    if not base_model:
+        raise ModelError(f"artifact {folder}: adapter_config.json names no base_model_name_or_path")
+    return base_model
+
+
+def load_artifact(
+    reference: str | Path, dtype: torch.dtype = torch.float32, artifact_root: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A published artifact ready to use (eval mode, frozen) and its tokenizer.
+
+    ``reference`` is ``artifact:<id>`` or the artifact's folder. An adapter is loaded on the base model its
+    ``adapter_config.json`` names, resolved like a spec's ``base_model`` (``builtin:tiny`` finds or builds the
+    built-in model); a fully fine-tuned artifact is the whole model. Reward models (``kind: reward_model``)
+    come back as sequence-classification models with their head.
+    """
+    from peft import PeftModel
+
+    from align.models.reward import load_frozen_reward_model
+
+    folder = artifact_folder(reference, artifact_root)
+    tokenizer = load_tokenizer(folder)
+    adapter = (folder / "adapter_config.json").is_file()
+    base = resolve_base_model(artifact_base_model(folder)) if adapter else folder
+    if _artifact_kind(folder, adapter) == "reward_model":
+        model = load_frozen_reward_model(base, folder, dtype, tokenizer.pad_token_id, None)
+    else:
+        model = load_causal_lm(base, dtype)
+        if adapter:
+            model = PeftModel.from_pretrained(model, folder, is_trainable=False)
+    model.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def _artifact_kind(folder: Path, adapter: bool) -> str:
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text())["kind"]
+    if adapter:
+        task_type = json.loads((folder / "adapter_config.json").read_text()).get("task_type")
+        return "reward_model" if task_type == "SEQ_CLS" else "adapter"
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    return "reward_model" if any(a.endswith("ForSequenceClassification") for a in architectures) else "full"
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from align.data import collate, fingerprint, load, tokenize
 from align.engine.checkpoint import complete_checkpoints, load_checkpoint
 from align.engine.dist import Rank, all_reduce_sum, init_distributed
 from align.engine.metrics import MetricsLog
+from align.model_card import base_model_license, base_model_reference, write_model_card
 from align.models.adapters import apply_adapter, save_trainable
 from align.models.load import load_causal_lm, load_reward_model, load_tokenizer, resolve_base_model
 from align.ops.logprobs import token_logprobs
@@ -174,7 +176,7 @@ def load_stage_data(ctx: StageContext, kind: str, tokenizer) -> StageData:
         eval_rows = list(eval_ds)
     else:
         eval_fmt = fmt
-        held_out = int(round(spec.eval_fraction * len(train_rows)))
+        held_out = round(spec.eval_fraction * len(train_rows))
         eval_rows, train_rows = train_rows[:held_out], train_rows[held_out:]
     if spec.max_rows is not None:
         train_rows = train_rows[: spec.max_rows]
@@ -329,7 +331,7 @@ def pad_id(tokenizer) -> int:
 def load_policy(ctx: StageContext):
     """Tokenizer and trainable policy: the base model, continued from ``start_policy`` when given."""
     job = ctx.job
-    base = resolve_base_model(job.base_model)
+    base = resolve_base_model(job.base_model, progress=lambda text: message(ctx, text))
     tokenizer = load_tokenizer(base)
     full_start = job.adapter.type == "full" and ctx.start_policy is not None
     model = load_causal_lm(ctx.start_policy if full_start else base, dtype_of(ctx), job.quantization)
@@ -349,7 +351,7 @@ def load_reward_model_for(ctx: StageContext):
     from align.models.reward import merge_policy_adapter
 
     job = ctx.job
-    base = resolve_base_model(job.base_model)
+    base = resolve_base_model(job.base_model, progress=lambda text: message(ctx, text))
     tokenizer = load_tokenizer(base)
     from_policy = ctx.stage.init == "policy" and ctx.start_policy is not None
     full_start = from_policy and job.adapter.type == "full"
@@ -454,15 +456,24 @@ def publish(
     metrics: dict,
     fingerprints: dict[str, str],
 ) -> StageResult:
-    """Save what the stage trained and publish it as a versioned artifact (manifest written last)."""
+    """Save what the stage trained with its model card and publish it as a versioned artifact (manifest
+    written last). ``adapter_config.json`` and the card name the base model as the spec did
+    (:func:`align.model_card.base_model_reference`), never the local folder it was loaded from."""
     out_dir = ctx.work_dir / "artifact"
-    save_trainable(model, out_dir, ctx.job.deepspeed.zero_stage, write=rank.is_main)
+    base_reference = base_model_reference(ctx.job.base_model)
+    save_trainable(model, out_dir, ctx.job.deepspeed.zero_stage, write=rank.is_main, base_model=base_reference)
     published = None
     if rank.is_main:
         tokenizer.save_pretrained(out_dir)
         for log in ("metrics.jsonl", "samples.jsonl"):
             if (ctx.work_dir / log).exists():
                 (out_dir / log).write_bytes((ctx.work_dir / log).read_bytes())
+        precision = ctx.precision.to_dict() if ctx.precision else None
+        write_model_card(
+            out_dir, ctx.job, ctx.index, kind=kind, lineage=ctx.lineage, parents=list(ctx.parents),
+            data_fingerprints=fingerprints, metrics=metrics, precision=precision, job_id=ctx.job_id,
+            license=base_model_license(resolve_base_model(ctx.job.base_model)),
+        )
         published = ArtifactStore(ctx.artifact_root).publish(
             out_dir,
             lineage=ctx.lineage,
@@ -474,7 +485,7 @@ def publish(
             data_fingerprints=fingerprints,
             metrics=metrics,
             job={"id": ctx.job_id, "name": ctx.job.name},
-            precision=ctx.precision.to_dict() if ctx.precision else None,
+            precision=precision,
         )
     published = _broadcast(published)
     return StageResult(published, metrics)
