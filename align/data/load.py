@@ -70,9 +70,9 @@ class TemplateError(DataError):
         self.template = template
         self.sample = sample
         self.template_problem = problem
-        super().__init__(path or "chat template", row, None, f"the {template} {problem}", fix)
-        if sample:
-            self.args = (f"{self.args[0]}\n{sample}",)
+        super().__init__(path, row, None, f"the {template} {problem}", fix)
+        message = self.args[0] if path else f"The {template} {problem}" + (f"; {fix}" if fix else "")
+        self.args = (f"{message}\n{sample}" if sample else message,)
 
     def at(self, path: str, row: int | None) -> "TemplateError":
         return TemplateError(self.template, self.template_problem, self.fix, self.sample, path, row)
