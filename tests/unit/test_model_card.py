@@ -114,7 +114,7 @@ def test_card_of_a_later_stage_lists_the_chain_with_parents_and_key_hyperparamet
         "pipeline_tag": "text-generation", "tags": ["align", "dpo", "lora"],
         "datasets": [FINGERPRINT, "sha256:" + "cd" * 32],
     }
-    assert re.findall(r"^## (.+)$", text, flags=re.M) == SECTIONS
+    assert re.findall(r"^## (.+)$", text, flags=re.MULTILINE) == SECTIONS
     assert "| 0 | sft | sft | lr=0.001, lr_scheduler=cosine, warmup_ratio=0, batch_size=8, " \
            "gradient_accumulation_steps=1, max_steps=6, max_length=512, seed=7 | `artifact:card.sft-v3-0123456789ab` |" in text
     assert "| 1 | rm | rm | lr=5e-05, lr_scheduler=cosine, warmup_ratio=0, batch_size=8, " \
@@ -164,7 +164,7 @@ def test_published_adapter_names_builtin_tiny_and_loads_back_on_it(tmp_path):
         "base_model": "builtin:tiny", "library_name": "peft", "license": "other", "pipeline_tag": "text-generation",
         "tags": ["align", "sft", "lora"], "datasets": [FINGERPRINT],
     }
-    assert re.findall(r"^## (.+)$", card, flags=re.M) == SECTIONS
+    assert re.findall(r"^## (.+)$", card, flags=re.MULTILINE) == SECTIONS
     assert "[More Information Needed]" not in card  # peft's template
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["files"]["README.md"]["sha256"] == sha256_file(folder / "README.md")
@@ -196,6 +196,26 @@ def test_a_relative_base_model_path_is_recorded_absolute_and_loads_from_elsewher
     assert not os.path.exists(small_model.name)
     loaded, _ = load_artifact(folder)
     torch.testing.assert_close(logits(loaded), logits(trained), rtol=0, atol=1e-6)
+
+
+def test_a_published_reward_model_loads_back_with_its_head(small_model, tmp_path):
+    job = job_spec(str(small_model), stages=[{"type": "rm", "data": {"path": "/data/prefs.jsonl"}, "max_steps": 2}])
+    ctx = stage_context(job, 0, tmp_path)
+    tokenizer, model = common.load_reward_model_for(ctx)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:  # the LoRA matrices and the score head
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    result = common.publish(ctx, model, tokenizer, Rank(0, 1, 0), kind="reward_model", metrics={},
+                            fingerprints={"train": FINGERPRINT})
+    folder = Path(result.artifact.uri)
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(small_model)
+    assert read_front_matter((folder / "README.md").read_text())["pipeline_tag"] == "text-classification"
+
+    loaded, _ = load_artifact(result.artifact.ref, artifact_root=str(tmp_path / "artifacts"))
+    torch.testing.assert_close(logits(loaded), logits(model.eval()), rtol=0, atol=1e-6)
+    assert logits(loaded).shape == (1, 1)
 
 
 def test_load_artifact_names_a_folder_that_does_not_exist(tmp_path):
