@@ -6,6 +6,8 @@ Ray is the serve command's job: the app only talks to the Ray address it is give
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -21,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.db import jobs
 from services.db.models import Tenant
+from services.db.notify import EventWaker, listen_url
 from services.db.session import NotMigrated, check_migrated, make_engine, make_sessionmaker
 from services.deps import FieldErrors
 from services.routes import artifacts, health, reports
@@ -50,9 +53,11 @@ def create_app(
     if session_factory is None:
         session_factory = make_sessionmaker(make_engine(settings.database_url))
 
+    event_waker = EventWaker(listen_url(session_factory.kw["bind"]), settings.sse_poll_seconds)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        stop, thread = threading.Event(), None
+        stop, thread, listener = threading.Event(), None, None
         try:
             try:
                 check_migrated(session_factory.kw["bind"])
@@ -63,8 +68,13 @@ def create_app(
                     _ensure_bootstrap_key(session, settings.bootstrap_api_key)
             if settings.run_dispatcher:
                 thread = _start_dispatcher(app, settings, session_factory, stop)
+            listener = asyncio.create_task(event_waker.run(), name="align-event-listener")
             yield
         finally:
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
             stop.set()
             if thread is not None:
                 thread.join(DISPATCHER_STOP_SECONDS)
@@ -82,6 +92,7 @@ def create_app(
     app.state.settings = settings
     app.state.session_factory = session_factory
     app.state.ray_client = ray_client
+    app.state.event_waker = event_waker
     app.add_exception_handler(FieldErrors, _field_errors)
     app.add_exception_handler(RequestValidationError, _request_validation_errors)
     for module in (job_routes, artifacts, reports, health):

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     interpreter for a local Ray)."""
     run_dispatcher: bool = True
     """Run the dispatcher in the API process."""
+    sse_poll_seconds: float = Field(0.5, gt=0)
+    """How often a live event stream re-reads the database when it cannot wait for Postgres NOTIFY
+    (SQLite, or while the LISTEN connection is down)."""
     ready_probe_seconds: float = Field(30.0, ge=0)
     """`/readyz` submits a no-op Ray job to check that jobs can start; a success stands for this long."""
 

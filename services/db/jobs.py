@@ -34,6 +34,7 @@ from services.db.models import (
     Tenant,
     utcnow,
 )
+from services.db.notify import notify_event
 
 TRANSITIONS = {
     PENDING: {QUEUED, CANCELLED},
@@ -65,6 +66,7 @@ def _event(s: Session, job_id: str, type: str, payload: dict, stage_run_id: str 
            attempt: int | None = None, level: str = "info") -> None:
     s.add(Event(job_id=job_id, stage_run_id=stage_run_id, attempt=attempt, type=type, level=level,
                 payload=payload))
+    notify_event(s, job_id)
 
 
 def hash_key(plaintext: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, Security, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
@@ -20,7 +19,6 @@ from services.schemas import JOB_STATUSES, EventPublic, JobPublic, Page, StageMe
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Security(API_KEY)], responses=PROTECTED)
 
-SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
 SSE_BATCH = 500
 _SPEC_SCHEMA = JobSpec.model_json_schema(
@@ -165,7 +163,11 @@ def job_events(
 
 
 async def _event_stream(request: Request, session_factory, tenant_id: str, job_id: str, after, type):
-    """SSE frames for new events, polled from the database, until the job is terminal and drained."""
+    """SSE frames for new events until the job is terminal and drained.
+
+    The stream re-reads the database when Postgres notifies that the job has new events, else every
+    ``sse_poll_seconds`` (see :mod:`services.db.notify`).
+    """
 
     def poll(after_id):
         with session_factory() as session:
@@ -175,19 +177,25 @@ async def _event_stream(request: Request, session_factory, tenant_id: str, job_i
             rows = jobs.list_events(session, job_id, after_id or 0, SSE_BATCH, type)
             return [EventPublic.model_validate(row) for row in rows], finished
 
+    waker = request.app.state.event_waker
+    wake = waker.subscribe(job_id)
     last_sent = time.monotonic()
-    while not await request.is_disconnected():
-        events, finished = await run_in_threadpool(poll, after)
-        for event in events:
-            yield format_sse_event(data_str=event.model_dump_json(), event=event.type, id=str(event.id))
-            after, last_sent = event.id, time.monotonic()
-        if len(events) == SSE_BATCH:
-            continue
-        if finished:
-            yield format_sse_event(data_str='{"status": "end"}', event="end")
-            return
-        if time.monotonic() - last_sent > SSE_KEEPALIVE_SECONDS:
-            # A comment line keeps proxies from closing a quiet stream; clients ignore it.
-            yield KEEPALIVE_COMMENT
-            last_sent = time.monotonic()
-        await anyio.sleep(SSE_POLL_SECONDS)
+    try:
+        while not await request.is_disconnected():
+            wake.clear()  # before the read: a notification that comes during it wakes the next wait
+            events, finished = await run_in_threadpool(poll, after)
+            for event in events:
+                yield format_sse_event(data_str=event.model_dump_json(), event=event.type, id=str(event.id))
+                after, last_sent = event.id, time.monotonic()
+            if len(events) == SSE_BATCH:
+                continue
+            if finished:
+                yield format_sse_event(data_str='{"status": "end"}', event="end")
+                return
+            if time.monotonic() - last_sent > SSE_KEEPALIVE_SECONDS:
+                # A comment line keeps proxies from closing a quiet stream; clients ignore it.
+                yield KEEPALIVE_COMMENT
+                last_sent = time.monotonic()
+            await waker.wait(wake, SSE_KEEPALIVE_SECONDS)
+    finally:
+        waker.unsubscribe(job_id, wake)

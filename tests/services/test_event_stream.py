@@ -1,0 +1,70 @@
+"""Live event streams on Postgres: woken by LISTEN/NOTIFY, not by polling; polling again when LISTEN fails."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from test_api import claim_first_stage, data_dir, make_spec, report, settings, submit  # noqa: F401 - fixtures
+
+from services.app import create_app
+
+BEARER = {"Authorization": "Bearer bootstrap-key"}
+postgres_only = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+
+
+def _wait_for(condition, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _time_to_live_event(live: TestClient, session_factory, data_folder) -> float:
+    """Seconds from posting a report (1 s into an open stream) to its event arriving on the stream."""
+    job = submit(live, BEARER, make_spec(data_folder))
+    stage_run_id, attempt = claim_first_stage(session_factory)
+    posted = {}
+
+    def later() -> None:
+        time.sleep(1.0)
+        posted["at"] = time.monotonic()
+        assert report(live, stage_run_id, attempt, "message", {"level": "info", "text": "live"}).status_code == 200
+
+    writer = threading.Thread(target=later)
+    headers = {**BEARER, "Accept": "text/event-stream"}
+    with live.stream("GET", f"/jobs/{job['id']}/events", headers=headers, timeout=60) as response:
+        writer.start()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and json.loads(line.removeprefix("data: ")).get("payload", {}).get(
+                    "text") == "live":
+                arrived = time.monotonic()
+                break
+    writer.join()
+    return arrived - posted["at"]
+
+
+@postgres_only
+def test_notify_wakes_the_stream_without_waiting_for_a_poll(settings, session_factory, data_dir):  # noqa: F811
+    settings = settings.model_copy(update={"sse_poll_seconds": 30.0})
+    with TestClient(create_app(settings, session_factory=session_factory)) as live:
+        _wait_for(lambda: live.app.state.event_waker.listening, 20)
+        latency = _time_to_live_event(live, session_factory, data_dir)
+    # Without the notification the stream would read again only after 15 s (keep-alive) or 30 s (poll).
+    assert latency < 3.0
+
+
+@postgres_only
+def test_a_failed_listen_falls_back_to_polling(settings, session_factory, data_dir, caplog):  # noqa: F811
+    app = create_app(settings, session_factory=session_factory)
+    app.state.event_waker.conninfo = "postgresql://postgres@127.0.0.1:1/nowhere"
+    with caplog.at_level(logging.WARNING, logger="services.db.notify"), TestClient(app) as live:
+        _wait_for(lambda: "LISTEN align_events failed" in caplog.text, 20)
+        assert not live.app.state.event_waker.listening
+        latency = _time_to_live_event(live, session_factory, data_dir)
+    assert latency < settings.sse_poll_seconds + 2.5
+    assert "live event streams poll every 0.5 s" in caplog.text
