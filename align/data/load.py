@@ -12,6 +12,10 @@ Column conventions follow TRL, so files prepared for TRL work unchanged:
 
 A prompt-kind dataset (generation, evaluation) may also be in any of the other formats; the prompt is
 taken from it and the completion or chosen answer kept as a reference.
+
+Tokenising follows TRL too (:mod:`align.data.tokenize`): lists of messages go through the chat
+template, plain strings do not (the reply gets the EOS token appended), so a file trains the same
+sequence here as in TRL.
 """
 
 import contextlib
