@@ -120,6 +120,8 @@ def _launch(temp_dir: Path, ports: dict[str, int], num_cpus: int | None, log_pat
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    # Stopping the service stops its stages anyway (the dispatcher retries them): no 30 s drain.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     env.pop("RAY_ADDRESS", None)  # a head of its own, whatever the caller's environment names
     # The head's processes find this interpreter's packages (the workers run `<python> -m workers...`).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
