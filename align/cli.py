@@ -27,7 +27,6 @@ console = Console(width=int(os.environ.get("COLUMNS", "140")))
 
 STEP_KEYS = ("loss", "rewards_accuracy", "rewards_margin", "accuracy", "lr", "grad_norm", "tokens_per_s")
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
-_fmt = fmt
 
 
 def say(text: str, style: str | None = None) -> None:
@@ -41,13 +40,16 @@ def fail(text: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-QUIET_WARNINGS = "ignore::FutureWarning,ignore::DeprecationWarning,ignore::PendingDeprecationWarning"
+LIBRARIES = r"(transformers|peft|torch|deepspeed|datasets|accelerate|bitsandbytes|huggingface_hub)(\.|$)"
+"""Modules whose Python warnings a command does not show: what they warn about is theirs to fix, not the user's."""
 
 
 def quiet_warnings() -> None:
-    """Keep library deprecation notices (transformers' FutureWarning, ...) out of the command's output."""
+    """Keep library warnings (transformers' FutureWarning, peft's UserWarning, ...) out of the command's
+    output; a multi-worker stage's ranks write theirs to the stage's ``ranks.log``."""
     for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", module=LIBRARIES)
 
 
 def _version(value: bool) -> None:
@@ -101,8 +103,6 @@ def train(
 ) -> None:
     """Train a job's stages in order on this machine, without the service."""
     _quiet_libraries()
-    if QUIET_WARNINGS not in os.environ.get("PYTHONWARNINGS", ""):  # torchrun ranks inherit it
-        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), QUIET_WARNINGS]))
     from align.runner import run_job
 
     job = _load(spec)

@@ -1,6 +1,8 @@
 """Entry point of one rank of a stage: ``python -m align.launch CONTEXT_JSON RESULT_JSON``.
 
-torchrun starts one of these per rank; rank 0 writes where the published artifact lives.
+torchrun starts one of these per rank; rank 0 prints its metrics and messages as ``align-event`` JSON
+lines for :func:`align.runner.run_stage_with_torchrun` to relay, and writes where the published artifact
+lives.
 """
 
 from __future__ import annotations
@@ -9,13 +11,17 @@ import json
 import sys
 from pathlib import Path
 
-from align.runner import context_from_json, run_stage
+from align.runner import RANK_EVENT_PREFIX, context_from_json, run_stage
+
+
+def _emit(event: dict) -> None:
+    print(RANK_EVENT_PREFIX + json.dumps(event), flush=True)
 
 
 def main(context_file: str, result_file: str) -> None:
     ctx = context_from_json(json.loads(Path(context_file).read_text()))
-    ctx.on_metrics = lambda record: print(json.dumps({"stage": ctx.name, **record}), flush=True)
-    ctx.on_message = lambda text, level: print(f"[{ctx.name}] {level}: {text}", flush=True)
+    ctx.on_metrics = lambda record: _emit({"metrics": record})
+    ctx.on_message = lambda text, level: _emit({"message": text, "level": level})
     result = run_stage(ctx)
     import torch.distributed as dist
 

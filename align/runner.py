@@ -81,8 +81,8 @@ def run_job(
     resume: bool = True,
 ) -> list[StageResult]:
     """Run every stage of ``job`` in order. The callbacks get the stage name first: ``on_stage_start(stage,
-    planned_steps)``, ``on_metrics(stage, record)``, ``on_message(stage, text, level)`` (in-process stages
-    only; torchrun ranks print theirs) and ``on_stage_end(stage, result)``."""
+    planned_steps)``, ``on_metrics(stage, record)``, ``on_message(stage, text, level)`` (from torchrun ranks
+    too) and ``on_stage_end(stage, result)``."""
     from align.preflight import check_job
 
     check_job(job)
@@ -168,8 +168,27 @@ def context_from_json(data: dict) -> StageContext:
     )
 
 
+RANK_EVENT_PREFIX = "align-event "
+"""Marks the lines rank 0 prints for its metrics and messages (``align.launch``); other output is logged."""
+
+
+def relay_rank_line(line: str, on_metrics: Callable[[dict], None] | None,
+                    on_message: Callable[[str, str], None] | None) -> bool:
+    """Hand a rank's metrics or message line to the callbacks; False for any other line."""
+    if not line.startswith(RANK_EVENT_PREFIX):
+        return False
+    event = json.loads(line.removeprefix(RANK_EVENT_PREFIX))
+    if "metrics" in event and on_metrics is not None:
+        on_metrics(event["metrics"])
+    elif "message" in event and on_message is not None:
+        on_message(event["message"], event.get("level", "info"))
+    return True
+
+
 def run_stage_with_torchrun(ctx: StageContext, nproc: int) -> StageResult:
-    """Run one stage as ``nproc`` local ranks; rank 0 writes the published artifact's location."""
+    """Run one stage as ``nproc`` local ranks; rank 0 writes the published artifact's location. Its metrics and
+    messages reach ``ctx.on_metrics`` / ``ctx.on_message``; the rest of the ranks' output goes to
+    ``ranks.log`` in the stage's work folder (and to stdout when there are no callbacks)."""
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     context_file = ctx.work_dir / "context.json"
     context_file.write_text(json.dumps(context_to_json(ctx)))
@@ -183,7 +202,18 @@ def run_stage_with_torchrun(ctx: StageContext, nproc: int) -> StageResult:
         "--master_addr=127.0.0.1", f"--master_port={free_port()}",
         "-m", "align.launch", str(context_file), str(result_file),
     ]
-    subprocess.run(command, env=env, check=True)
+    log_path = ctx.work_dir / "ranks.log"
+    with open(log_path, "w") as log, subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.STDOUT, text=True) as process:
+        for line in process.stdout:
+            if not relay_rank_line(line, ctx.on_metrics, ctx.on_message):
+                log.write(line)
+                if ctx.on_metrics is None and ctx.on_message is None:
+                    sys.stdout.write(line)
+    if process.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"stage {ctx.name}: torchrun exited with {process.returncode}; the ranks' output is in "
+                           f"{log_path}, ending:\n{tail}")
     data = json.loads(result_file.read_text())
     published = ArtifactStore(ctx.artifact_root).get(data["uri"])
     return StageResult(published, data["metrics"])

@@ -81,7 +81,7 @@ KEY = "cli-test-key"
 @pytest.fixture(autouse=True)
 def _own_key_places(tmp_path, monkeypatch):
     """No key from the environment or the developer's own files: every test sets what it needs."""
-    for name in ("ALIGN_API_KEY", "ALIGN_URL", "PYTHONWARNINGS"):
+    for name in ("ALIGN_API_KEY", "ALIGN_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
@@ -303,4 +303,46 @@ def test_library_warnings_stay_out_of_cli_output(tmp_path):
     assert runner.invoke(app, ["validate", str(spec)]).exit_code == 0  # any command quiets them
     with warnings.catch_warnings(record=True) as caught:
         _ = model.is_gradient_checkpointing
-    assert caught == []
+        warnings.warn_explicit("a library's notice", UserWarning, "peft/utils/save_and_load.py", 1,
+                               module="peft.utils.save_and_load")
+        warnings.warn_explicit("ours", UserWarning, "align/cli.py", 1, module="align.cli")
+    assert [str(w.message) for w in caught] == ["ours"]
+
+
+def test_stage_progress_as_align_train_drives_it():
+    """The renderer `align train` and `--follow` share: per stage its steps, state, loss and time since start."""
+    import io
+
+    from rich.console import Console
+
+    from align.progress import StageProgress, epoch_seconds
+
+    out = io.StringIO()
+    with StageProgress(Console(file=out, width=120)) as bars:
+        bars.add("sft", "sft", "waiting")
+        bars.add("dpo", "dpo", "waiting")
+        bars.start("sft", total=12, started=time.time() - 65)
+        bars.step("sft", {"step": 10, "loss": 1.5, "lr": 1e-3})
+        bars.print("  [sft] step    10 held-out loss=[1.2]")
+        bars.end("sft", steps=12)
+        bars.start("dpo", total=6)
+        bars.step("dpo", {"step": 3, "loss": 0.69})
+    lines = out.getvalue().splitlines()
+    assert "  [sft] step    10 held-out loss=[1.2]" in lines
+    sft, dpo = (next(line for line in lines if line.startswith(name + " ")) for name in ("sft", "dpo"))
+    assert re.search(r" 12/12 succeeded  loss=1\.5 +0:01:0[5-6] ", sft), sft
+    assert re.search(r" 3/6 running    loss=0\.69 +0:00:0\d ", dpo), dpo
+    assert epoch_seconds("2026-01-01T00:00:00") == epoch_seconds("2026-01-01T00:00:00+00:00") == 1767225600
+
+
+def test_rank_lines_reach_the_callbacks_and_the_rest_does_not():
+    from align.runner import RANK_EVENT_PREFIX, relay_rank_line
+
+    metrics, messages = [], []
+    lines = [RANK_EVENT_PREFIX + json.dumps({"metrics": {"step": 3, "loss": 0.5}}) + "\n",
+             RANK_EVENT_PREFIX + json.dumps({"message": "rows in [/data] dropped", "level": "warning"}) + "\n",
+             "[rank1]: some library noise\n"]
+    relayed = [relay_rank_line(line, metrics.append, lambda text, level: messages.append((text, level)))
+               for line in lines]
+    assert relayed == [True, True, False]
+    assert metrics == [{"step": 3, "loss": 0.5}] and messages == [("rows in [/data] dropped", "warning")]
