@@ -1,4 +1,5 @@
-"""Load a base model and its tokenizer: safetensors only, never remote code, never a hub download."""
+"""Load a base model and its tokenizer, or a published artifact on the base it names: safetensors only, never
+remote code, never a hub download."""
 
 from __future__ import annotations
 
@@ -91,9 +92,14 @@ def load_artifact(
     from align.models.reward import load_frozen_reward_model
 
     folder = artifact_folder(reference, artifact_root)
-    tokenizer = load_tokenizer(folder)
     adapter = (folder / "adapter_config.json").is_file()
-    base = resolve_base_model(artifact_base_model(folder)) if adapter else folder
+    base = folder
+    if adapter:
+        try:
+            base = resolve_base_model(artifact_base_model(folder))
+        except ModelError as error:
+            raise ModelError(f"artifact {folder}: the base model its adapter_config.json names: {error}") from None
+    tokenizer = load_tokenizer(folder)
     if _artifact_kind(folder, adapter) == "reward_model":
         model = load_frozen_reward_model(base, folder, dtype, tokenizer.pad_token_id, None)
     else:

@@ -218,8 +218,13 @@ def test_a_published_reward_model_loads_back_with_its_head(small_model, tmp_path
     assert logits(loaded).shape == (1, 1)
 
 
-def test_load_artifact_names_a_folder_that_does_not_exist(tmp_path):
+def test_load_artifact_names_a_missing_folder_and_a_missing_base_model(tmp_path):
     from align.models.load import ModelError
 
     with pytest.raises(ModelError, match="artifact '.*nowhere' is not a folder; give artifact:<id> or an artifact's folder"):
         load_artifact(tmp_path / "nowhere")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone/llama"}))
+    with pytest.raises(ModelError, match=r"adapter: the base model its adapter_config.json names: "
+                                         r"base_model: '/gone/llama' is not a local model folder"):
+        load_artifact(tmp_path / "adapter")
