@@ -159,8 +159,9 @@ def train(
 
 @app.command()
 def validate(spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")]) -> None:
-    """Check a job spec, its data files and its base model without training (the checks POST /jobs makes;
-    relative paths are taken from the spec's folder, as ``align submit`` sends them)."""
+    """Check a job spec, its data files and a local base model, as POST /jobs does, without training.
+
+    Relative paths are taken from the spec's folder, as ``align submit`` sends them."""
     job = _load(spec)
     problems = file_problems(job, spec.resolve().parent)
     if problems:
