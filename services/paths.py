@@ -231,13 +231,13 @@ class _Tokenizer:
 
 
 def _builtin_sample(location: str):
-    """The first rows of a built-in dataset, in memory (nothing is written)."""
+    """The first rows of a built-in dataset, in memory (nothing is written); they are all alike."""
     import datasets
 
-    from align.preflight import TEMPLATE_SCAN_ROWS
+    from align.preflight import TEMPLATE_SAMPLE_ROWS
     from align.task import build_splits
 
-    return datasets.Dataset.from_list(build_splits()[location.split("/", 1)[1]][:TEMPLATE_SCAN_ROWS])
+    return datasets.Dataset.from_list(build_splits()[location.split("/", 1)[1]][:TEMPLATE_SAMPLE_ROWS])
 
 
 def _builtin_data_problem(location: str) -> str | None:

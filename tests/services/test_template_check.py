@@ -93,3 +93,13 @@ def test_templates_that_mark_the_replies_are_accepted(client, roots):
     for style in ("chatml", "llama3", "mistral"):
         response = client.post("/jobs", json=spec_for(data, model_folder(models, style)))
         assert response.status_code == 201, response.text
+
+
+def test_built_in_data_is_rendered_with_a_local_models_template(client, roots):
+    data, models = roots
+    spec = spec_for(data, model_folder(models, "mistral_v3"))
+    spec["stages"][0]["data"] = {"path": "builtin:parity/sft", "eval_path": "builtin:parity/eval"}
+    spec["stages"][1]["data"] = {"path": "builtin:parity/prefs"}
+    assert client.post("/jobs", json=spec).status_code == 201  # no system turns: Mistral v0.3 lines up
+    spec["base_model"] = str(model_folder(models, "gemma"))
+    assert client.post("/jobs", json=spec).status_code == 201
