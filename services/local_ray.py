@@ -108,7 +108,7 @@ def start(home: Path, num_cpus: int | None = None, attempts: int = START_ATTEMPT
         ray.stop()
         failures.append(f"attempt {attempt}: {problem} (log: {log_path})")
     raise LocalRayError(
-        f"the local Ray did not start after {attempts} attempts ({failures[-1]}); free some memory and CPU "
+        f"the local Ray did not start ({attempts} tries; last: {failures[-1]}); free some memory and CPU "
         "and run `align serve` again, or set ALIGN_RAY_ADDRESS to a running cluster's jobs API"
     )
 
