@@ -1,7 +1,8 @@
 """The FastAPI application: routes, error bodies, and start-up (schema check, bootstrap key, dispatcher).
 
-``create_app(settings)`` builds the app; ``uvicorn`` (through ``align serve``) runs it. Starting a local
-Ray is the serve command's job: the app only talks to the Ray address it is given.
+``create_app(settings)`` builds the app; ``uvicorn`` (through ``align serve``) runs it. ``align serve``
+starts the service's own Ray (:mod:`services.local_ray`) and hands its client in; an app that runs the
+dispatcher with neither a client nor ``ALIGN_RAY_ADDRESS`` starts one itself and stops it on shutdown.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def create_app(
             stop.set()
             if thread is not None:
                 thread.join(DISPATCHER_STOP_SECONDS)
+            if ray_client is None and app.state.ray_client is not None:
+                app.state.ray_client.close()  # the local Ray this app started, if it started one
             if owns_engine:
                 session_factory.kw["bind"].dispose()
 
@@ -104,7 +107,12 @@ def _start_dispatcher(app: FastAPI, settings: Settings, session_factory, stop: t
     from services.dispatcher import Dispatcher, RayJobs
 
     if app.state.ray_client is None:
-        app.state.ray_client = RayJobs.connect(settings.ray_address)
+        from services.local_ray import LocalRayError
+
+        try:
+            app.state.ray_client = RayJobs.connect(settings.ray_address)
+        except LocalRayError as error:
+            raise RuntimeError(f"align API refuses to start: {error}") from None
     dispatcher = Dispatcher(settings, session_factory, app.state.ray_client)
     thread = threading.Thread(target=dispatcher.run_forever, args=(stop,), name="align-dispatcher", daemon=True)
     thread.start()
