@@ -74,9 +74,8 @@ class Service:
     def jobs_api(self) -> str:
         return re.search(r"jobs API at (http://\S+),", self.log()).group(1)
 
-    def stop(self) -> None:
+    def wait_stopped(self) -> None:
         self.client.close()
-        self.process.terminate()
         try:
             self.process.wait(60)
         except subprocess.TimeoutExpired:
@@ -94,8 +93,10 @@ def two_services(tmp_path_factory, small_model, small_data):
             time.sleep(0.5)
         yield services
     finally:
+        for service in services:  # both at once: each waits for its own Ray to stop
+            service.process.terminate()
         for service in services:
-            service.stop()
+            service.wait_stopped()
     deadline = time.monotonic() + 30
     while left := [p for service in services for p in _ray_processes_of(service)]:
         assert time.monotonic() < deadline, f"stopping align serve stops its Ray: {[p.info['cmdline'] for p in left]}"
