@@ -2,7 +2,8 @@
 
 ``create_app(settings)`` builds the app; ``uvicorn`` (through ``align serve``) runs it. ``align serve``
 starts the service's own Ray (:mod:`services.local_ray`) and hands its client in; an app that runs the
-dispatcher with neither a client nor ``ALIGN_RAY_ADDRESS`` starts one itself and stops it on shutdown.
+dispatcher with neither a client nor ``ALIGN_RAY_ADDRESS`` starts one itself. Either way the app stops
+that Ray when it shuts down.
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ def create_app(
             stop.set()
             if thread is not None:
                 thread.join(DISPATCHER_STOP_SECONDS)
-            if ray_client is None and app.state.ray_client is not None:
-                app.state.ray_client.close()  # the local Ray this app started, if it started one
+            if getattr(app.state.ray_client, "local", None) is not None:
+                # The service's own Ray ends with it. Here, not in `align serve` after uvicorn returns:
+                # uvicorn re-raises SIGTERM once its shutdown is done, so nothing after it runs.
+                app.state.ray_client.close()
             if owns_engine:
                 session_factory.kw["bind"].dispose()
 
