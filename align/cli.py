@@ -172,24 +172,30 @@ def validate(spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON."
 
 
 def file_problems(job, folder: Path) -> list[tuple[str, str]]:
-    """``(field, message)`` for a local base model that is not a model folder and for each data file that
-    is missing or does not fit its stage; remote locations are left to the worker that reads them."""
-    from align.data.load import DataError, detect_format, load_rows, validate_rows
-    from align.preflight import DATA_KIND
+    """``(field, message)`` for a local base model that is not a model folder, for each data file that
+    is missing or does not fit its stage, and for a chat template that cannot mark a sample of its rows'
+    assistant tokens (as POST checks them); remote locations are left to the worker that reads them."""
+    from align.data.load import DataError, TemplateError, detect_format, load_rows, validate_rows
+    from align.preflight import DATA_KIND, check_chat_template
 
     def local(location: str) -> str | None:
         location = location.removeprefix("file://")
         return None if ":" in location.split("/", 1)[0] else paths.beside(location, folder)
 
     problems = []
+    tokenizer = None
     model = local(job.base_model)
     if model is not None:
         from align.models.load import ModelError, resolve_base_model  # imports torch: only when needed
+        from align.preflight import chat_tokenizer
 
         try:
             resolve_base_model(model)
+            tokenizer = chat_tokenizer(model)
         except ModelError as error:
             problems.append(("base_model", str(error).removeprefix("base_model: ")))
+        except Exception as error:  # noqa: BLE001 (tokenizer files transformers cannot read raise any type)
+            problems.append(("base_model", f"'{job.base_model}': cannot load its tokenizer: {error}"))
     for index, stage in enumerate(job.stages):
         for key in ("path", "eval_path"):
             location, field = getattr(stage.data, key), f"stages[{index}].data.{key}"
@@ -204,11 +210,19 @@ def file_problems(job, folder: Path) -> list[tuple[str, str]]:
             path = local(location)
             if path is None:
                 continue
+            kind = DATA_KIND[stage.type]
             try:
                 rows = load_rows(path)
-                validate_rows(rows, detect_format(rows, DATA_KIND[stage.type], path), path, kind=DATA_KIND[stage.type])
+                fmt = detect_format(rows, kind, path)
+                validate_rows(rows, fmt, path, kind=kind)
             except DataError as error:
                 problems.append((field, str(error)))
+                continue
+            if tokenizer is not None:
+                try:
+                    check_chat_template(rows, fmt, kind, tokenizer, path)
+                except TemplateError as error:
+                    problems.append(("base_model", str(error)))
     return problems
 
 

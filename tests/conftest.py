@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# Built-in model, built-in data and DeepSpeed's compiled ops are built once per checkout.
+# Built-in model, built-in data and DeepSpeed's compiled ops (under <cache>/torch_extensions) are built once per checkout.
 os.environ.setdefault("ALIGN_CACHE_DIR", str(REPO / ".align" / "cache"))
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".align" / "cache" / "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A service started by a test writes its API key to the user's config folder too; keep that out of ~/.config.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="align-tests-config-")
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 
@@ -24,10 +26,10 @@ def pytest_report_header(config) -> list[str]:
 
     hardware = hardware_summary()
     return [
-        f"cpu: {hardware['cpu']}, torch capability {hardware['cpu_capability']}, "
-        f"oneDNN cap {hardware['onednn_isa_cap'] or 'none'}",
-        f"precision auto -> {resolve('auto').precision} ({hardware['cpu_bf16_reason']}); "
-        f"bf16/fp32 matmul time {measured_bf16_slowdown():.1f}x",
+        (f"cpu: {hardware['cpu']}, torch capability {hardware['cpu_capability']}, "
+        f"oneDNN cap {hardware['onednn_isa_cap'] or 'none'}"),
+        (f"precision auto -> {resolve('auto').precision} ({hardware['cpu_bf16_reason']}); "
+        f"bf16/fp32 matmul time {measured_bf16_slowdown():.1f}x"),
     ]
 
 
@@ -105,7 +107,7 @@ def job_factory():
 # random name on the local server, migrated once, emptied before each test and dropped at the end.
 # ---------------------------------------------------------------------------------------------------------
 
-from databases import create_postgres_database, drop_postgres_database  # noqa: E402
+from databases import create_postgres_database, drop_postgres_database
 
 DB_TABLES = ("events", "artifacts", "stage_runs", "jobs", "api_keys", "tenants")
 

@@ -171,6 +171,22 @@ def test_validate_checks_the_data_files_from_the_specs_folder(tmp_path, monkeypa
     assert result.exit_code == 2 and "stages[0].data.path: " in result.output and "'rejected'" in result.output
 
 
+def test_validate_renders_the_data_with_the_base_models_chat_template(tmp_path):
+    from data_helpers import style_tokenizer
+
+    model = tmp_path / "mistral-v0.3"
+    style_tokenizer("mistral_v3").save_pretrained(model)  # drops the system turn of a finished conversation
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two plus two?"},
+                    {"role": "assistant", "content": "Four."}]
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"messages": conversation}) + "\n")
+    result = runner.invoke(app, ["validate", str(write_spec(tmp_path / "job.yaml", "sft.jsonl", str(model)))])
+    assert result.exit_code == 2, result.output
+    assert f"  base_model: {tmp_path}/sft.jsonl row 0: the Mistral [INST] chat template (sha256 " in result.output
+    assert "<s>[INST] ⟦What is two plus two?[/INST] Four.</s>⟧" in result.output
+
+
 def test_a_401_says_where_the_key_was_looked_for(service, tmp_path, monkeypatch):
     result = runner.invoke(app, ["jobs", "list", "--url", service.url])
     assert result.exit_code == 2
