@@ -75,6 +75,23 @@ def check_stage_data(stage, tokenizer=None) -> dict[str, int]:
     return counts
 
 
+def planned_steps(stage, world_size: int, tokenizer=None) -> int:
+    """Check the stage's data (:func:`check_stage_data`) and return the optimizer steps it will take: its
+    ``max_steps``, else what its training rows give; rows the stage later drops as too long can make it
+    end a little earlier."""
+    from align.stages.common import total_steps
+
+    counts = check_stage_data(stage, tokenizer)
+    if stage.max_steps is not None:
+        return stage.max_steps
+    train_rows = counts["path"]
+    if not stage.data.eval_path:
+        train_rows -= round(stage.data.eval_fraction * train_rows)
+    if stage.data.max_rows is not None:
+        train_rows = min(train_rows, stage.data.max_rows)
+    return total_steps(stage, train_rows, world_size)
+
+
 def chat_tokenizer(base_model: str):
     """The base model's tokenizer, loaded from its tokenizer files alone, or ``None`` where there is
     nothing to check or it cannot be loaded cheaply here: a built-in model (its template is

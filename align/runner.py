@@ -20,7 +20,7 @@ from pathlib import Path
 from align.artifacts import ArtifactStore, PublishedArtifact
 from align.engine.dist import free_port
 from align.spec import MODEL_REWARD, POLICY_STAGE_TYPES, JobSpec
-from align.stages.common import StageContext, StageResult, total_steps
+from align.stages.common import StageContext, StageResult
 
 
 def run_stage(ctx: StageContext) -> StageResult:
@@ -83,7 +83,7 @@ def run_job(
     """Run every stage of ``job`` in order. The callbacks get the stage name first: ``on_stage_start(stage,
     planned_steps)``, ``on_metrics(stage, record)``, ``on_message(stage, text, level)`` (from torchrun ranks
     too) and ``on_stage_end(stage, result)``."""
-    from align.preflight import check_job
+    from align.preflight import check_job, planned_steps
 
     check_job(job)
     store = ArtifactStore(artifact_root)
@@ -117,21 +117,6 @@ def run_job(
             on_stage_end(name, result)
         plan = plan_next(plan, job.stages[index].type, result.artifact)
     return results
-
-
-def planned_steps(stage, world_size: int) -> int:
-    """Optimizer steps a stage will take (its data is counted when it sets no ``max_steps``); rows the
-    stage later drops as too long can make it end a little earlier."""
-    if stage.max_steps is not None:
-        return stage.max_steps
-    from align.preflight import check_stage_data
-
-    train_rows = check_stage_data(stage)["path"]
-    if not stage.data.eval_path:
-        train_rows -= round(stage.data.eval_fraction * train_rows)
-    if stage.data.max_rows is not None:
-        train_rows = min(train_rows, stage.data.max_rows)
-    return total_steps(stage, train_rows, world_size)
 
 
 def context_to_json(ctx: StageContext) -> dict:

@@ -90,7 +90,7 @@ def create_app(
     # /docs and /redoc serve Swagger UI and ReDoc from the installed fastapi-offline package: no CDN.
     app = FastAPIOffline(
         title="align",
-        summary="Preference-alignment trainer: submit SFT, reward-model and DPO jobs and follow them.",
+        summary="Preference-alignment trainer: submit jobs that chain SFT, reward-model, DPO, PPO, GRPO and RLOO stages, and follow them.",
         version="0.1.0",
         lifespan=lifespan,
         swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io

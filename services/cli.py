@@ -13,7 +13,6 @@ import secrets
 import signal
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -91,7 +90,7 @@ def ensure_local_api_key(settings) -> list[Path]:
     return written
 
 
-def start_local_ray(num_cpus: Optional[int]):
+def start_local_ray(num_cpus: int | None):
     """A Ray of this service's own (services.local_ray); returns the Jobs API client of its dashboard."""
     from services.dispatcher import RayJobs
     from services.local_ray import LocalRayError
@@ -99,8 +98,7 @@ def start_local_ray(num_cpus: Optional[int]):
     try:
         client = RayJobs.start_local(num_cpus)
     except LocalRayError as error:
-        console.print(f"[red]{error}[/red]", highlight=False)
-        raise typer.Exit(2) from None
+        raise fail(str(error)) from None
     console.print(f"started a local Ray ({num_cpus or 'all'} CPUs), jobs API at {client.address}, "
                   f"GCS at {client.cluster_address}")
     return client
@@ -108,10 +106,10 @@ def start_local_ray(num_cpus: Optional[int]):
 
 @app.command()
 def serve(
-    host: Optional[str] = typer.Option(None, help="Listen address (ALIGN_HOST, default 127.0.0.1)."),
-    port: Optional[int] = typer.Option(None, help="Port (ALIGN_PORT, default 8321)."),
+    host: str | None = typer.Option(None, help="Listen address (ALIGN_HOST, default 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port (ALIGN_PORT, default 8321)."),
     dispatcher: bool = typer.Option(True, help="Run the dispatcher in this process."),
-    ray_cpus: Optional[int] = typer.Option(None, help="CPUs of the local Ray (default: all); ignored with ALIGN_RAY_ADDRESS."),
+    ray_cpus: int | None = typer.Option(None, help="CPUs of the local Ray (default: all); ignored with ALIGN_RAY_ADDRESS."),
 ) -> None:
     """Run the job service: HTTP API and dispatcher, on embedded defaults unless ALIGN_* settings say otherwise."""
     import uvicorn

@@ -104,20 +104,11 @@ def run_attempt(ticket: Ticket, reporter: Reporter) -> None:
 
 
 def check_stage(job, index: int) -> int:
-    """Load and check the stage's data before Ray starts; returns the planned number of steps."""
-    from align.preflight import check_stage_data
-    from align.stages.common import total_steps
+    """Load and check the stage's data (rendering a sample with a local base model's chat template) before
+    Ray starts; returns the planned number of steps."""
+    from align.preflight import chat_tokenizer, planned_steps
 
-    stage = job.stages[index]
-    counts = check_stage_data(stage)
-    if stage.max_steps is not None:
-        return stage.max_steps
-    train_rows = counts["path"]
-    if not stage.data.eval_path:
-        train_rows -= round(stage.data.eval_fraction * train_rows)
-    if stage.data.max_rows is not None:
-        train_rows = min(train_rows, stage.data.max_rows)
-    return total_steps(stage, train_rows, job.resources.num_workers)
+    return planned_steps(job.stages[index], job.resources.num_workers, chat_tokenizer(job.base_model))
 
 
 def build_trainer(ticket: Ticket, job, planned_steps: int):

@@ -99,6 +99,9 @@ class Reporter:
             body = self.held[0]
             try:
                 accepted = self._retrying(self._post, body)
+            except Fenced:
+                self.held.clear()  # the service takes nothing more from a fenced-off attempt
+                raise
             except RetryError as gave_up:
                 logger.warning("report %s not delivered after %d tries (%s); %d held, sent again with the "
                                "next report", body["type"], gave_up.last_attempt.attempt_number,
@@ -170,7 +173,10 @@ class Reporter:
         """One last try for held reports; the ones still not taken are logged, never dropped silently."""
         try:
             if self.held:
-                self._deliver_held()
+                try:
+                    self._deliver_held()
+                except Fenced as fenced:
+                    logger.warning("held reports not sent: %s", fenced)
             if self.held:
                 kinds = ", ".join(sorted({held["type"] for held in self.held}))
                 logger.error("%d reports (%s) of %s attempt %d were never delivered to %s", len(self.held),

@@ -47,6 +47,9 @@ def test_a_409_raises_fenced(receiver):
     with pytest.raises(Fenced):
         reporter.metrics({"step": 2, "loss": 1.0})
     assert len(receiver.reports) == 2  # a 409 is final: never retried
+    assert reporter.held == deque()  # nothing of a fenced-off attempt is sent again
+    reporter.close()  # and closing sends nothing and raises nothing
+    assert len(receiver.reports) == 2
 
 
 def test_unavailable_service_is_retried_with_jittered_backoff(receiver):
