@@ -162,7 +162,8 @@ class Client:
             for event in source.iter_sse():
                 if event.event == "end":
                     return
-                yield event.json()
+                if event.data:  # httpx-sse also yields the keep-alive comments after an event with an id
+                    yield event.json()
 
     def metrics(self, job_id: str) -> list[dict]:
         return self._call("GET", f"/jobs/{job_id}/metrics")

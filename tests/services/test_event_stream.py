@@ -11,7 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from test_api import claim_first_stage, data_dir, make_spec, report, settings, submit  # noqa: F401 - fixtures
 
+from align.client import Client
 from services.app import create_app
+from services.routes import jobs as job_routes
 
 BEARER = {"Authorization": "Bearer bootstrap-key"}
 postgres_only = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -68,3 +70,30 @@ def test_a_failed_listen_falls_back_to_polling(settings, session_factory, data_d
         latency = _time_to_live_event(live, session_factory, data_dir)
     assert latency < settings.sse_poll_seconds + 2.5
     assert "live event streams poll every 0.5 s" in caplog.text
+
+
+def test_the_client_stream_skips_keep_alives_and_ends_with_the_job(settings, session_factory, data_dir,  # noqa: F811
+                                                                    monkeypatch):
+    monkeypatch.setattr(job_routes, "SSE_KEEPALIVE_SECONDS", 0.05)
+    with TestClient(create_app(settings, session_factory=session_factory)) as live:
+        job = submit(live, BEARER, make_spec(data_dir))
+        stage_run_id, attempt = claim_first_stage(session_factory)
+        assert report(live, stage_run_id, attempt, "message", {"level": "info", "text": "first"}).status_code == 200
+
+        def later() -> None:  # keep-alives go out in between, after an event with an id
+            time.sleep(0.5)
+            assert report(live, stage_run_id, attempt, "message", {"level": "info", "text": "second"}).status_code == 200
+            time.sleep(0.3)
+            assert live.post(f"/jobs/{job['id']}/cancel", headers=BEARER).status_code == 200
+
+        client = Client(api_key="bootstrap-key")
+        client.http = live
+        live.headers.update(BEARER)
+        writer = threading.Thread(target=later)
+        writer.start()
+        events = list(client.stream_events(job["id"]))
+        writer.join()
+    texts = [e["payload"]["text"] for e in events if e["type"] == "message"]
+    assert texts[-2:] == ["first", "second"]
+    assert all(e["job_id"] == job["id"] for e in events)
+    assert ("running", "cancelled") in [(e["payload"]["from"], e["payload"]["to"]) for e in events if e["type"] == "state"]
