@@ -59,6 +59,10 @@ class DataError(ValueError):
             where += f" column {column!r}"
         super().__init__(f"{where}: {problem}" + (f"; {fix}" if fix else ""))
 
+    def __reduce__(self):
+        # Raised in a Ray Train worker, the error is pickled back to the entrypoint, which must see its type.
+        return type(self), (self.path, self.row, self.column, self.problem, self.fix)
+
 
 class TemplateError(DataError):
     """The tokenizer's chat template cannot render a row, or cannot mark the assistant's tokens in it.
@@ -77,6 +81,9 @@ class TemplateError(DataError):
         super().__init__(path, row, None, f"the {template} {problem}", fix)
         message = self.args[0] if path else f"The {template} {problem}" + (f"; {fix}" if fix else "")
         self.args = (f"{message}\n{sample}" if sample else message,)
+
+    def __reduce__(self):
+        return type(self), (self.template, self.template_problem, self.fix, self.sample, self.path, self.row)
 
     def at(self, path: str, row: int | None) -> "TemplateError":
         return TemplateError(self.template, self.template_problem, self.fix, self.sample, path, row)

@@ -180,6 +180,32 @@ def test_template_errors_are_not_retryable_in_the_worker(tmp_path):
     assert "Mistral [INST] chat template" in payload["message"] and "⟦" in payload["message"]
 
 
+def test_data_and_template_errors_survive_pickling_with_their_type(tmp_path):
+    import pickle
+
+    from align.data.load import DataError
+    from workers.entrypoint import Ticket, classify
+
+    spec = {"name": "t", "base_model": "/models/m", "stages": [{"type": "sft", "data": {"path": "/d.jsonl"}}]}
+    ticket = Ticket("sr_1", 1, "job_1", spec, 0, None, [], str(tmp_path), str(tmp_path), False, "http://x", "t")
+    with pytest.raises(TemplateError) as caught:
+        tokenize_sft({"messages": [SYSTEM, *TURNS]}, "messages", style_tokenizer("mistral_v3"), 512)
+    template_error = caught.value.at("/d.jsonl", 3)
+    back = pickle.loads(pickle.dumps(template_error))
+    assert type(back) is TemplateError and str(back) == str(template_error)
+    assert (back.path, back.row, back.template, back.sample, back.fix) == (
+        "/d.jsonl", 3, template_error.template, template_error.sample, template_error.fix)
+    assert classify(back, ticket) == {"code": "bad_template", "message": str(template_error), "field": "base_model",
+                                      "retryable": False}
+    data_error = DataError("/d.jsonl", 7, "messages", "expected a list of messages", "give a list")
+    back = pickle.loads(pickle.dumps(data_error))
+    assert type(back) is DataError and str(back) == "/d.jsonl row 7 column 'messages': expected a list of messages; give a list"
+    assert (back.path, back.row, back.column, back.problem, back.fix) == (
+        "/d.jsonl", 7, "messages", "expected a list of messages", "give a list")
+    assert classify(back, ticket) == {"code": "bad_data", "message": str(data_error),
+                                      "field": "stages[0].data.path", "retryable": False}
+
+
 def test_template_names():
     assert template_name(DEFAULT_CHAT_TEMPLATE).startswith("align's default chat template (sha256 ")
     names = {style: template_name(style_tokenizer(style).chat_template).split(" chat template")[0] for style in STYLES}
