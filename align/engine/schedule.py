@@ -34,10 +34,12 @@ def make_scheduler(
     Optimizer step ``s`` (0-based) gets the peak rate times (s + 1) / (W + 1) during warm-up, so the first
     step already moves; after it, with p = (s - W) / (total - W), 0.5 (1 + cos(pi p)) for cosine, 1 - p for
     linear, 1 for constant. transformers' warm-up is s / W, which spends step 0 at rate 0: this is its
-    schedule with one more warm-up step and one more step in all, read one step ahead.
+    schedule with one more warm-up step and one more step in all, read one step ahead. Steps past the
+    plan (a stage that takes more steps than it planned) hold the rate of step ``total_steps``, where p = 1:
+    transformers' cosine would rise again.
     """
     if kind not in SCHEDULE_NAMES:
         raise ValueError(f"lr_scheduler: unknown schedule '{kind}'; use {', '.join(SCHEDULE_NAMES)}")
     warmup_steps = round(warmup_ratio * total_steps)
     curve = schedule_curve(optimizer, SCHEDULE_NAMES[kind], warmup_steps + 1, total_steps + 1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: curve(step + 1))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: curve(min(step, total_steps) + 1))

@@ -71,6 +71,17 @@ def test_stage_schedule_hand_worked():
     assert rates[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
 
 
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_steps_past_the_plan_hold_the_final_rate(kind):
+    """The former formula clamped p to 1; transformers' cosine alone would climb back towards the peak."""
+    optimizer = optimizer_at(1.0)
+    rates = learning_rates(make_scheduler(optimizer, 10, 0.2, kind), optimizer, 25)
+    final = former_stage_factor(10, 10, 2, kind)
+    assert final == {"cosine": 0.0, "linear": 0.0, "constant": 1.0}[kind]
+    assert rates[10:] == pytest.approx([final] * 15, abs=1e-15)
+    assert rates[:10] == pytest.approx([former_stage_factor(s, 10, 2, kind) for s in range(10)])
+
+
 def test_unknown_schedule_names_the_field():
     with pytest.raises(ValueError, match="lr_scheduler: unknown schedule 'step'; use cosine, linear, constant"):
         make_scheduler(optimizer_at(1e-3), 10, 0.0, "step")
