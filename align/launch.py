@@ -8,6 +8,7 @@ lives.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,8 +21,9 @@ def _emit(event: dict) -> None:
 
 def main(context_file: str, result_file: str) -> None:
     ctx = context_from_json(json.loads(Path(context_file).read_text()))
-    ctx.on_metrics = lambda record: _emit({"metrics": record})
-    ctx.on_message = lambda text, level: _emit({"message": text, "level": level})
+    if os.environ.get("RANK", "0") == "0":  # the runner relays rank 0's lines only; the others' go to ranks.log
+        ctx.on_metrics = lambda record: _emit({"metrics": record})
+        ctx.on_message = lambda text, level: _emit({"message": text, "level": level})
     result = run_stage(ctx)
     import torch.distributed as dist
 

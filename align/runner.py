@@ -159,10 +159,16 @@ RANK_EVENT_PREFIX = "align-event "
 
 def relay_rank_line(line: str, on_metrics: Callable[[dict], None] | None,
                     on_message: Callable[[str, str], None] | None) -> bool:
-    """Hand a rank's metrics or message line to the callbacks; False for any other line."""
+    """Hand a rank's metrics or message line to the callbacks; False for any other line, a garbled one
+    (two ranks' output interleaved) included, which is logged as it is."""
     if not line.startswith(RANK_EVENT_PREFIX):
         return False
-    event = json.loads(line.removeprefix(RANK_EVENT_PREFIX))
+    try:
+        event = json.loads(line.removeprefix(RANK_EVENT_PREFIX))
+    except ValueError:
+        return False
+    if not isinstance(event, dict):
+        return False
     if "metrics" in event and on_metrics is not None:
         on_metrics(event["metrics"])
     elif "message" in event and on_message is not None:

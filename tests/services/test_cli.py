@@ -357,8 +357,10 @@ def test_rank_lines_reach_the_callbacks_and_the_rest_does_not():
     metrics, messages = [], []
     lines = [RANK_EVENT_PREFIX + json.dumps({"metrics": {"step": 3, "loss": 0.5}}) + "\n",
              RANK_EVENT_PREFIX + json.dumps({"message": "rows in [/data] dropped", "level": "warning"}) + "\n",
-             "[rank1]: some library noise\n"]
+             "[rank1]: some library noise\n",
+             RANK_EVENT_PREFIX + '{"metrics": {"step": 4, "lo[rank1]: noise\n',
+             RANK_EVENT_PREFIX + "[1, 2]\n"]
     relayed = [relay_rank_line(line, metrics.append, lambda text, level: messages.append((text, level)))
                for line in lines]
-    assert relayed == [True, True, False]
+    assert relayed == [True, True, False, False, False]
     assert metrics == [{"step": 3, "loss": 0.5}] and messages == [("rows in [/data] dropped", "warning")]
