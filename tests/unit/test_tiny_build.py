@@ -40,10 +40,12 @@ def test_a_second_builder_says_it_waits_and_uses_the_first_ones_model(tmp_path):
     deadline = time.monotonic() + 30
     while not messages and time.monotonic() < deadline:
         time.sleep(0.05)
+    waited = list(messages)
     target.mkdir()  # the other builder's finished model
     other_builder.release()
     waiter.join(timeout=30)
 
+    assert waited, "build_tiny gave no 'waiting for another process' message within 30 s while another held the lock"
     assert results == [target]
     assert messages == [f"builtin:tiny: waiting for another process that is building it under {target}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, f"tiny-{tiny.BUILD_KEY}.lock"])
