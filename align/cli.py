@@ -19,14 +19,13 @@ from rich.table import Table
 from rich.text import Text
 
 from align import paths
-from align.progress import StageProgress, epoch_seconds, fmt
+from align.progress import TERMINAL_STATES, StageProgress, epoch_seconds, fmt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Preference-alignment training: SFT, reward models, DPO, PPO, GRPO and RLOO.")
 console = Console(width=int(os.environ.get("COLUMNS", "140")))
 
 STEP_KEYS = ("loss", "rewards_accuracy", "rewards_margin", "accuracy", "lr", "grad_norm", "tokens_per_s")
-FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 
 def say(text: str, style: str | None = None) -> None:
@@ -388,7 +387,7 @@ def jobs_cancel(job_id: str, url: str | None = URL_OPTION) -> None:
     ended is left as it is, and the command exits 1."""
     with _client(url) as client:
         job = _service_call(lambda: client.job(job_id))
-        if job["status"] in FINAL_STATUSES:
+        if job["status"] in TERMINAL_STATES:
             raise fail(f"{job_id} has already ended ({job['status']}); there is nothing to cancel", 1)
         console.print(_job_table(_service_call(lambda: client.cancel(job_id))))
 

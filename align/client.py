@@ -60,11 +60,6 @@ def find_api_key() -> tuple[str | None, str]:
     return None, ""
 
 
-def default_api_key() -> str | None:
-    """The key :func:`find_api_key` finds, or None."""
-    return find_api_key()[0]
-
-
 def key_hint(source: str) -> str:
     """What to do about a 401, naming where this client looked for a key."""
     places = ", ".join(["ALIGN_API_KEY"] + [str(path) for path in paths.api_key_files()])
