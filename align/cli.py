@@ -92,6 +92,19 @@ def _load(spec: Path):
         raise fail(str(exc)) from None
 
 
+def train_job(spec: Path):
+    """The job ``align train`` runs: relative local data and model paths taken from the spec's folder, as
+    ``align validate`` checks them and ``align submit`` sends them (:func:`align.client.read_spec`)."""
+    from align.client import read_spec
+    from align.spec import SpecError, parse_spec
+
+    _load(spec)  # a missing or unreadable spec fails as validate says it
+    try:
+        return parse_spec(read_spec(spec), str(spec))
+    except SpecError as exc:
+        raise fail(str(exc)) from None
+
+
 @app.command()
 def train(
     spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")],
@@ -100,11 +113,13 @@ def train(
     fresh: Annotated[bool, typer.Option(help="Ignore checkpoints from an earlier run of this job.")] = False,
     log_every: Annotated[int, typer.Option(help="Also print every N-th logged step as a line (0: bars only).")] = 0,
 ) -> None:
-    """Train a job's stages in order on this machine, without the service."""
+    """Train a job's stages in order on this machine, without the service.
+
+    Relative paths are taken from the spec's folder, as ``align validate`` and ``align submit`` take them."""
     _quiet_libraries()
     from align.runner import run_job
 
-    job = _load(spec)
+    job = train_job(spec)
     work = work_dir or paths.home_dir() / "runs" / job.name
     if fresh and work.exists():
         import shutil

@@ -17,13 +17,14 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import yaml
-from httpx_sse import connect_sse
 
 from align import paths
+
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8321"
 
@@ -100,6 +101,8 @@ class Client:
         self.url = (url or os.environ.get("ALIGN_URL") or DEFAULT_URL).rstrip("/")
         key, self.key_source = (api_key, "the api_key argument") if api_key else find_api_key()
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        import httpx  # the api and dev extras; `align train` reads specs with read_spec without it
+
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def close(self) -> None:
@@ -149,6 +152,8 @@ class Client:
 
     def stream_events(self, job_id: str, after: int = 0) -> Iterator[dict]:
         """Events as they are recorded (server-sent events), until the job ends."""
+        from httpx_sse import connect_sse
+
         headers = {"Last-Event-ID": str(after)}
         with connect_sse(self.http, "GET", f"/jobs/{job_id}/events", headers=headers, timeout=None) as source:
             if source.response.status_code >= 400:
@@ -196,6 +201,8 @@ class Client:
     # --- service -------------------------------------------------------------------------------------
 
     def ready(self) -> bool:
+        import httpx
+
         try:
             return self.http.get("/readyz").status_code == 200
         except httpx.HTTPError:

@@ -171,6 +171,32 @@ def test_validate_checks_the_data_files_from_the_specs_folder(tmp_path, monkeypa
     assert result.exit_code == 2 and "stages[0].data.path: " in result.output and "'rejected'" in result.output
 
 
+def test_train_takes_relative_paths_from_the_specs_folder_as_validate_does(tmp_path, monkeypatch):
+    from align.cli import train_job
+    from align.models.load import resolve_base_model
+    from align.stages.common import resolve_data_path
+
+    folder = tmp_path / "project"
+    (folder / "data").mkdir(parents=True)
+    (folder / "model").mkdir()
+    (folder / "model" / "config.json").write_text("{}")
+    (folder / "model" / "model.safetensors").write_bytes(b"")
+    for name in ("sft.jsonl", "held-out.jsonl"):
+        (folder / "data" / name).write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+    spec = folder / "job.yaml"
+    spec.write_text(yaml.safe_dump({"name": "rel", "base_model": "model", "stages": [
+        {"type": "sft", "data": {"path": "data/sft.jsonl", "eval_path": "./data/held-out.jsonl"}}]}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["validate", "../project/job.yaml"])
+    assert result.exit_code == 0 and result.output.startswith("ok: rel (sft)"), result.output
+    job = train_job(Path("../project/job.yaml"))
+    assert resolve_base_model(job.base_model) == folder / "model"
+    assert resolve_data_path(job.stages[0].data.path) == folder / "data" / "sft.jsonl"
+    assert resolve_data_path(job.stages[0].data.eval_path) == folder / "data" / "held-out.jsonl"
+
+
 def test_validate_renders_the_data_with_the_base_models_chat_template(tmp_path):
     from data_helpers import style_tokenizer
 
