@@ -17,7 +17,6 @@ import ctypes
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from align.ports import free_port
 
 START_ATTEMPTS = 3
 START_TIMEOUT_SECONDS = 90.0
@@ -48,15 +49,12 @@ class LocalRay:
     temp_dir: Path
     ports: dict[str, int]
     log_path: Path
-    num_cpus: int | None = None
-    attempts: int = 1
-    failures: list[str] = field(default_factory=list)
-    """One line per failed start attempt before this one."""
+    stopped: bool = field(default=False, init=False)
 
     @property
     def gcs_address(self) -> str:
         """``host:port`` of the head's GCS, as the head wrote it into its own temp dir."""
-        return (self.temp_dir / "ray_current_cluster").read_text().strip()
+        return _cluster_file(self.temp_dir).read_text().strip()
 
     @property
     def dashboard_url(self) -> str:
@@ -66,14 +64,25 @@ class LocalRay:
         return self.process.poll() is None
 
     def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
-        """SIGTERM the ``ray start --block`` process: it stops the head's processes before it exits."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        """SIGTERM the head's process group, then SIGKILL what is left of it.
+
+        ``ray start --block`` leads a session of its own, and the head's processes (GCS, raylet,
+        dashboard) are in its group. The leader stops them on SIGTERM before it exits, but it may have
+        exited already (a failed start, a dead raylet) or may not finish in ``timeout``: whatever of
+        the group is left then is killed. (Ray's workers have groups of their own; the raylet ends
+        them.) A second call does nothing: the group's id may belong to someone else by then.
+        """
+        if self.stopped:
+            return
+        self.stopped = True
+        group = self.process.pid  # start_new_session: the leader's pid is the group's id
+        _signal_group(group, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(group, signal.SIGKILL)
+        self.process.wait()
 
 
 def temp_dir_for(home: Path) -> Path:
@@ -100,8 +109,10 @@ def start(home: Path, num_cpus: int | None = None, attempts: int = START_ATTEMPT
     for attempt in range(1, attempts + 1):
         ports = pick_ports(attempt)
         log_path = logs / f"start-{attempt}.log"
+        # The temp dir is the same on every start: an address left by an earlier head must not pass for ours.
+        _cluster_file(temp_dir).unlink(missing_ok=True)
         process = _launch(temp_dir, ports, num_cpus, log_path)
-        ray = LocalRay(process, temp_dir, ports, log_path, num_cpus, attempt, failures)
+        ray = LocalRay(process, temp_dir, ports, log_path)
         problem = _wait_until_up(ray, timeout)
         if problem is None:
             return ray
@@ -132,10 +143,16 @@ def _launch(temp_dir: Path, ports: dict[str, int], num_cpus: int | None, log_pat
                                 env=env, preexec_fn=_die_with_parent, start_new_session=True)  # noqa: PLW1509
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _cluster_file(temp_dir: Path) -> Path:
+    """Where the head writes its GCS address (``host:port``)."""
+    return temp_dir / "ray_current_cluster"
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:  # nothing of the group is left
+        pass
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
@@ -149,7 +166,8 @@ def _die_with_parent() -> None:
 
 
 def _wait_until_up(ray: LocalRay, timeout: float) -> str | None:
-    """None once the head's Jobs API answers, else why not: the start exited, or it took too long."""
+    """None once the head's Jobs API answers and the head wrote its own GCS address (the port we gave
+    it), else why not: the start exited, or it took too long."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not ray.alive():
@@ -157,12 +175,20 @@ def _wait_until_up(ray: LocalRay, timeout: float) -> str | None:
         try:
             with urllib.request.urlopen(f"{ray.dashboard_url}/api/version", timeout=2) as answer:
                 up = answer.status == 200
-            if up and (ray.temp_dir / "ray_current_cluster").exists():
+            if up and _names_port(_cluster_file(ray.temp_dir), ray.ports["port"]):
                 return None
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
     return f"its jobs API at {ray.dashboard_url} did not answer in {timeout:.0f} s"
+
+
+def _names_port(cluster_file: Path, port: int) -> bool:
+    """Whether ``cluster_file`` holds an address ``host:<port>`` (False while it does not exist yet)."""
+    try:
+        return cluster_file.read_text().strip().rpartition(":")[2] == str(port)
+    except FileNotFoundError:
+        return False
 
 
 def _last_error(log_path: Path) -> str:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
 
 from align.engine import use_op_cache
+from align.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -20,12 +20,6 @@ class Rank:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def configure_environment(threads: int | None = None) -> None:
@@ -56,7 +50,7 @@ def init_distributed(threads: int | None = None) -> Rank:
 
     # Also wraps a process group that a launcher (Ray Train, torchrun) already created.
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return Rank(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)

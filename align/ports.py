@@ -1,0 +1,10 @@
+"""Free TCP ports on this host, kept out of heavy modules: the service's local Ray and the training launchers both pick them."""
+
+import socket
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
