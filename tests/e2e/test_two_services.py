@@ -161,6 +161,7 @@ def test_readyz_fails_when_its_ray_cannot_accept_a_job(two_services):
     assert checks["database"] == "ok" and checks["ray"].startswith("cannot accept a job: ")
     assert "\n" not in checks["ray"] and len(checks["ray"]) <= 300
     assert httpx.get(f"http://127.0.0.1:{second.port}/readyz", timeout=60).status_code == 200
-    # Ray workers of a SIGKILLed raylet notice only after ~20 s: end the ones this test orphaned.
+    # Ray workers of a SIGKILLed raylet notice only after ~20 s, and each has a process group of its own
+    # (stopping the service ends only its head's group): end the ones this test orphaned.
     for orphan in _ray_processes_of(first):
         orphan.kill()
