@@ -67,7 +67,8 @@ class RayJobs:
         self.cluster_address = cluster_address
         self.local = local
         self._client = JobSubmissionClient(address)
-        self._probes: list[str] = []
+        self._probes: set[str] = set()
+        self._probes_lock = threading.Lock()  # /readyz requests probe from several threads at once
 
     @classmethod
     def connect(cls, ray_address: str | None) -> RayJobs:
@@ -101,19 +102,23 @@ class RayJobs:
         Answering a status query only needs the dashboard; a submission also needs the head node's
         job agent and raylet, which is what the dispatcher needs. Earlier probes that ended are deleted.
         """
-        for submission_id in list(self._probes):
+        with self._probes_lock:
+            earlier = sorted(self._probes)
+        for submission_id in earlier:
             try:
                 status = self.get_job_status(submission_id)
                 if status in ENDED:
                     self._client.delete_job(submission_id)
                 if status in ENDED or status is None:
-                    self._probes.remove(submission_id)
-            except (OSError, RuntimeError):
+                    with self._probes_lock:
+                        self._probes.discard(submission_id)
+            except (OSError, RuntimeError):  # unreachable, or another probe deleted it a moment ago
                 break
         submission_id = f"align-readiness-{uuid.uuid4().hex[:12]}"
         self._client.submit_job(entrypoint="true", submission_id=submission_id, entrypoint_num_cpus=0,
                                 metadata={"align": "readiness probe"})
-        self._probes.append(submission_id)
+        with self._probes_lock:
+            self._probes.add(submission_id)
 
     def submit_job(self, *, entrypoint: str, submission_id: str, runtime_env: dict,
                    entrypoint_num_cpus: float = 0) -> str:

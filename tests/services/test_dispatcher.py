@@ -504,3 +504,49 @@ def test_ray_jobs_reads_an_unknown_submission_as_none():
     assert ray_jobs.get_job_status("align-sr_x-a1") is None
     with pytest.raises(RuntimeError, match="500"):
         ray_jobs.stop_job("align-sr_x-a1")
+
+
+class ReadinessJobsApi:
+    """The part of Ray's JobSubmissionClient that /readyz probes use; a status answer waits until two
+    probes are both asking about the same earlier probe (two /readyz requests at once)."""
+
+    def __init__(self, address: str):
+        self.submitted: list[str] = []
+        self.deleted: list[str] = []
+        self.both_asking = threading.Barrier(2, timeout=10)
+
+    def submit_job(self, *, entrypoint, submission_id, entrypoint_num_cpus, metadata):
+        self.submitted.append(submission_id)
+        return submission_id
+
+    def get_job_status(self, submission_id):
+        self.both_asking.wait()
+        return type("Status", (), {"value": "SUCCEEDED"})()
+
+    def delete_job(self, submission_id):
+        self.deleted.append(submission_id)
+        return True
+
+
+def test_two_readiness_probes_at_once_both_pass(monkeypatch):
+    """Both see the same ended probe and delete it: neither fails (a false 503) on the bookkeeping."""
+    monkeypatch.setattr("ray.job_submission.JobSubmissionClient", ReadinessJobsApi)
+    client = RayJobs("http://ray:8265")
+    client.check_submission()
+    (earlier,) = client._client.submitted
+    errors: list[BaseException] = []
+
+    def probe() -> None:
+        try:
+            client.check_submission()
+        except BaseException as error:  # noqa: BLE001 - reported by the test's thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=probe) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert not errors and not any(thread.is_alive() for thread in threads)
+    assert client._client.deleted == [earlier, earlier]
+    assert client._probes == set(client._client.submitted[1:]) and len(client._probes) == 2
