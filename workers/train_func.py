@@ -44,35 +44,39 @@ def train_func(config: dict) -> None:
     reporter = None
     if world_rank == 0:
         reporter = Reporter(ticket["report_url"], ticket["report_token"], ticket["stage_run_id"], ticket["attempt"])
-        reporter.message("ranks placed: " + json.dumps(placement))
-    total_steps = config["total_steps"]
+    try:
+        if reporter is not None:
+            reporter.message("ranks placed: " + json.dumps(placement))
+        total_steps = config["total_steps"]
 
-    def on_metrics(record: dict) -> None:
-        reporter.metrics(record)
-        step = int(record.get("step", 0))
-        reporter.heartbeat(step, total_steps, force=step >= total_steps)
+        def on_metrics(record: dict) -> None:
+            reporter.metrics(record)
+            step = int(record.get("step", 0))
+            reporter.heartbeat(step, total_steps, force=step >= total_steps)
 
-    ctx = StageContext(
-        job=job,
-        index=ticket["index"],
-        work_dir=Path(ticket["work_dir"]),
-        artifact_root=ticket["artifact_root"],
-        start_policy=start_policy,
-        parents=list(ticket.get("parents") or []),
-        reward_model=reward_model,
-        threads=threads,
-        resume=True,
-        require_checkpoint=bool(ticket.get("require_checkpoint")),
-        on_metrics=on_metrics if reporter else None,
-        on_samples=reporter.samples if reporter else None,
-        on_checkpoint=reporter.checkpoint if reporter else None,
-        on_message=reporter.message if reporter else None,
-        job_id=ticket.get("job_id"),
-    )
-    result = run_stage(ctx)
-    if reporter is not None:
-        reporter.artifact(store, result.artifact)
-        reporter.close()
+        ctx = StageContext(
+            job=job,
+            index=ticket["index"],
+            work_dir=Path(ticket["work_dir"]),
+            artifact_root=ticket["artifact_root"],
+            start_policy=start_policy,
+            parents=list(ticket.get("parents") or []),
+            reward_model=reward_model,
+            threads=threads,
+            resume=True,
+            require_checkpoint=bool(ticket.get("require_checkpoint")),
+            on_metrics=on_metrics if reporter else None,
+            on_samples=reporter.samples if reporter else None,
+            on_checkpoint=reporter.checkpoint if reporter else None,
+            on_message=reporter.message if reporter else None,
+            job_id=ticket.get("job_id"),
+        )
+        result = run_stage(ctx)
+        if reporter is not None:
+            reporter.artifact(store, result.artifact)
+    finally:
+        if reporter is not None:
+            reporter.close()  # on an error too: held reports are logged and the HTTP client closed
 
 
 def _gather_placement() -> list[dict]:
