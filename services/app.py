@@ -9,7 +9,6 @@ that Ray when it shuts down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -75,8 +74,12 @@ def create_app(
         finally:
             if listener is not None:
                 listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await listener
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # the rest of the shutdown must run: stop the dispatcher and Ray
+                    logger.exception("the event listener had failed")
             stop.set()
             if thread is not None:
                 thread.join(DISPATCHER_STOP_SECONDS)

@@ -81,10 +81,10 @@ class EventWaker:
 
     async def run(self) -> None:
         """LISTEN until cancelled; after a failure, poll and try again every ``RECONNECT_SECONDS``."""
-        import psycopg
-
         if self.conninfo is None:
             return
+        import psycopg  # Postgres only: SQLite never needs the driver
+
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True) as connection:

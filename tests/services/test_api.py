@@ -198,6 +198,24 @@ def test_app_runs_the_dispatcher_when_asked(settings, session_factory, data_dir)
     assert not any(t.name == "align-dispatcher" and t.is_alive() for t in threading.enumerate())
 
 
+def test_shutdown_stops_the_services_ray_even_after_the_event_listener_failed(settings, session_factory, caplog):
+    class OwnRay(FakeRay):
+        local, closed = "a local Ray", 0
+
+        def close(self):
+            self.closed += 1
+
+    async def broken_listener():
+        raise OSError("LISTEN connection lost for good")
+
+    ray = OwnRay()
+    app = create_app(settings, session_factory=session_factory, ray_client=ray)
+    app.state.event_waker.run = broken_listener
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+    assert ray.closed == 1 and "the event listener had failed" in caplog.text
+
+
 def test_submit_and_read_a_job(client, alice, data_dir):
     job = submit(client, alice, make_spec(data_dir))
     assert job["id"].startswith("job_") and job["status"] == "queued" and job["name"] == "demo"
