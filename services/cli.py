@@ -128,6 +128,8 @@ def serve(
         console.print(f"align service on http://{settings.host}:{settings.port} (database {settings.database_url})")
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:
+        # The app's shutdown stops this Ray once its lifespan started; this covers a failure before
+        # that (create_app, uvicorn's config). Stopping twice does nothing the second time.
         if ray_client is not None:
             ray_client.close()
 
