@@ -51,8 +51,12 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -
     return list(apply_template(tokenizer, messages, add_generation_prompt=True)["input_ids"])
 
 
-def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and its assistant mask (see the module docstring)."""
+def render_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], prompts: dict[int, list[int]] | None = None
+) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and its assistant mask (see the module docstring).
+
+    ``prompts`` holds renderings the caller already has: ``{i: render_prompt(tokenizer, messages[:i])}``."""
     if has_generation_markers(tokenizer.chat_template):
         encoding = apply_template(tokenizer, messages, return_assistant_tokens_mask=True)
         input_ids, mask = list(encoding["input_ids"]), list(encoding["assistant_masks"])
@@ -60,7 +64,7 @@ def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Messa
             _refuse(tokenizer, input_ids, mask, "its {% generation %} blocks mark no token of the assistant turns")
         return input_ids, mask
     input_ids = list(apply_template(tokenizer, messages)["input_ids"])
-    return input_ids, prefix_mask(tokenizer, messages, input_ids)
+    return input_ids, prefix_mask(tokenizer, messages, input_ids, prompts)
 
 
 def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
@@ -72,18 +76,25 @@ def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
     return length
 
 
-def prefix_mask(tokenizer: PreTrainedTokenizerBase, messages: list[Message], input_ids: list[int]) -> list[int]:
+def prefix_mask(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    input_ids: list[int],
+    prompts: dict[int, list[int]] | None = None,
+) -> list[int]:
     """The assistant mask of ``input_ids`` (the rendered ``messages``), found by rendering prefixes.
 
     Each rendering of a prefix must be a prefix of the whole conversation's tokens, but for its last
-    token, which may merge with the text that follows it."""
+    token, which may merge with the text that follows it. The last turn's rendering is ``input_ids``
+    itself, and ``prompts`` (``{i: render_prompt(tokenizer, messages[:i])}``) saves rendering those again."""
     mask = [0] * len(input_ids)
     special = special_ids(tokenizer)
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render_prompt(tokenizer, messages[:index])
-        through = list(apply_template(tokenizer, messages[: index + 1])["input_ids"])
+        before = prompts[index] if prompts and index in prompts else render_prompt(tokenizer, messages[:index])
+        last = index == len(messages) - 1
+        through = input_ids if last else list(apply_template(tokenizer, messages[: index + 1])["input_ids"])
         start = common_prefix_length(before, input_ids)
         shared = common_prefix_length(through, input_ids)
         lined_up = start >= len(before) - 1 and shared >= len(through) - 1

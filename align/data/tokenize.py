@@ -161,7 +161,7 @@ def _conversation_replies(
     differ (the shorter of the two for chosen and rejected), so a template that renders the prompt alone
     a little differently still splits cleanly."""
     prompt_ids = render_prompt(tokenizer, prompt)
-    rendered = [render_conversation(tokenizer, prompt + reply) for reply in replies]
+    rendered = [render_conversation(tokenizer, prompt + reply, {len(prompt): prompt_ids}) for reply in replies]
     shared = min(common_prefix_length(prompt_ids, ids) for ids, _ in rendered)
     return (prompt_ids[:shared], *((ids[shared:], mask[shared:]) for ids, mask in rendered))
 
