@@ -42,9 +42,10 @@ class _NotTaken(Exception):
 class Reporter:
     """Sends one attempt's reports. Heartbeats are throttled to one per ``heartbeat_every`` seconds.
 
-    Each delivery makes up to ``retries + 1`` tries, waiting a random time of up to ``backoff * 2**n``
-    seconds (capped at ``max_backoff``) before try n + 1. Reports that still are not taken wait in
-    order for the next delivery (a newer heartbeat replaces a held one).
+    Each delivery makes up to ``retries + 1`` tries; after try n fails it waits a random time of up to
+    ``backoff * 2**(n - 1)`` seconds (capped at ``max_backoff``; tenacity's ``wait_random_exponential``):
+    with the defaults up to 0.5 s before the second try and 1 s before the third. Reports that still
+    are not taken wait in order for the next delivery (a newer heartbeat replaces a held one).
     """
 
     def __init__(
