@@ -83,7 +83,8 @@ class Settings(BaseSettings):
         except SignatureExpired as expired:
             issued = expired.date_signed.isoformat(timespec="seconds") if expired.date_signed else "long ago"
             return (f"report token expired: issued {issued}, valid {self.report_token_seconds:g} s "
-                    "(ALIGN_REPORT_TOKEN_SECONDS); the dispatcher will retry the attempt with a new one")
+                    "(ALIGN_REPORT_TOKEN_SECONDS); the worker stops this attempt and the dispatcher retries the "
+                    "stage with a new token while attempts remain (ALIGN_MAX_ATTEMPTS)")
         except BadSignature:
             return "bad report token for this stage run and attempt"
         if value.decode() != f"{stage_run_id}:{attempt}":

@@ -3,7 +3,8 @@
 The dispatcher submits this as a Ray job. It checks the stage's spec and data, tells the service it
 started (a 409 here stops it before any compute), runs the stage on a Ray Train ``TorchTrainer``
 (one rank per worker, see :mod:`workers.train_func`) and exits 0 once rank 0 has reported the artifact.
-On an error it sends a "failed" report and exits 1; fenced off by the service it exits 3 silently.
+On an error it sends a "failed" report and exits 1; fenced off by the service (or its report token
+expired) it exits 3 silently.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def main() -> int:
         run_attempt(ticket, reporter)
         return 0
     except Exception as error:  # noqa: BLE001 - every error ends the attempt with a report
-        if any(isinstance(cause, Fenced) for cause in causes(error)):
-            logger.error("stopped: %s attempt %s is fenced off by the service", ticket.stage_run_id, ticket.attempt)
+        fenced = next((cause for cause in causes(error) if isinstance(cause, Fenced)), None)
+        if fenced is not None:  # a 409, or an expired report token
+            logger.error("stopped: %s", fenced)
             return EXIT_FENCED
         failure = classify(error, ticket)
         logger.error("stage attempt failed (%s): %s", failure["code"], failure["message"])

@@ -4,7 +4,9 @@ A report the service cannot take now (unreachable, 5xx) is retried with jittered
 (tenacity), then kept in order and sent again before the next report; :meth:`Reporter.close` makes a
 last try and logs what was never delivered. Answers that will not change on retry (401, 422) are
 logged as errors and not retried. 409 means the attempt is stale or its stage run is no longer
-running, and raises :class:`Fenced` so training stops.
+running, and raises :class:`Fenced` so training stops; so does a 401 that says the report token
+expired (:class:`TokenExpired`): the service would take none of the attempt's reports, its artifact
+included.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ MAX_HELD_REPORTS = 10_000
 
 class Fenced(RuntimeError):
     """The service answered 409: this attempt must stop and exit non-zero without publishing."""
+
+
+class TokenExpired(Fenced):
+    """The service answered 401 "report token expired": it takes no more reports from this attempt,
+    which stops as a fenced-off one does (the dispatcher then retries the stage with a new token)."""
 
 
 class _NotTaken(Exception):
@@ -79,7 +86,9 @@ class Reporter:
         self._client = httpx.Client(timeout=timeout, headers={"Authorization": f"Bearer {token}"})
 
     def send(self, type_: str, payload: dict[str, Any]) -> bool:
-        """Deliver the held reports, then this one; True once the service took it. Raises :class:`Fenced` on 409."""
+        """Deliver the held reports, then this one; True once the service took it.
+
+        Raises :class:`Fenced` on 409, and :class:`TokenExpired` (a :class:`Fenced`) once the token expired."""
         body = {"stage_run_id": self.stage_run_id, "attempt": self.attempt, "type": type_, "payload": payload}
         if type_ == "heartbeat":
             # Progress only: a newer heartbeat says all that an older held one would.
@@ -121,6 +130,9 @@ class Reporter:
             raise _NotTaken(f"{type(error).__name__}: {error}") from None
         if response.status_code == 409:
             raise Fenced(f"the service fenced off {self.stage_run_id} attempt {self.attempt}: {response.text}")
+        if response.status_code == 401 and "report token expired" in response.text:
+            raise TokenExpired(f"the service takes no more reports from {self.stage_run_id} attempt "
+                               f"{self.attempt}: {response.text[:300]}")
         if response.is_success:
             return True
         if response.status_code >= 500:
