@@ -188,56 +188,15 @@ def validate(spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON."
 def file_problems(job, folder: Path) -> list[tuple[str, str]]:
     """``(field, message)`` for a local base model that is not a model folder, for each data file that
     is missing or does not fit its stage, and for a chat template that cannot mark a sample of its rows'
-    assistant tokens (as POST checks them); remote locations are left to the worker that reads them."""
-    from align.data.load import DataError, TemplateError, detect_format, load_rows, validate_rows
-    from align.preflight import DATA_KIND, check_chat_template
+    assistant tokens, built-in datasets' included (:func:`align.preflight.job_problems`, as POST checks
+    them); relative paths are taken from ``folder``, and remote locations are left to the worker."""
+    from align.preflight import job_problems
 
     def local(location: str) -> str | None:
         location = location.removeprefix("file://")
         return None if ":" in location.split("/", 1)[0] else paths.beside(location, folder)
 
-    problems = []
-    tokenizer = None
-    model = local(job.base_model)
-    if model is not None:
-        from align.models.load import ModelError, resolve_base_model  # imports torch: only when needed
-        from align.preflight import chat_tokenizer
-
-        try:
-            resolve_base_model(model)
-            tokenizer = chat_tokenizer(model)
-        except ModelError as error:
-            problems.append(("base_model", str(error).removeprefix("base_model: ")))
-        except Exception as error:  # noqa: BLE001 (tokenizer files transformers cannot read raise any type)
-            problems.append(("base_model", f"'{job.base_model}': cannot load its tokenizer: {error}"))
-    for index, stage in enumerate(job.stages):
-        for key in ("path", "eval_path"):
-            location, field = getattr(stage.data, key), f"stages[{index}].data.{key}"
-            if location is None:
-                continue
-            if location.startswith("builtin:"):
-                from align.task import BUILTIN_DATASETS  # imports torch: only when needed
-
-                if location not in BUILTIN_DATASETS:
-                    problems.append((field, f"unknown built-in dataset '{location}'; known: {', '.join(BUILTIN_DATASETS)}"))
-                continue
-            path = local(location)
-            if path is None:
-                continue
-            kind = DATA_KIND[stage.type]
-            try:
-                rows = load_rows(path)
-                fmt = detect_format(rows, kind, path)
-                validate_rows(rows, fmt, path, kind=kind)
-            except DataError as error:
-                problems.append((field, str(error)))
-                continue
-            if tokenizer is not None:
-                try:
-                    check_chat_template(rows, fmt, kind, tokenizer, path)
-                except TemplateError as error:
-                    problems.append(("base_model", str(error)))
-    return problems
+    return job_problems(job, local)
 
 
 def _warn_precision(job) -> None:

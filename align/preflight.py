@@ -9,6 +9,7 @@ assistant's tokens fails here, naming the template and showing the rendered row.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from align.data import load
@@ -23,23 +24,108 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-def check_job(job: JobSpec, *, check_model: bool = True) -> None:
-    """Raise :class:`DataError` (:class:`TemplateError` for the chat template) or :class:`ModelError`
+Problem = tuple[str, str]
+"""``(field, message)``: the spec field at fault and what is wrong with it."""
+
+
+def check_job(job: JobSpec) -> None:
+    """Raise the first problem :func:`job_errors` finds, as the stages read the files (``file://`` or a path as
+    written): :class:`DataError` (:class:`TemplateError` for the chat template) or :class:`ModelError`,
     naming the stage's file, row and column."""
-    tokenizer = None
-    if check_model:
-        from align.models.load import ModelError
+    for _field, _message, error in job_errors(job, _as_written):
+        raise error
 
-        if not job.base_model.startswith(("builtin:", "artifact:")):
-            from align.models.load import resolve_base_model
 
-            resolve_base_model(job.base_model)
+def job_problems(
+    job: JobSpec, local: Callable[[str], str | None], *, model: bool = True, data: bool = True
+) -> list[Problem]:
+    """``(field, message)`` for each problem :func:`job_errors` finds (``align validate`` and POST /jobs)."""
+    return [(field, message) for field, message, _error in job_errors(job, local, model=model, data=data)]
+
+
+def job_errors(
+    job: JobSpec, local: Callable[[str], str | None], *, model: bool = True, data: bool = True
+) -> Iterator[tuple[str, str, Exception]]:
+    """The problems of a job's base model and data, as ``(field, message, error)``, found without training.
+
+    ``local`` maps a data or model location to the local path to read, or ``None`` for one left to the
+    worker (a remote URL); ``builtin:`` and ``artifact:`` names never reach it. With ``model``, a local
+    base model must be a model folder (nothing is loaded). With ``data``, each local file must load and
+    have the columns its stage needs, a built-in dataset must exist, and when the base model's tokenizer
+    loads from its files alone (:func:`chat_tokenizer`) a sample of the rows, built-in ones included, is
+    rendered with its chat template: the first template error is reported on ``base_model``. Messages name
+    a file as the spec wrote it, unless ``local`` read it elsewhere (a relative path taken from the
+    spec's folder), where they name the file read."""
+    from align.models.load import ModelError, resolve_base_model
+
+    model_path = None if job.base_model.startswith(("builtin:", "artifact:")) else local(job.base_model)
+    if model and model_path is not None:
         try:
-            tokenizer = chat_tokenizer(job.base_model)
-        except Exception as error:  # tokenizer files that transformers cannot read, whatever the error type
-            raise ModelError(f"base_model: '{job.base_model}': cannot load its tokenizer: {error}") from error
-    for stage in job.stages:
-        check_stage_data(stage, tokenizer)
+            resolve_base_model(_named(job.base_model, model_path))
+        except ModelError as error:
+            yield "base_model", str(error).removeprefix("base_model: "), error
+    if not data:
+        return
+    tokenizer: list = []  # loaded on first use: [tokenizer or None]
+    template_refused = False
+    for index, stage in enumerate(job.stages):
+        kind = DATA_KIND[stage.type]
+        for key in ("path", "eval_path"):
+            location, field = getattr(stage.data, key), f"stages[{index}].data.{key}"
+            if location is None:
+                continue
+            builtin = location.startswith("builtin:")
+            if builtin:
+                from align.task import BUILTIN_DATASETS  # imports torch: only when needed
+
+                if location not in BUILTIN_DATASETS:
+                    message = f"unknown built-in dataset '{location}'; known: {', '.join(BUILTIN_DATASETS)}"
+                    yield field, message, load.DataError(location, None, None, message)
+                    continue
+                path = named = location
+            else:
+                path = local(location)
+                if path is None:
+                    continue
+                named = _named(location, path)
+            if not tokenizer:
+                try:
+                    tokenizer.append(chat_tokenizer(job.base_model, model_path) if model_path else None)
+                except ModelError as error:
+                    tokenizer.append(None)
+                    yield "base_model", str(error).removeprefix("base_model: "), error
+            if builtin and tokenizer[0] is None:
+                continue  # built-in rows fit their stage; only a local model's template is worth rendering
+            try:
+                rows = _builtin_sample(location) if builtin else load.load_rows(path)
+                fmt = load.detect_format(rows, kind, path)
+                load.validate_rows(rows, fmt, path, kind=kind)
+                if tokenizer[0] is not None and not template_refused:
+                    check_chat_template(rows, fmt, kind, tokenizer[0], path)
+            except load.TemplateError as error:
+                template_refused = True
+                yield "base_model", str(error).replace(path, named, 1), error
+            except load.DataError as error:
+                yield field, str(error).replace(path, named, 1), error
+
+
+def _as_written(location: str) -> str:
+    """The local path the stages read for a location (:func:`align.stages.common.resolve_data_path`)."""
+    return location.removeprefix("file://")
+
+
+def _named(location: str, path: str) -> str:
+    """How messages name a file: the location as written where ``path`` is just it without ``file://``."""
+    return location if path == location.removeprefix("file://") else path
+
+
+def _builtin_sample(location: str):
+    """The first rows of a built-in dataset, in memory (nothing is written); they are all alike."""
+    import datasets
+
+    from align.task import build_splits
+
+    return datasets.Dataset.from_list(build_splits()[location.split("/", 1)[1]][:TEMPLATE_SAMPLE_ROWS])
 
 
 def precision_warning(job: JobSpec) -> str | None:
@@ -92,24 +178,34 @@ def planned_steps(stage, world_size: int, tokenizer=None) -> int:
     return total_steps(stage, train_rows, world_size)
 
 
-def chat_tokenizer(base_model: str):
+def chat_tokenizer(base_model: str, folder: str | Path | None = None):
     """The base model's tokenizer, loaded from its tokenizer files alone, or ``None`` where there is
     nothing to check or it cannot be loaded cheaply here: a built-in model (its template is
     :data:`~align.data.templates.DEFAULT_CHAT_TEMPLATE`, whose ``{% generation %}`` blocks mark every
     assistant turn), an artifact (fetching one means checking every file of it), a remote location, a
     folder without tokenizer files. Where it is ``None`` the worker renders the rows when it tokenizes
-    them, and a template error there fails the stage without a retry."""
+    them, and a template error there fails the stage without a retry.
+
+    ``folder`` is the local folder of ``base_model`` where the caller resolved it (a path relative to the
+    spec's folder); by default it is ``base_model`` itself. Tokenizer files that cannot be read raise
+    :class:`~align.models.load.ModelError` naming ``base_model``, the folder and the error."""
     if base_model.startswith(("builtin:", "artifact:")):
         return None
-    match = _SCHEME_RE.match(base_model)
-    if match and match.group(1).lower() != "file":
-        return None
-    folder = Path(base_model[match.end():] if match else base_model).expanduser()
+    if folder is None:
+        match = _SCHEME_RE.match(base_model)
+        if match and match.group(1).lower() != "file":
+            return None
+        folder = base_model[match.end():] if match else base_model
+    folder = Path(folder).expanduser()
     if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return None
-    from align.models.load import load_tokenizer
+    from align.models.load import ModelError, load_tokenizer
 
-    return load_tokenizer(folder)
+    try:
+        return load_tokenizer(folder)
+    except Exception as error:  # transformers raises many types for unreadable tokenizer files
+        raise ModelError(f"base_model: '{base_model}': cannot load its tokenizer from {folder}: "
+                         f"{type(error).__name__}: {error}") from error
 
 
 def check_chat_template(rows, fmt: load.Format, kind: load.Kind, tokenizer, path: str) -> None:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
-from align.preflight import DATA_KIND
+from align.preflight import job_problems
 from align.spec import JobSpec
 from services.settings import Settings
 
@@ -46,10 +46,10 @@ def check_job(
         if find_artifact(artifact_id) is None:
             problems.append(("base_model", f"no artifact '{artifact_id}'; give the id of an artifact of one of your jobs"))
         else:
-            problems.append(("base_model", "starting a job from an artifact is not supported yet; give the local "
-                             "model folder (or builtin:tiny) and chain the stages in one job"))
+            problems.append(("base_model", ("starting a job from an artifact is not supported yet; give the local "
+                                            "model folder (or builtin:tiny) and chain the stages in one job")))
     problems += check_reward_models(spec, find_artifact, base_model_of)
-    return problems + check_model(spec) + check_data(spec)
+    return problems + job_problems(spec, local_path)
 
 
 def check_reward_models(
@@ -166,97 +166,13 @@ def check_data(spec: JobSpec) -> list[Problem]:
     """Open each stage's local data and check its rows fit the stage; built-in names must exist.
 
     Nothing is downloaded: remote locations (allowed schemes other than file) are left to the worker.
-    When the base model's tokenizer loads from its files alone (see ``align.preflight.chat_tokenizer``),
-    a sample of each dataset's conversational rows is rendered with its chat template, and a template
-    that cannot mark the assistant's tokens is refused on ``base_model`` with the rendered row.
+    When the base model's tokenizer loads from its files alone, a sample of each dataset's conversational
+    rows is rendered with its chat template, and a template that cannot mark the assistant's tokens is
+    refused on ``base_model`` with the rendered row (``align.preflight.job_problems``).
     """
-    from align.data.load import DataError, TemplateError, detect_format, load_rows, validate_rows
-    from align.preflight import check_chat_template
-
-    problems = []
-    tokenizer = _Tokenizer(spec.base_model)
-    for field, kind, location in spec_locations(spec):
-        if kind != "data":
-            continue
-        stage = spec.stages[int(field.split("[", 1)[1].split("]", 1)[0])]
-        data_kind = DATA_KIND[stage.type]
-        if location.startswith("builtin:"):
-            message = _builtin_data_problem(location)
-            if message:
-                problems.append((field, message))
-            if message or tokenizer.get() is None:
-                continue
-            path, rows = location, _builtin_sample(location)
-        else:
-            path = local_path(location)
-            if path is None:
-                continue
-            try:
-                rows = load_rows(path)
-            except DataError as error:
-                problems.append((field, str(error).replace(path, location, 1)))
-                continue
-        try:
-            fmt = detect_format(rows, data_kind, path)
-            validate_rows(rows, fmt, path, kind=data_kind)
-            if tokenizer.get() is not None and not tokenizer.refused:
-                check_chat_template(rows, fmt, data_kind, tokenizer.get(), path)
-        except TemplateError as error:
-            tokenizer.refused = True
-            problems.append(("base_model", str(error).replace(path, location, 1)))
-        except DataError as error:
-            problems.append((field, str(error).replace(path, location, 1)))
-    if tokenizer.error:
-        problems.append(("base_model", tokenizer.error))
-    return problems
-
-
-class _Tokenizer:
-    """The base model's tokenizer, loaded on first use (tokenizer files only), or why it could not be."""
-
-    def __init__(self, base_model: str):
-        self.base_model = base_model
-        self.loaded, self.value, self.error, self.refused = False, None, None, False
-
-    def get(self):
-        if not self.loaded:
-            from align.preflight import chat_tokenizer
-
-            self.loaded = True
-            try:
-                self.value = chat_tokenizer(self.base_model)
-            except Exception as error:  # noqa: BLE001 - transformers raises many types for unreadable files
-                self.error = f"cannot load the tokenizer of '{self.base_model}': {type(error).__name__}: {error}"
-        return self.value
-
-
-def _builtin_sample(location: str):
-    """The first rows of a built-in dataset, in memory (nothing is written); they are all alike."""
-    import datasets
-
-    from align.preflight import TEMPLATE_SAMPLE_ROWS
-    from align.task import build_splits
-
-    return datasets.Dataset.from_list(build_splits()[location.split("/", 1)[1]][:TEMPLATE_SAMPLE_ROWS])
-
-
-def _builtin_data_problem(location: str) -> str | None:
-    from align.task import BUILTIN_DATASETS
-
-    if location in BUILTIN_DATASETS:
-        return None
-    return f"unknown built-in dataset '{location}'; known: {', '.join(BUILTIN_DATASETS)}"
+    return job_problems(spec, local_path, model=False)
 
 
 def check_model(spec: JobSpec) -> list[Problem]:
     """A local base model must be a Hugging Face folder with safetensors weights (nothing is loaded)."""
-    path = local_path(spec.base_model)
-    if path is None:
-        return []
-    from align.models.load import ModelError, resolve_base_model
-
-    try:
-        resolve_base_model(path)
-    except ModelError as error:
-        return [("base_model", str(error).removeprefix("base_model: "))]
-    return []
+    return job_problems(spec, local_path, data=False)

@@ -213,6 +213,37 @@ def test_validate_renders_the_data_with_the_base_models_chat_template(tmp_path):
     assert "<s>[INST] ⟦What is two plus two?[/INST] Four.</s>⟧" in result.output
 
 
+def test_validate_renders_built_in_data_with_a_local_models_template_and_names_unreadable_tokenizers(tmp_path):
+    """As POST /jobs does: one check (align.preflight.job_problems) for both."""
+    from data_helpers import style_tokenizer
+
+    from align.data.load import TemplateError
+    from align.models.load import ModelError
+    from align.preflight import check_job
+    from align.spec import load_spec
+
+    model = tmp_path / "model"
+    tokenizer = style_tokenizer("chatml")
+    tokenizer.chat_template = "{{ raise_exception('this template takes no conversations') }}"
+    tokenizer.save_pretrained(model)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    spec = write_spec(tmp_path / "job.yaml", "builtin:parity/sft", str(model))
+    result = runner.invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert "  base_model: builtin:parity/sft row 0: the " in result.output
+    assert "cannot render a conversation with roles [user, assistant]: TemplateError: this template takes no " \
+           "conversations" in result.output
+    with pytest.raises(TemplateError, match="^builtin:parity/sft row 0: "):
+        check_job(load_spec(spec))
+    (model / "tokenizer.json").write_text("{not json")
+    result = runner.invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert f"  base_model: '{model}': cannot load its tokenizer from {model}: " in result.output
+    with pytest.raises(ModelError, match=f"^base_model: '{model}': cannot load its tokenizer from {model}: "):
+        check_job(load_spec(spec))
+
+
 def test_a_401_says_where_the_key_was_looked_for(service, tmp_path, monkeypatch):
     result = runner.invoke(app, ["jobs", "list", "--url", service.url])
     assert result.exit_code == 2
