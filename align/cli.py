@@ -321,6 +321,8 @@ def follow_job(client, job_id: str) -> dict:
                 bars.print(f"  [{name}] {payload.get('text', payload)}", style="yellow")
             elif event["type"] == "message" and str(payload.get("text", "")).startswith(PRECISION_SUMMARY_PREFIX):
                 bars.print(f"  [{name}] {payload['text']}", style="dim")
+            elif event["type"] == "message":
+                bars.note(key, str(payload.get("text", "")))
     job = client.job(job_id)
     console.print(_job_table(job))
     return job

@@ -19,6 +19,8 @@ from rich.text import Text
 SHOWN_KEYS = ("loss", "eval_loss", "eval_exact_match", "eval_rewards_accuracy")
 """Metrics shown beside a stage's bar, from its latest record that has them."""
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+NOTE_WIDTH = 72
+"""Characters of a stage's latest message shown on its bar before its first step."""
 
 
 def fmt(value) -> str:
@@ -65,7 +67,8 @@ class StageProgress:
     def __init__(self, console: Console):
         columns = (
             TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.fields[steps]:>11}"),
-            TextColumn("{task.fields[state]:<10} {task.fields[info]}"), StageElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[state]:<10} {task.fields[info]}", markup=False), StageElapsedColumn(),
+            TimeRemainingColumn(),
         )
         self.progress = Progress(*columns, console=console, transient=False)
         self.bars: dict[Hashable, int] = {}
@@ -113,6 +116,13 @@ class StageProgress:
         shown = {k: record[k] for k in SHOWN_KEYS if k in record}
         if shown:
             self.progress.update(bar, info="  ".join(f"{k}={fmt(v)}" for k, v in shown.items()))
+
+    def note(self, key: Hashable, text: str) -> None:
+        """What a stage that has not stepped yet is doing (building the built-in model, ...), where its loss
+        goes once it steps."""
+        bar = self.bars[key]
+        if not self.progress.tasks[bar].completed:
+            self.progress.update(bar, info=text if len(text) <= NOTE_WIDTH else text[:NOTE_WIDTH - 1] + "…")
 
     def state(self, key: Hashable, state: str, *, at: float | None = None) -> None:
         """A new state; a final one (succeeded, failed, cancelled) stops the stage's clock at ``at``."""

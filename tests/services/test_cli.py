@@ -395,7 +395,10 @@ def test_stage_progress_as_align_train_drives_it():
         bars.add("sft", "sft", "waiting")
         bars.add("dpo", "dpo", "waiting")
         bars.start("sft", total=12, started=time.time() - 65)
+        bars.note("sft", "builtin:tiny: pretraining step 40/400 (10%) [cached]")  # before its first step: shown
+        assert bars.progress.tasks[bars.bars["sft"]].fields["info"] == "builtin:tiny: pretraining step 40/400 (10%) [cached]"
         bars.step("sft", {"step": 10, "loss": 1.5, "lr": 1e-3})
+        bars.note("sft", "a message after the first step leaves the loss on the bar")
         bars.print("  [sft] step    10 held-out loss=[1.2]")
         bars.end("sft", steps=12)
         bars.start("dpo", total=6)
