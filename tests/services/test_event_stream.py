@@ -104,7 +104,7 @@ def test_a_failed_listen_falls_back_to_polling(settings, session_factory, data_d
         _wait_for(lambda: "LISTEN align_events failed" in caplog.text, 20)
         assert not live.app.state.event_waker.listening
         latency = _time_to_live_event(live, session_factory, data_dir)
-    assert latency < settings.sse_poll_seconds + 2.5
+    assert latency < 8.0  # polling every 0.5 s, not waiting for the 15 s keep-alive (room for a loaded machine)
     assert "live event streams poll every 0.5 s" in caplog.text
 
 
