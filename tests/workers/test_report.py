@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from worker_helpers import TOKEN, make_ticket
@@ -95,7 +93,7 @@ def test_bad_token_is_not_retried_and_does_not_stop_training(receiver):
     assert [r["status"] for r in receiver.reports] == [401]
 
 
-def test_an_expired_token_stops_the_attempt_like_a_fence(monkeypatch, caplog):
+def test_an_expired_token_stops_the_attempt_like_a_fence(receiver, monkeypatch):
     """The service's own refusal of an expired token: the attempt stops now (the entrypoint exits as
     fenced off) instead of training on until its lease runs out, its artifact report lost."""
     settings = Settings(report_secret="s3cret", report_token_seconds=60)
@@ -103,36 +101,14 @@ def test_an_expired_token_stops_the_attempt_like_a_fence(monkeypatch, caplog):
     with monkeypatch.context() as patched:
         patched.setattr(time, "time", lambda: issued_long_ago)
         old_token = settings.report_token("sr_1", 2)
-    refusal = settings.check_report_token("sr_1", 2, old_token)
-    answered = []
-
-    class ExpiredTokenService(BaseHTTPRequestHandler):
-        def do_POST(self):
-            answered.append(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["type"])
-            body = json.dumps({"detail": refusal}).encode()
-            self.send_response(401)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ExpiredTokenService)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        reporter = Reporter(f"http://127.0.0.1:{server.server_address[1]}/internal/reports", old_token, "sr_1", 2,
-                            backoff=0.01)
-        with pytest.raises(TokenExpired, match="no more reports from sr_1 attempt 2: .*report token expired"):
-            reporter.metrics({"step": 3, "loss": 1.0})
-        assert isinstance(TokenExpired("x"), Fenced) and reporter.held == deque()
-        reporter.close()  # sends nothing more and raises nothing
-        assert answered == ["metrics"]
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert "the worker stops this attempt and the dispatcher retries the stage with a new token" in refusal
+    receiver.refusal = settings.check_report_token("sr_1", 2, old_token)
+    reporter = reporter_for(receiver)
+    with pytest.raises(TokenExpired, match="no more reports from sr_1 attempt 2: .*report token expired"):
+        reporter.metrics({"step": 3, "loss": 1.0})
+    assert isinstance(TokenExpired("x"), Fenced) and reporter.held == deque()
+    reporter.close()  # sends nothing more and raises nothing
+    assert [(r["type"], r["status"]) for r in receiver.reports] == [("metrics", 401)]
+    assert "the worker stops this attempt and the dispatcher retries the stage with a new token" in receiver.refusal
 
 
 def test_unreachable_service_does_not_stop_training():

@@ -25,7 +25,8 @@ class Receiver:
 
     ``fence_when(report)`` decides when to start answering 409; once fenced, every later report is
     answered 409 too, as the service does for a stale attempt. ``unavailable`` counts reports still to
-    be answered 503 first.
+    be answered 503 first. With ``refusal`` set, every report is answered 401 with that detail, as the
+    service refuses a forged or expired token.
     """
 
     def __init__(self):
@@ -33,6 +34,7 @@ class Receiver:
         self.fence_when = lambda report: False
         self.fenced = False
         self.unavailable = 0
+        self.refusal: str | None = None
         self.lock = threading.Lock()
         receiver = self
 
@@ -40,7 +42,7 @@ class Receiver:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with receiver.lock:
-                    if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                    if receiver.refusal is not None or self.headers.get("Authorization") != f"Bearer {TOKEN}":
                         status = 401
                     elif receiver.unavailable > 0:
                         receiver.unavailable -= 1
@@ -49,7 +51,8 @@ class Receiver:
                         receiver.fenced = receiver.fenced or receiver.fence_when(body)
                         status = 409 if receiver.fenced else 200
                     receiver.reports.append({**body, "status": status})
-                answer = json.dumps({"ok": True} if status == 200 else {"detail": "stale attempt"}).encode()
+                detail = receiver.refusal if status == 401 and receiver.refusal is not None else "stale attempt"
+                answer = json.dumps({"ok": True} if status == 200 else {"detail": detail}).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(answer)))
