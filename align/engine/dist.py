@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from align.engine import use_op_cache
 from align.ports import free_port
 
 
@@ -32,7 +31,6 @@ def configure_environment(threads: int | None = None) -> None:
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    use_op_cache()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
