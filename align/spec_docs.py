@@ -1,4 +1,4 @@
-"""The job-spec reference in Markdown, generated from the field docstrings of :mod:`align.spec`."""
+"""The job-spec reference in Markdown, made from the docstrings of the spec models (:mod:`align.spec`)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def render_markdown() -> str:
     ]
     for title, model in SECTIONS:
         lines += [f"## {title}", ""]
-        if model.__doc__ and model.__module__ == spec.__name__ and title.startswith("Stage"):
+        if model.__doc__ and title.startswith("Stage"):
             lines += [model.__doc__.strip(), ""]
         lines += ["| field | type | default | meaning |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():

@@ -1,0 +1,231 @@
+"""The stages of a job spec: SFT, reward model and DPO train on fixed rows; PPO, GRPO and RLOO sample
+from the policy while they train.
+
+``StageSpec`` is the union a job's ``stages`` list holds, told apart by each stage's ``type``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union, get_args
+
+from pydantic import Field, model_validator
+
+from align.spec_parts import DataSpec, SpecModel
+
+STAGE_TYPES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
+POLICY_STAGE_TYPES = ("sft", "dpo", "ppo", "grpo", "rloo")
+"""Stages that leave a policy: the next stage starts from the latest of them."""
+ONLINE_STAGE_TYPES = ("ppo", "grpo", "rloo")
+"""Stages that sample from the policy while they train."""
+RewardName = Literal["exact_answer"]
+"""Reward functions a stage may name; ``align.rewards.REWARDS`` maps each to its function."""
+MODEL_REWARD = "model"
+"""The ``reward`` of an online stage that scores with a reward model."""
+RewardChoice = Literal["model", "exact_answer"]
+"""What an online stage's ``reward`` may name: the reward model or a reward function."""
+if get_args(RewardChoice) != (MODEL_REWARD, *get_args(RewardName)):
+    raise RuntimeError("RewardChoice must be 'model' followed by the RewardName functions")
+
+
+class _StageBase(SpecModel):
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    """Stage name, unique in the job (default `<type>` or `<type>-<index>` when a type repeats)."""
+    data: DataSpec
+    """Where the stage's rows come from."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training rows. Ignored when `max_steps` is set."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to train for; overrides `epochs`."""
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    """Peak learning rate."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up: cosine or linear to zero, or constant."""
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of the steps spent warming the learning rate up linearly from zero."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW decoupled weight decay."""
+    batch_size: int = Field(8, ge=1)
+    """Rows per micro-batch on each worker (pairs for rm and dpo)."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step. Global batch = batch_size x gradient_accumulation_steps x num_workers."""
+    max_length: int = Field(512, ge=8)
+    """Longest tokenised sequence (prompt plus response)."""
+    truncation: Literal["right", "left", "drop"] = "right"
+    """Over-long rows: `right` cuts the end, `left` cuts the start of the prompt, `drop` skips the row."""
+    eval_every: int | None = Field(None, ge=1)
+    """Evaluate on the held-out rows every this many steps (always once at the end)."""
+    eval_exact_match: bool = False
+    """Also generate greedy answers for held-out prompts and report exact-match accuracy against the reference."""
+    checkpoint_every: int | None = Field(50, ge=1)
+    """Save a resumable checkpoint every this many steps (unset: only at the end)."""
+    log_every: int = Field(1, ge=1)
+    """Write step metrics every this many steps."""
+    seed: int = 42
+    """Seeds data order, adapter initialisation and dropout."""
+
+
+class SFTStage(_StageBase):
+    """Supervised fine-tuning on demonstrations; loss only on assistant tokens."""
+
+    type: Literal["sft"]
+    """`sft`."""
+
+
+class RewardModelStage(_StageBase):
+    """Bradley-Terry reward model: a scalar head on the policy, trained on preference pairs."""
+
+    type: Literal["rm"]
+    """`rm`."""
+    max_prompt_length: int | None = Field(None, ge=1)
+    """Longest prompt; longer prompts lose their start."""
+    init: Literal["policy", "base"] = "policy"
+    """Start from the current policy (the SFT model, as in InstructGPT) or from the base model."""
+    lr: float = Field(5e-5, gt=0, le=1.0)
+    """Peak learning rate."""
+
+
+class DPOStage(_StageBase):
+    """Direct Preference Optimization against the frozen starting policy."""
+
+    type: Literal["dpo"]
+    """`dpo`."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the implicit KL penalty to the reference."""
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """`sigmoid` (DPO; with label smoothing: conservative DPO), `ipo`, `hinge` (SLiC) or `robust` (rDPO)."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Assumed fraction of flipped labels, for `sigmoid` (cDPO) and `robust`."""
+    sft_weight: float = Field(0.0, ge=0.0)
+    """Weight of an added length-normalised NLL on the chosen responses (RPO)."""
+    reference: Literal["live", "precomputed"] = "live"
+    """Reference log-probs computed beside each step (`live`) or once before training (`precomputed`)."""
+    max_prompt_length: int | None = Field(None, ge=1)
+    """Longest prompt; longer prompts lose their start."""
+    lr: float = Field(5e-5, gt=0, le=1.0)
+    """Peak learning rate."""
+
+    @model_validator(mode="after")
+    def _smoothing_fits_loss(self) -> DPOStage:
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
+            raise ValueError(
+                f"label_smoothing: {self.label_smoothing} only applies to loss 'sigmoid' or 'robust', "
+                f"not '{self.loss}': set label_smoothing to 0 or change the loss"
+            )
+        return self
+
+
+class _OnlineStage(_StageBase):
+    """What every online RL stage shares: prompts, sampling and the reward."""
+
+    data: DataSpec
+    """Prompts to train on (a `prompt` column, or any format a prompt can be taken from); `eval_path`
+    rows with a reference answer (`prompt`/`completion`) also give held-out greedy accuracy."""
+    reward_model: str | None = Field(None, pattern=r"^artifact:[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """With `reward: model`, the reward model to score with, as `artifact:<id>` of an `rm` stage's
+    artifact. Unset: the artifact of the latest `rm` stage before this one in the job."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Most tokens sampled per completion (EOS included). Prompts are cut from the left to
+    `max_length - max_new_tokens` tokens."""
+    temperature: float = Field(1.0, gt=0, le=4.0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    """Nucleus sampling mass; 1 samples from the whole distribution."""
+    clip_eps: float = Field(0.2, gt=0, lt=1.0)
+    """PPO ratio clip range: the ratio to the sampling policy is clipped to [1 - clip_eps, 1 + clip_eps]."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per micro-batch on each worker."""
+    lr: float = Field(1e-5, gt=0, le=1.0)
+    """Peak learning rate."""
+
+    @model_validator(mode="after")
+    def _room_for_completions(self):
+        if self.max_new_tokens >= self.max_length:
+            raise ValueError(
+                f"max_new_tokens: {self.max_new_tokens} must be below max_length ({self.max_length}), "
+                "which holds the prompt and the completion"
+            )
+        if self.reward_model is not None and self.reward != MODEL_REWARD:
+            raise ValueError(
+                f"reward_model: only used with reward '{MODEL_REWARD}', not '{self.reward}'; "
+                f"set reward: {MODEL_REWARD} or drop reward_model"
+            )
+        return self
+
+
+class GRPOStage(_OnlineStage):
+    """Critic-free online RL: sample a group of completions per prompt, score them, and push the
+    policy towards the better ones (GRPO, Shao et al. 2024; `type: rloo` uses the leave-one-out
+    baseline of Ahmadian et al. 2024 instead). The KL to the frozen starting policy is a loss term."""
+
+    type: Literal["grpo", "rloo"]
+    """`grpo` (advantage: reward minus the group mean, over the group standard deviation) or `rloo`
+    (advantage: reward minus the mean of the other samples of the group)."""
+    reward: RewardChoice
+    """`model` scores with a reward model (see `reward_model`); or a reward function by name from a
+    fixed list: `exact_answer` (1 when the completion is exactly the right answer of the built-in
+    parity task, else 0)."""
+    group_size: int = Field(8, ge=2, le=256)
+    """Completions sampled per prompt; the group is each sample's baseline."""
+    kl_coef: float = Field(0.04, ge=0)
+    """Weight of the KL to the starting policy (see `kl_penalty`); 0 drops it."""
+    kl_penalty: Literal["loss", "reward"] = "loss"
+    """Where the KL goes: `loss` adds `kl_coef` times the per-token k3 estimate to the loss (GRPO);
+    `reward` subtracts `kl_coef` times the completion's summed k1 estimate from its reward before the
+    group advantages are taken (the RLOO paper's form)."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per micro-batch on each worker (each brings `group_size` completions)."""
+    eval_exact_match: bool = True
+    """Generate greedy answers for the held-out prompts and report exact-match accuracy, before
+    training and at every evaluation."""
+
+
+class PPOStage(_OnlineStage):
+    """PPO with a learned critic against a reward model, as in InstructGPT (Ouyang et al. 2022): each
+    step samples one completion per prompt, scores it, puts a per-token KL penalty to the frozen
+    starting policy into the reward, estimates advantages with GAE and takes `ppo_epochs` clipped
+    policy and value updates on the batch."""
+
+    type: Literal["ppo"]
+    """`ppo`."""
+    reward: RewardChoice = "model"
+    """`model` scores with a reward model (see `reward_model`); or a reward function by name from a
+    fixed list: `exact_answer` (1 when the completion is exactly the right answer of the built-in
+    parity task, else 0)."""
+    critic_init: Literal["reward_model", "policy"] = "reward_model"
+    """Where the critic (value model) starts: the reward model with its head as the value head
+    (InstructGPT), or the starting policy with a zero value head. `reward_model` shares the frozen
+    reward model's weights and needs `reward: model`."""
+    critic_lr: float = Field(5e-5, gt=0, le=1.0)
+    """Peak learning rate of the critic."""
+    ppo_epochs: int = Field(4, ge=1, le=64)
+    """Optimisation passes over each batch of samples; each pass is one optimizer step of the
+    policy and one of the critic."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Weight β of the per-token KL penalty to the starting policy in the reward (its start value
+    when `kl_target` is set)."""
+    kl_target: float | None = Field(None, gt=0)
+    """Adapt β towards this KL per completion (nats, summed over its tokens), by at most ±20% per
+    `kl_horizon` samples (Ziegler et al. 2019). Unset: β stays `kl_coef`."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Samples over which the adaptive β may change by the full ±20%."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimate in the reward: `k1` (log-ratio, unbiased, can be negative) or `k3`
+    (always ≥ 0, lower variance)."""
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    """GAE discount."""
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    """GAE λ: 1 gives Monte-Carlo returns, 0 one-step TD."""
+    value_clip_eps: float = Field(0.2, gt=0)
+    """The value estimate may move at most this far from its sampling-time value before the
+    clipped value loss stops pulling it."""
+    entropy_coef: float = Field(0.0, ge=0.0)
+    """Weight of an entropy bonus in the policy loss; 0 switches it off."""
+    whiten_advantages: bool = True
+    """Normalise the batch's advantages to mean 0 and variance 1 (over all workers)."""
+    missing_eos_penalty: float | None = Field(None, ge=0.0)
+    """Subtract this from the score of completions cut at `max_new_tokens` before they ended."""
+    eval_samples: int = Field(1, ge=1, le=64)
+    """Completions sampled per held-out prompt when evaluating the mean reward."""
+
+
+StageSpec = Annotated[Union[SFTStage, RewardModelStage, DPOStage, PPOStage, GRPOStage], Field(discriminator="type")]
