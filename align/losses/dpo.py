@@ -29,7 +29,9 @@ class DPOOutput(NamedTuple):
     """Detached ``β · (log π(y_r|x) - log π_ref(y_r|x))``."""
 
 
-def _check_arguments(beta: float, loss_type: str, label_smoothing: float) -> None:
+def _check_arguments(
+    beta: float, loss_type: str, label_smoothing: float, lengths_given: bool
+) -> None:
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if loss_type not in get_args(DPOLossType):
@@ -48,6 +50,11 @@ def _check_arguments(beta: float, loss_type: str, label_smoothing: float) -> Non
             f"label_smoothing applies only to loss_type 'sigmoid' and 'robust'; "
             f"got label_smoothing={label_smoothing!r} with loss_type {loss_type!r}"
         )
+    if loss_type == "ipo" and not lengths_given:
+        raise ValueError(
+            "loss_type 'ipo' averages log-probs over response tokens: pass chosen_lengths and "
+            "rejected_lengths, the (batch,) counts of scored chosen and rejected tokens"
+        )
 
 
 def dpo_loss(
@@ -59,6 +66,8 @@ def dpo_loss(
     beta: float,
     loss_type: DPOLossType = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
 ) -> DPOOutput:
     """Preference loss on the log-ratio margin between chosen and rejected responses.
 
@@ -72,22 +81,38 @@ def dpo_loss(
       (rDPO), an unbiased estimate of the clean-label loss under flip rate ε. Requires 0 ≤ ε < 0.5.
     - ``hinge``: ``relu(1 - βh)``. SLiC-HF (Zhao et al. 2023) with the reference log-ratio; 1/β is
       the margin.
-    - ``ipo``: ``(h - 1/(2β))²``. Azar et al. 2023 (IPO), Eq. 17, β playing τ. The paper uses
-      summed log-probs; TRL passes length-averaged log-probs here, and callers may do the same.
+    - ``ipo``: ``(h̄ - 1/(2β))²``. Azar et al. 2023 (IPO), Eq. 17, β playing τ, with h̄ the margin
+      of length-averaged log-probs: each of the four log-probs divided by its response's token
+      count (``chosen_lengths`` for both chosen terms, ``rejected_lengths`` for both rejected
+      ones), as the IPO authors and TRL do. Summed log-probs would let the margin, and so the
+      loss, grow with response length against a target 1/(2β) that does not.
+
+    The implicit rewards are ``β · (log π(y|x) - log π_ref(y|x))`` on summed log-probs for every
+    loss type, ipo included: one reward scale across loss types, so ``rewards_*`` metrics compare
+    between runs.
 
     Args:
-        policy_chosen_logps: (batch,) ``log π(y_c|x)``, differentiable.
-        policy_rejected_logps: (batch,) ``log π(y_r|x)``, differentiable.
-        reference_chosen_logps: (batch,) ``log π_ref(y_c|x)``.
-        reference_rejected_logps: (batch,) ``log π_ref(y_r|x)``.
+        policy_chosen_logps: (batch,) summed ``log π(y_c|x)``, differentiable.
+        policy_rejected_logps: (batch,) summed ``log π(y_r|x)``, differentiable.
+        reference_chosen_logps: (batch,) summed ``log π_ref(y_c|x)``.
+        reference_rejected_logps: (batch,) summed ``log π_ref(y_r|x)``.
         beta: β > 0, strength of the KL constraint to the reference.
         loss_type: one of ``DPOLossType``.
         label_smoothing: ε, only for ``sigmoid`` and ``robust``.
+        chosen_lengths: (batch,) scored chosen tokens, clamped to at least 1. Required for
+            ``ipo``, ignored by the other loss types.
+        rejected_lengths: (batch,) scored rejected tokens, as ``chosen_lengths``.
 
     Returns:
         ``DPOOutput(losses, chosen_rewards, rejected_rewards)``, each (batch,).
+
+    Raises:
+        ValueError: a bad ``beta``, ``loss_type`` or ``label_smoothing``, or ``ipo`` without
+            ``chosen_lengths`` and ``rejected_lengths``.
     """
-    _check_arguments(beta, loss_type, label_smoothing)
+    _check_arguments(
+        beta, loss_type, label_smoothing, chosen_lengths is not None and rejected_lengths is not None
+    )
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
     h = chosen_logratios - rejected_logratios
@@ -102,13 +127,21 @@ def dpo_loss(
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
     else:
-        losses = (h - 1 / (2 * beta)) ** 2
+        averaged_h = chosen_logratios / _token_counts(chosen_lengths, h) - rejected_logratios / _token_counts(
+            rejected_lengths, h
+        )
+        losses = (averaged_h - 1 / (2 * beta)) ** 2
 
     return DPOOutput(
         losses=losses,
         chosen_rewards=beta * chosen_logratios.detach(),
         rejected_rewards=beta * rejected_logratios.detach(),
     )
+
+
+def _token_counts(lengths: Tensor, like: Tensor) -> Tensor:
+    """(batch,) token counts as ``like``'s dtype and device, at least 1 (an empty response scores 0)."""
+    return lengths.to(device=like.device, dtype=like.dtype).clamp(min=1)
 
 
 def chosen_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
@@ -124,7 +157,7 @@ def chosen_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     Returns:
         (batch,) differentiable per-pair NLL.
     """
-    return -policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1)
+    return -policy_chosen_logps / _token_counts(chosen_lengths, policy_chosen_logps)
 
 
 def implicit_reward_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:

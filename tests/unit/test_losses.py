@@ -98,7 +98,7 @@ def _logps(*values):
 
 
 def _at_reference(beta, loss_type, label_smoothing=0.0):
-    """Policy equal to reference: h = 0 for both pairs."""
+    """Policy equal to reference: h = 0 for both pairs (and h̄ = 0 whatever the lengths)."""
     policy_chosen, policy_rejected = _logps(-3.0, -7.0), _logps(-5.0, -2.0)
     return dpo_loss(
         policy_chosen,
@@ -108,6 +108,8 @@ def _at_reference(beta, loss_type, label_smoothing=0.0):
         beta=beta,
         loss_type=loss_type,
         label_smoothing=label_smoothing,
+        chosen_lengths=torch.tensor([3, 7]),
+        rejected_lengths=torch.tensor([5, 2]),
     )
 
 
@@ -129,7 +131,10 @@ def test_dpo_at_reference_hand_worked():
 
 
 def _h_equals_two(beta, loss_type, label_smoothing=0.0):
-    """pc = -1, rc = -2, pr = -3, rr = -2: chosen log-ratio 1, rejected -1, h = 1 - (-1) = 2."""
+    """pc = -1, rc = -2, pr = -3, rr = -2: chosen log-ratio 1, rejected -1, h = 1 - (-1) = 2.
+
+    Both responses are one token long, so the length-averaged margin of ipo is h̄ = h = 2 too.
+    """
     return dpo_loss(
         _logps(-1.0),
         _logps(-3.0),
@@ -138,6 +143,8 @@ def _h_equals_two(beta, loss_type, label_smoothing=0.0):
         beta=beta,
         loss_type=loss_type,
         label_smoothing=label_smoothing,
+        chosen_lengths=torch.tensor([1]),
+        rejected_lengths=torch.tensor([1]),
     )
 
 
@@ -170,6 +177,51 @@ def test_dpo_hinge_and_ipo_hand_worked():
     torch.testing.assert_close(_h_equals_two(1.0, "ipo").losses, _logps(2.25))
 
 
+def test_dpo_ipo_averages_logps_over_tokens_hand_worked():
+    """IPO on length-averaged log-probs (Azar et al. 2023; TRL), β = 0.5 so 1/(2β) = 1.
+
+    Pair 1: pc = -6, rc = -9 over 3 chosen tokens → chosen log-ratio 3, averaged 3/3 = 1;
+            pr = -8, rr = -4 over 4 rejected tokens → rejected log-ratio -4, averaged -4/4 = -1;
+            h̄ = 1 - (-1) = 2, loss (2 - 1)² = 1 (summed h = 7 would give (7 - 1)² = 36).
+    Pair 2: pc = -1, rc = -1.5 over 0 chosen tokens (counted as 1) → 0.5;
+            pr = -2, rr = -2 over 2 tokens → 0; h̄ = 0.5, loss (0.5 - 1)² = 0.25.
+    Gradients: dL/dpc = 2(h̄ - 1)/|y_c| → 2·1/3 = 2/3 and 2·(-0.5)/1 = -1;
+               dL/dpr = -2(h̄ - 1)/|y_r| → -2·1/4 = -0.5 and -2·(-0.5)/2 = 0.5.
+    Rewards stay on summed log-ratios: β·3 = 1.5, β·0.5 = 0.25; β·(-4) = -2, β·0 = 0.
+    """
+    policy_chosen = _logps(-6.0, -1.0).requires_grad_()
+    policy_rejected = _logps(-8.0, -2.0).requires_grad_()
+    out = dpo_loss(
+        policy_chosen,
+        policy_rejected,
+        _logps(-9.0, -1.5),
+        _logps(-4.0, -2.0),
+        beta=0.5,
+        loss_type="ipo",
+        chosen_lengths=torch.tensor([3, 0]),
+        rejected_lengths=torch.tensor([4, 2]),
+    )
+    torch.testing.assert_close(out.losses, _logps(1.0, 0.25))
+    torch.testing.assert_close(out.chosen_rewards, _logps(1.5, 0.25))
+    torch.testing.assert_close(out.rejected_rewards, _logps(-2.0, 0.0))
+    out.losses.sum().backward()
+    torch.testing.assert_close(policy_chosen.grad, _logps(2 / 3, -1.0))
+    torch.testing.assert_close(policy_rejected.grad, _logps(-0.5, 0.5))
+
+
+def test_dpo_ipo_requires_lengths_and_other_losses_ignore_them():
+    """ipo without token counts is refused, naming them; sigmoid gives ln 2 at h = 0 with or without."""
+    logps = _logps(-1.0)
+    with pytest.raises(ValueError, match="chosen_lengths and rejected_lengths"):
+        dpo_loss(logps, logps, logps, logps, beta=0.1, loss_type="ipo")
+    with pytest.raises(ValueError, match="chosen_lengths and rejected_lengths"):
+        dpo_loss(logps, logps, logps, logps, beta=0.1, loss_type="ipo", chosen_lengths=torch.tensor([1]))
+    with_lengths = dpo_loss(
+        logps, logps, logps, logps, beta=0.1, chosen_lengths=torch.tensor([5]), rejected_lengths=torch.tensor([7])
+    )
+    torch.testing.assert_close(with_lengths.losses, _logps(LN2))
+
+
 @pytest.mark.parametrize(
     ("loss_type", "label_smoothing"),
     [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.1), ("hinge", 0.0), ("ipo", 0.0)],
@@ -177,7 +229,8 @@ def test_dpo_hinge_and_ipo_hand_worked():
 def test_dpo_gradient_signs(loss_type, label_smoothing):
     """At h = 0, raising the chosen log-prob lowers the loss and raising the rejected one raises it.
 
-    sigmoid/cDPO: dL/dh = -β(1 - 2ε)/2 < 0 for ε < 0.5; robust: -β/2; hinge: -β; ipo: 2(0 - 1/(2β)) < 0.
+    sigmoid/cDPO: dL/dh = -β(1 - 2ε)/2 < 0 for ε < 0.5; robust: -β/2; hinge: -β; ipo (lengths 4):
+    dL/dh̄ = 2(0 - 1/(2β)) < 0 and dh̄/dlog π(y_c|x) = 1/4.
     The reference log-probs get no gradient.
     """
     policy_chosen = _logps(-4.0).requires_grad_()
@@ -190,6 +243,8 @@ def test_dpo_gradient_signs(loss_type, label_smoothing):
         beta=0.5,
         loss_type=loss_type,
         label_smoothing=label_smoothing,
+        chosen_lengths=torch.tensor([4]),
+        rejected_lengths=torch.tensor([4]),
     )
     out.losses.sum().backward()
     assert policy_chosen.grad.item() < 0
