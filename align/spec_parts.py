@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class SpecModel(BaseModel):
-    """Base of every spec model: unknown fields are refused, field docstrings are descriptions, values are frozen."""
+    """Base of every spec model: unknown fields refused, field docstrings as descriptions, values frozen."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
