@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 from pathlib import Path
 
@@ -51,6 +52,19 @@ def test_yaml_and_json_give_the_same_job(tmp_path):
     assert from_yaml == from_json
     assert from_yaml.hash() == from_json.hash()
     assert from_yaml.stage_names() == ["sft", "dpo"]
+
+
+def test_spec_hash_is_the_sha256_of_canonical_json():
+    """The hash covers the validated spec, defaults filled, as JSON with sorted keys and no spaces."""
+    job = parse_spec(base())
+    reordered = parse_spec({"stages": [{"data": {"path": "d.jsonl"}, "type": "sft"}], "base_model": "builtin:tiny",
+                            "name": "job"})
+    assert job.hash() == reordered.hash()
+    canonical = json.dumps(job.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    assert canonical.startswith('{"adapter":{"alpha":32.0,"dropout":0.05,"lora_plus_ratio":null,"r":16,')
+    assert job.hash() == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    assert job.hash() != parse_spec(base(name="job2")).hash()
+    assert job.hash() != parse_spec(base(adapter={"r": 8})).hash()
 
 
 def test_defaults_are_filled():
