@@ -38,11 +38,11 @@ def run(ctx: StageContext) -> StageResult:
     pad = common.pad_id(tokenizer)
     precomputed = None
     if stage.reference == "precomputed" or reference is None:
-        precomputed = precompute_reference(engine, reference, data.train, ctx, rank, pad)
+        precomputed = precompute_reference(engine, reference, data, ctx, rank, pad)
     first_step = common.resume(ctx, engine, rank, metrics)
     if first_step == 0:
         # The starting policy's numbers on the same held-out pairs, for comparison.
-        metrics.log({"step": 0, **evaluate(engine, reference, tokenizer, data, ctx, rank)})
+        metrics.log({"step": 0, **evaluate(engine, reference, precomputed, tokenizer, data, ctx, rank)})
     throughput = common.Throughput()
 
     engine.train()
@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> StageResult:
         for rows in micro_batches:
             batch = common.to_device(common.collate_for("preference")([data.train[i] for i in rows], pad), engine.device)
             if precomputed is not None:
-                reference_logps = precomputed[rows].to(engine.device)
+                reference_logps = precomputed["train"][rows].to(engine.device)
             else:
                 with reference.active():
                     reference_logps = forward_logps(engine, batch)
@@ -89,7 +89,7 @@ def run(ctx: StageContext) -> StageResult:
             )
             metrics.log(record)
         if (stage.eval_every and done % stage.eval_every == 0) or done == steps:
-            metrics.log({"step": done, **evaluate(engine, reference, tokenizer, data, ctx, rank)})
+            metrics.log({"step": done, **evaluate(engine, reference, precomputed, tokenizer, data, ctx, rank)})
         if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < steps:
             save_checkpoint(engine, ctx.checkpoint_dir, done, rank, {"stage": ctx.name})
             common.checkpoint_saved(ctx, done)
@@ -126,20 +126,36 @@ def _pair_sums(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor)
 
 
 @torch.no_grad()
-def precompute_reference(engine, reference: Reference | None, rows: list[dict], ctx: StageContext, rank: Rank, pad):
-    """Reference log-probs of every training pair, shape (pairs, 2), computed once.
+def precompute_reference(
+    engine, reference: Reference | None, data: common.StageData, ctx: StageContext, rank: Rank, pad: int
+) -> dict[str, IndexedPairs]:
+    """Reference log-probs of every training and held-out pair, computed once: ``{"train", "eval"}``.
 
-    Stored beside the checkpoints so a resumed run reuses them: with full fine-tuning the weights
-    have moved since step 0 and could not recompute them.
+    Stored in ``reference_logps.pt`` beside the checkpoints (written whole or not at all) so a resumed
+    run reuses them instead of running the reference again. Called before the checkpoint is restored,
+    so without a frozen reference (full fine-tuning) the policy's starting weights compute them.
     """
     path = ctx.work_dir / "reference_logps.pt"
     if path.exists():
-        return torch.load(path)
+        tables = torch.load(path)
+    else:
+        tables = {
+            split: _reference_table(engine, reference, rows, ctx.stage.batch_size, pad)
+            for split, rows in (("train", data.train), ("eval", data.eval))
+        }
+        if rank.is_main:
+            partial = path.with_suffix(".partial")
+            torch.save(tables, partial)
+            partial.replace(path)
+    return {split: IndexedPairs(table) for split, table in tables.items()}
+
+
+def _reference_table(engine, reference: Reference | None, rows: list[dict], batch_size: int, pad: int) -> torch.Tensor:
+    """(pairs, 2) float32 reference log-probs of ``rows``: chosen in column 0, rejected in column 1."""
     engine.eval()
-    chunks = []
-    for begin in range(0, len(rows), ctx.stage.batch_size):
-        chunk = rows[begin : begin + ctx.stage.batch_size]
-        batch = common.to_device(common.collate_for("preference")(chunk, pad), engine.device)
+    chunks = [torch.zeros(0, 2)]
+    for begin in range(0, len(rows), batch_size):
+        batch = common.to_device(common.collate_for("preference")(rows[begin : begin + batch_size], pad), engine.device)
         if reference is not None:
             with reference.active():
                 logps = forward_logps(engine, batch)
@@ -148,13 +164,10 @@ def precompute_reference(engine, reference: Reference | None, rows: list[dict], 
         chosen, rejected = logps.float().cpu().chunk(2)
         chunks.append(torch.stack([chosen, rejected], dim=1))
     engine.train()
-    table = torch.cat(chunks)
-    if rank.is_main:
-        torch.save(table, path)
-    return _IndexedPairs(table)
+    return torch.cat(chunks)
 
 
-class _IndexedPairs:
+class IndexedPairs:
     """Reference log-probs looked up by row index, laid out like a preference batch (chosen, then rejected)."""
 
     def __init__(self, table: torch.Tensor):
@@ -166,26 +179,27 @@ class _IndexedPairs:
 
 
 @torch.no_grad()
-def evaluate(engine, reference, tokenizer, data: common.StageData, ctx: StageContext, rank: Rank) -> dict:
+def evaluate(engine, reference, precomputed, tokenizer, data: common.StageData, ctx: StageContext, rank: Rank) -> dict:
     """Held-out DPO loss, implicit-reward accuracy and margin; greedy exact match when asked."""
     if not data.eval:
         return {}
     stage = ctx.stage
     engine.eval()
-    shard = data.eval[rank.rank :: rank.world_size]
+    shard = list(range(rank.rank, len(data.eval), rank.world_size))
     batches = -(-len(data.eval) // (stage.batch_size * rank.world_size))
     sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64)
     pairs = 0.0
     for b in range(batches):
-        rows = shard[b * stage.batch_size : (b + 1) * stage.batch_size]
-        weight = 1.0 if rows else 0.0
-        rows = rows or data.eval[:1]
+        indices = shard[b * stage.batch_size : (b + 1) * stage.batch_size]
+        weight = 1.0 if indices else 0.0
+        indices = indices or [0]
+        rows = [data.eval[i] for i in indices]
         batch = common.to_device(common.collate_for("preference")(rows, tokenizer.pad_token_id), engine.device)
-        if reference is not None:
+        if precomputed is not None:
+            reference_logps = precomputed["eval"][indices].to(engine.device)
+        else:
             with reference.active():
                 reference_logps = forward_logps(engine, batch)
-        else:
-            reference_logps = torch.zeros(2 * len(rows), device=engine.device)
         policy_chosen, policy_rejected = forward_logps(engine, batch).chunk(2)
         reference_chosen, reference_rejected = reference_logps.chunk(2)
         out = dpo_loss(

@@ -166,6 +166,32 @@ def test_dpo_precomputed_reference_matches_live(small_model, small_data, job_fac
     assert losses["live"] == pytest.approx(losses["precomputed"], abs=1e-5)
 
 
+def test_full_fine_tuning_dpo_resumes_with_its_precomputed_reference(small_model, small_data, job_factory, tmp_path):
+    """Full fine-tuning has no frozen reference to run, so both splits' reference log-probs are computed
+    once before training: the held-out loss starts at ln 2, and a resumed run reuses them to the bit."""
+    job = job_factory(small_model, [{"type": "dpo", "data": {"path": str(small_data["prefs"]), "eval_fraction": 0.25},
+                                     "batch_size": 4, "max_steps": 4, "checkpoint_every": 2, "lr": 1e-3}],
+                      adapter={"type": "full"})
+    (straight,) = run_job(job, work_root=tmp_path / "straight", artifact_root=str(tmp_path / "a1"))
+    records = metrics_of(tmp_path / "straight", "dpo")
+    assert records[0]["step"] == 0 and records[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+    def crash_after_step_3(stage, record):
+        if record.get("step") == 3 and "loss" in record:
+            raise StopAt()
+
+    with pytest.raises(StopAt):
+        run_job(job, work_root=tmp_path / "resumed", artifact_root=str(tmp_path / "a2"), on_metrics=crash_after_step_3)
+    (resumed,) = run_job(job, work_root=tmp_path / "resumed", artifact_root=str(tmp_path / "a2"))
+
+    assert train_losses(metrics_of(tmp_path / "resumed", "dpo")) == train_losses(records)
+    straight_weights = load_file(Path(straight.artifact.uri) / "model.safetensors")
+    resumed_weights = load_file(Path(resumed.artifact.uri) / "model.safetensors")
+    assert straight_weights.keys() == resumed_weights.keys()
+    for name, tensor in straight_weights.items():
+        assert torch.equal(tensor, resumed_weights[name]), name
+
+
 def test_reward_model_learns_pairs(small_model, small_data, job_factory, tmp_path):
     job = job_factory(small_model, [{"type": "rm", "data": {"path": str(small_data["prefs"])}, "batch_size": 8,
                                      "max_steps": 30, "lr": 3e-3, "init": "base"}])
