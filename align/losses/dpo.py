@@ -29,9 +29,7 @@ class DPOOutput(NamedTuple):
     """Detached ``β · (log π(y_r|x) - log π_ref(y_r|x))``."""
 
 
-def _check_arguments(
-    beta: float, loss_type: str, label_smoothing: float, lengths_given: bool
-) -> None:
+def _check_arguments(beta: float, loss_type: str, label_smoothing: float, lengths_given: bool) -> None:
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if loss_type not in get_args(DPOLossType):
@@ -84,12 +82,13 @@ def dpo_loss(
     - ``ipo``: ``(h̄ - 1/(2β))²``. Azar et al. 2023 (IPO), Eq. 17, β playing τ, with h̄ the margin
       of length-averaged log-probs: each of the four log-probs divided by its response's token
       count (``chosen_lengths`` for both chosen terms, ``rejected_lengths`` for both rejected
-      ones), as the IPO authors and TRL do. Summed log-probs would let the margin, and so the
-      loss, grow with response length against a target 1/(2β) that does not.
+      ones). The paper's equation does not spell the averaging out; TRL uses it and reports that
+      the IPO authors confirmed it is the form behind the paper's results. Summed log-probs
+      would let the margin, and so the loss, grow with response length against a fixed target
+      1/(2β).
 
     The implicit rewards are ``β · (log π(y|x) - log π_ref(y|x))`` on summed log-probs for every
-    loss type, ipo included: one reward scale across loss types, so ``rewards_*`` metrics compare
-    between runs.
+    loss type, ipo included, as TRL reports them: one reward scale across loss types.
 
     Args:
         policy_chosen_logps: (batch,) summed ``log π(y_c|x)``, differentiable.
@@ -147,8 +146,13 @@ def _token_counts(lengths: Tensor, like: Tensor) -> Tensor:
 def chosen_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     """Length-normalised negative log-likelihood of the chosen response, ``-log π(y_c|x) / |y_c|``.
 
-    The NLL term of RPO (Pang et al. 2024, Iterative Reasoning Preference Optimization): the stage
-    adds ``α · chosen_nll`` to the DPO loss to keep the chosen responses likely.
+    The NLL term of RPO (Pang et al. 2024, Iterative Reasoning Preference Optimization): the
+    stage adds ``α · chosen_nll`` to each pair's DPO loss to keep the chosen responses likely, so
+    the batch term is the mean over pairs of each pair's per-token NLL, as in the paper. Every
+    pair weighs the same whatever its length, and the term shares the DPO loss's unit (pairs),
+    so one pair-count normalisation (``align.ops.accumulation_scale``) covers both and the step's
+    loss does not depend on its split into micro-batches. TRL's ``sft`` term (its RPO) instead
+    averages over all chosen tokens of a batch, weighting a pair by its length.
 
     Args:
         policy_chosen_logps: (batch,) summed log-probs of the scored chosen tokens.

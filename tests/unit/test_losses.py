@@ -216,9 +216,8 @@ def test_dpo_ipo_requires_lengths_and_other_losses_ignore_them():
         dpo_loss(logps, logps, logps, logps, beta=0.1, loss_type="ipo")
     with pytest.raises(ValueError, match="chosen_lengths and rejected_lengths"):
         dpo_loss(logps, logps, logps, logps, beta=0.1, loss_type="ipo", chosen_lengths=torch.tensor([1]))
-    with_lengths = dpo_loss(
-        logps, logps, logps, logps, beta=0.1, chosen_lengths=torch.tensor([5]), rejected_lengths=torch.tensor([7])
-    )
+    lengths = {"chosen_lengths": torch.tensor([5]), "rejected_lengths": torch.tensor([7])}
+    with_lengths = dpo_loss(logps, logps, logps, logps, beta=0.1, **lengths)
     torch.testing.assert_close(with_lengths.losses, _logps(LN2))
 
 
