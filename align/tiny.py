@@ -38,7 +38,7 @@ import tokenizers
 import torch
 import transformers
 
-from align import english, english_forms, english_words, task
+from align import english, english_forms, english_nouns, english_verbs, english_words, task
 from align.data.templates import DEFAULT_CHAT_TEMPLATE, END_OF_TURN, PAD, ROLE_TOKENS, SPECIAL_TOKENS
 from align.engine.schedule import schedule_curve
 from align.paths import cache_dir
@@ -85,7 +85,8 @@ _STATEMENTS = (
 def build_key() -> str:
     """Short hash of everything the built weights depend on: the build parameters, the corpus generators'
     source, and the library versions that tokenise, initialise and train the model."""
-    sources = [Path(module.__file__).read_bytes() for module in (english, english_forms, english_words)]
+    generators = (english, english_nouns, english_verbs, english_forms, english_words)
+    sources = [Path(module.__file__).read_bytes() for module in generators]
     parameters = [
         BUILD_VERSION, MODEL_CONFIG, VOCAB_SIZE, PRETRAIN, SPECIAL_TOKENS, DEFAULT_CHAT_TEMPLATE,
         task.MAX_DIGITS, task.PHRASINGS, task.ANSWERS, _STATEMENTS,
