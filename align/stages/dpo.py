@@ -15,14 +15,15 @@ from align.engine.checkpoint import save_checkpoint
 from align.engine.dist import Rank, all_reduce_sum
 from align.engine.metrics import MetricsLog
 from align.evaluate import exact_match
-from align.losses.dpo import chosen_nll, dpo_loss, implicit_reward_accuracy
+from align.losses.dpo import DPOOutput, chosen_nll, dpo_loss, implicit_reward_accuracy
 from align.models.reference import Reference
 from align.ops.aggregate import accumulation_scale, global_count
 from align.ops.logprobs import sequence_logprobs
 from align.stages import common
 from align.stages.common import StageContext, StageResult
 
-METRIC_KEYS = ["loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy"]
+# loss = dpo_loss + sft_weight * nll_loss; nll_loss is the chosen responses' length-normalised NLL (RPO's term).
+METRIC_KEYS = ["loss", "dpo_loss", "nll_loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy"]
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -72,13 +73,13 @@ def run(ctx: StageContext) -> StageResult:
                 loss_type=stage.loss,
                 label_smoothing=stage.label_smoothing,
             )
+            nll = chosen_nll(policy_chosen, batch["loss_mask"][: len(rows), 1:].sum(-1))
             loss = out.losses.sum()
             if stage.sft_weight:
-                chosen_lengths = batch["loss_mask"][: len(rows), 1:].sum(-1)
-                loss = loss + stage.sft_weight * chosen_nll(policy_chosen, chosen_lengths).sum()
+                loss = loss + stage.sft_weight * nll.sum()
             engine.backward(loss * scale)
             engine.step()
-            sums += _pair_sums(loss, out.chosen_rewards, out.rejected_rewards)
+            sums += _pair_sums(loss, out, nll)
             throughput.add(int(batch["attention_mask"].sum()))
         done = step + 1
         if done % stage.log_every == 0 or done == steps:
@@ -97,7 +98,7 @@ def run(ctx: StageContext) -> StageResult:
     final = common.final_metrics(
         metrics.records,
         METRIC_KEYS
-        + ["eval_loss", "eval_rewards_accuracy", "eval_rewards_margin", "eval_logp_accuracy", "eval_exact_match"]
+        + ["eval_loss", "eval_dpo_loss", "eval_nll_loss", "eval_rewards_accuracy", "eval_rewards_margin", "eval_logp_accuracy", "eval_exact_match"]
         + ["tokens_per_s"],
     )
     final["steps"] = steps
@@ -112,10 +113,14 @@ def forward_logps(engine, batch: dict) -> torch.Tensor:
     return sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
 
 
-def _pair_sums(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+def _pair_sums(loss: torch.Tensor, out: DPOOutput, nll: torch.Tensor) -> torch.Tensor:
+    """Sums over the pairs of a micro-batch, in the order of ``METRIC_KEYS``."""
+    chosen, rejected = out.chosen_rewards, out.rejected_rewards
     return torch.tensor(
         [
             loss.item(),
+            out.losses.sum().item(),
+            nll.sum().item(),
             chosen.sum().item(),
             rejected.sum().item(),
             (chosen - rejected).sum().item(),
@@ -206,8 +211,10 @@ def evaluate(engine, reference, precomputed, tokenizer, data: common.StageData, 
             policy_chosen, policy_rejected, reference_chosen, reference_rejected,
             beta=stage.beta, loss_type=stage.loss, label_smoothing=stage.label_smoothing,
         )
+        nll = chosen_nll(policy_chosen, batch["loss_mask"][: len(rows), 1:].sum(-1))
+        loss = out.losses.sum() + stage.sft_weight * nll.sum()
         prefers_chosen = (policy_chosen > policy_rejected).sum().item()
-        sums += weight * torch.cat([_pair_sums(out.losses.sum(), out.chosen_rewards, out.rejected_rewards),
+        sums += weight * torch.cat([_pair_sums(loss, out, nll),
                                     torch.tensor([prefers_chosen], dtype=torch.float64)])
         pairs += weight * len(rows)
     totals = all_reduce_sum(sums.tolist() + [pairs])

@@ -157,12 +157,23 @@ def test_dpo_step0_loss_is_ln2_and_reference_is_the_sft_policy(small_model, smal
 
 
 def test_dpo_precomputed_reference_matches_live(small_model, small_data, job_factory, tmp_path):
+    """Also: with an NLL term (RPO) ``loss`` is ``dpo_loss + sft_weight * nll_loss`` in training and in
+    evaluation alike, and the preference part starts at ln 2."""
     losses = {}
     for mode in ("live", "precomputed"):
-        job = job_factory(small_model, [{"type": "dpo", "data": {"path": str(small_data["prefs"])}, "batch_size": 4,
-                                         "max_steps": 3, "lr": 1e-3, "reference": mode}])
+        job = job_factory(small_model, [{"type": "dpo", "data": {"path": str(small_data["prefs"]), "eval_fraction": 0.25},
+                                         "batch_size": 4, "max_steps": 3, "lr": 1e-3, "reference": mode,
+                                         "sft_weight": 0.5}])
         run_job(job, work_root=tmp_path / mode, artifact_root=str(tmp_path / "a" / mode))
-        losses[mode] = train_losses(metrics_of(tmp_path / mode, "dpo"))
+        records = metrics_of(tmp_path / mode, "dpo")
+        losses[mode] = train_losses(records)
+        for prefix in ("", "eval_"):
+            parts = [r for r in records if prefix + "loss" in r]
+            assert parts, prefix
+            for r in parts:
+                total = r[prefix + "dpo_loss"] + 0.5 * r[prefix + "nll_loss"]
+                assert r[prefix + "loss"] == pytest.approx(total, rel=1e-6), (prefix, r["step"])
+        assert records[0]["step"] == 0 and records[0]["eval_dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert losses["live"] == pytest.approx(losses["precomputed"], abs=1e-5)
 
 
