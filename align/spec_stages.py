@@ -92,11 +92,22 @@ class DPOStage(_StageBase):
     beta: float = Field(0.1, gt=0)
     """Strength of the implicit KL penalty to the reference."""
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    """`sigmoid` (DPO; with label smoothing: conservative DPO), `ipo`, `hinge` (SLiC) or `robust` (rDPO)."""
+    """`sigmoid` (DPO; with label smoothing: conservative DPO), `ipo`, `hinge` (SLiC) or `robust` (rDPO).
+    `ipo` is Azar et al. 2023 (IPO), Eq. 17, on log-probs averaged over each response's tokens, the
+    form the IPO authors and TRL use (on summed log-probs the margin grows with response length and
+    the loss with it); the logged implicit rewards stay on summed log-probs for every loss."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
-    """Assumed fraction of flipped labels, for `sigmoid` (cDPO) and `robust`."""
+    """Assumed fraction ε of flipped labels, for `sigmoid` (cDPO) and `robust` (rDPO). With `sigmoid`
+    align keeps the cDPO paper's form (Mitchell 2023), `-(1-ε)·log σ(βh) - ε·log σ(-βh)` with h the
+    chosen-minus-rejected margin of log-ratios to the reference. TRL 1.16's `sigmoid` leaves it
+    unused (TRL applies it in `robust`, `exo_pair` and `aot` only), so the same setting there trains
+    plain DPO."""
     sft_weight: float = Field(0.0, ge=0.0)
-    """Weight of an added length-normalised NLL on the chosen responses (RPO)."""
+    """Weight α of an added NLL on the chosen responses (RPO, Pang et al. 2024). Each pair's NLL is
+    divided by its chosen response's token count and the batch term is the mean over pairs, as for
+    the DPO term: every pair weighs the same whatever its length, and the step's loss does not depend
+    on how its pairs are split into micro-batches and workers. TRL's RPO (its `sft` loss) averages
+    over all chosen tokens of a batch instead, so longer responses weigh more and batch values differ."""
     reference: Literal["live", "precomputed"] = "live"
     """Reference log-probs computed beside each step (`live`) or once before training (`precomputed`)."""
     max_prompt_length: int | None = Field(None, ge=1)
