@@ -1,7 +1,8 @@
 """The job spec: one schema for the CLI, the API, the workers and the docs.
 
-A job trains one base model through a chain of stages. Each stage starts from the policy the stage
-before it left (an SFT or DPO adapter); a reward-model stage leaves a reward model beside the chain.
+A job trains one base model through a chain of stages. Each stage starts from the policy the latest
+policy stage before it left (the adapter of an SFT, DPO, PPO, GRPO or RLOO stage); a reward-model stage
+leaves a reward model beside the chain.
 Unknown fields are refused, every field carries its own documentation, and the rules that tie
 fields together are checked here so a bad job fails before it reaches a worker.
 
