@@ -180,7 +180,7 @@ class Client:
         dest = Path(dest)
         artifact = self.artifact(artifact_id)
         manifest = artifact.get("manifest") or {}
-        names = list(manifest.get("files", {})) + ["manifest.json"]
+        names = [*manifest.get("files", {}), "manifest.json"]
         for name in names:
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
