@@ -31,13 +31,13 @@ from align.models.reference import Reference
 from align.models.reward import load_frozen_reward_model
 from align.ops.advantages import grpo_advantages, kl_k1, rloo_advantages
 from align.ops.aggregate import accumulation_scale, global_count
-from align.rewards import Scorer, reward_function
+from align.rewards import Scorer
 from align.spec import MODEL_REWARD
 from align.stages import common
 from align.stages.common import StageContext, StageResult
 
 # Sums over the step (all micro-batches and ranks), divided by the count named beside each when logged.
-SAMPLE_SUMS = ["reward_sum", "reward_squares", "full_reward", "response_tokens", "finished", "flat_groups"]
+SAMPLE_SUMS = ["reward_sum", "reward_squares", "successes", "response_tokens", "finished", "flat_groups"]
 TOKEN_SUMS = ["loss_sum", "kl_sum", "clipped_tokens", "ratio_sum"]
 
 
@@ -87,7 +87,7 @@ def run(ctx: StageContext) -> StageResult:
                 [prompts[c.prompt_index] for c in completions], completions,
             ).cpu()
             rollouts.append((common.group_batch(prompts, completions, stage.group_size, pad), rewards))
-            sample_sums += _sample_sums(rewards, completions, stage.group_size)
+            sample_sums += _sample_sums(rewards, scorer.successes(rewards), completions, stage.group_size)
         step_tokens = global_count(sum(int(batch["completion_mask"].sum()) for batch, _ in rollouts))
         scale = accumulation_scale(step_tokens, stage.gradient_accumulation_steps, rank.world_size)
 
@@ -123,7 +123,7 @@ def run(ctx: StageContext) -> StageResult:
         if done % stage.log_every == 0 or done == steps:
             samples = global_count(sum(len(rows) for rows in micro_batches)) * stage.group_size
             record = _step_record(all_reduce_sum(sample_sums.tolist()), all_reduce_sum(token_sums.tolist()),
-                                  samples, step_tokens, stage.group_size)
+                                  samples, step_tokens, stage.group_size, with_accuracy=scorer.success is not None)
             record.update(step=done, lr=scheduler.get_last_lr()[0], grad_norm=common.grad_norm(engine),
                           tokens_per_s=throughput.read(), samples_per_s=throughput.samples_per_s)
             metrics.log(record)
@@ -145,13 +145,15 @@ def run(ctx: StageContext) -> StageResult:
                           fingerprints=data.fingerprints)
 
 
-def _sample_sums(rewards: torch.Tensor, completions: list[Completion], group_size: int) -> torch.Tensor:
+def _sample_sums(
+    rewards: torch.Tensor, successes: torch.Tensor | None, completions: list[Completion], group_size: int
+) -> torch.Tensor:
     groups = rewards.reshape(-1, group_size)
     return torch.tensor(
         [
             rewards.sum().item(),
             (rewards.double() ** 2).sum().item(),
-            (rewards >= 1.0).sum().item(),
+            successes.sum().item() if successes is not None else 0.0,
             sum(len(c.token_ids) for c in completions),
             sum(c.finished for c in completions),
             # Groups whose samples all score the same have advantage 0 everywhere: no learning signal.
@@ -162,17 +164,20 @@ def _sample_sums(rewards: torch.Tensor, completions: list[Completion], group_siz
 
 
 def _step_record(sample_sums: list[float], token_sums: list[float], samples: float, tokens: float,
-                 group_size: int) -> dict:
+                 group_size: int, with_accuracy: bool) -> dict:
+    """The step's means; ``accuracy`` (the fraction of right completions) only when the reward says
+    which scores are right."""
     s = dict(zip(SAMPLE_SUMS, sample_sums))
     t = dict(zip(TOKEN_SUMS, token_sums))
     reward_mean = s["reward_sum"] / samples
     variance = max(s["reward_squares"] / samples - reward_mean**2, 0.0)
     tokens = max(tokens, 1.0)
+    accuracy = {"accuracy": s["successes"] / samples} if with_accuracy else {}
     return {
         "loss": t["loss_sum"] / tokens,
         "reward_mean": reward_mean,
         "reward_std": variance**0.5,
-        "accuracy": s["full_reward"] / samples,
+        **accuracy,
         "flat_group_fraction": s["flat_groups"] * group_size / samples,
         "response_length": s["response_tokens"] / samples,
         "finished_fraction": s["finished"] / samples,
@@ -186,7 +191,7 @@ def reward_scorer(ctx: StageContext, tokenizer) -> Scorer:
     """The named reward function, or the reward model loaded frozen on its own."""
     stage, job = ctx.stage, ctx.job
     if stage.reward != MODEL_REWARD:
-        return Scorer(tokenizer.pad_token_id, function=reward_function(stage.reward))
+        return Scorer.named(tokenizer.pad_token_id, stage.reward)
     model = load_frozen_reward_model(
         resolve_base_model(job.base_model), ctx.reward_model, common.dtype_of(ctx), tokenizer.pad_token_id,
         job.quantization,

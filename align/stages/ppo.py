@@ -49,7 +49,7 @@ from align.models.reward import (
 from align.ops.advantages import AdaptiveKLController, FixedKLController, gae, kl_estimate, token_rewards
 from align.ops.aggregate import accumulation_scale, global_count
 from align.ops.logprobs import masked_sum, token_logprobs
-from align.rewards import Scorer, prompt_text, reward_function
+from align.rewards import Scorer, prompt_text
 from align.spec import MODEL_REWARD
 from align.stages import common
 from align.stages.common import StageContext, StageResult
@@ -288,7 +288,7 @@ def load_critic(ctx: StageContext, tokenizer) -> tuple[TokenValues, Scorer]:
         if stage.reward == MODEL_REWARD:
             scorer = Scorer(pad, model=load_frozen_reward_model(base, ctx.reward_model, dtype, pad, quantization))
         else:
-            scorer = Scorer(pad, function=reward_function(stage.reward))
+            scorer = Scorer.named(pad, stage.reward)
     common.disable_dropout(critic)
     return TokenValues(critic), scorer
 

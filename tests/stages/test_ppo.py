@@ -178,6 +178,7 @@ def test_grpo_scores_with_the_job_reward_model(small_model, small_data, prompts_
     (record,) = [r for r in metrics_of(tmp_path / "work", "grpo") if "loss" in r]
     assert record["kl"] == pytest.approx(0.0, abs=1e-6)
     assert record["reward_std"] > 0 and record["flat_group_fraction"] < 1.0
+    assert "accuracy" not in record, "a reward model's scores have no right answer to count"
     assert manifest_of(grpo.artifact)["parents"] == [sft.artifact.artifact_id, rm.artifact.artifact_id]
 
 
