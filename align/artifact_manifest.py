@@ -231,8 +231,8 @@ def check_local_copy(target: Path, manifest: Manifest) -> None:
 
 def file_set_problems(manifest: Manifest, stored_sizes: dict[str, int]) -> dict[str, str]:
     """Relative path -> problem, for files missing, extra or of another size than the manifest says."""
-    problems = {relative: "missing" for relative in manifest.files.keys() - stored_sizes.keys()}
-    problems.update({relative: "extra file not in the manifest" for relative in stored_sizes.keys() - manifest.files.keys()})
+    problems = dict.fromkeys(manifest.files.keys() - stored_sizes.keys(), "missing")
+    problems.update(dict.fromkeys(stored_sizes.keys() - manifest.files.keys(), "extra file not in the manifest"))
     for relative in manifest.files.keys() & stored_sizes.keys():
         expected_size = manifest.files[relative]["size"]
         if stored_sizes[relative] != expected_size:

@@ -33,11 +33,11 @@ SURFACES, OPENABLE, TRAVEL = _pool(W.SURFACES), _pool(W.OPENABLE), _pool(W.TRAVE
 TELLABLE, PROBLEMS = _nouns(W.TELLABLE, W.A_IDEAS), _nouns(W.PROBLEMS, W.A_IDEAS)
 EVENTS, PRIZES = _nouns(W.EVENTS, W.A_IDEAS), _nouns(W.PRIZES, W.A_IDEAS)
 IDEAS = _nouns(W.IDEAS, W.A_IDEAS)
-TIMES = _nouns(W.TIMES + W.SEASONS, W.A_WEATHER + ["lovely", "beautiful", "busy", "long"], plurals=False)
+TIMES = _nouns(W.TIMES + W.SEASONS, [*W.A_WEATHER, "lovely", "beautiful", "busy", "long"], plurals=False)
 _NAMES = (_pool(W.NAMES_F), _pool(W.NAMES_M))
 CITIES = _pool(W.CITIES)
 _COUNTRIES = _pool(dict.fromkeys(country for _, country in W.CITIES))
-PLACE_NAMES = _pool(c for c, _ in W.CITIES) + _COUNTRIES
+PLACE_NAMES = (*_pool(c for c, _ in W.CITIES), *_COUNTRIES)
 NUMBERS = _pool(W.NUMBERS)
 PRED_LIVING = _pool(W.A_LIVING + W.A_PEOPLE + W.A_PREDICATIVE)
 PRED_ANIMAL = _pool(W.A_LIVING + W.A_ANIMALS + W.A_PREDICATIVE)

@@ -111,12 +111,12 @@ def predicate(rng: random.Random, subject: tuple) -> tuple[tuple, list[str]]:
     elif r < 0.4:
         verb, prep, kinds = rng.choice(_DITRANS)
         thing, person = _DITRANS_OBJECTS[rng.choice(kinds)](rng, subject), person_object(rng, subject)
-        tail = person + thing if rng.random() < 0.5 else thing + [prep] + person
+        tail = person + thing if rng.random() < 0.5 else [*thing, prep, *person]
     else:
         verbs, make, where = rng.choice(PERSON_OBJECTS)
         verb, tail = rng.choice(verbs), make(rng, subject)
     if kind != "t" and not verb[4] and rng.random() < 0.2:  # not "liked the cat quietly"
-        tail = tail + [rng.choice(MANNER)]
+        tail = [*tail, rng.choice(MANNER)]
     if where and rng.random() < (0.2 if tail else 0.45):
         tail = tail + place_phrase(rng)
     return verb, tail
@@ -146,7 +146,7 @@ def verb_group(rng: random.Random, subject: tuple, verb: tuple, tense: int, neg:
             do = "does" if agr == "S" else "do"
             return [do + "n't", verb[0]] if short else [do, "not", verb[0]]
         adverb = [rng.choice(FREQUENCY)] if rng.random() < 0.15 else []
-        return adverb + [verb[1] if agr == "S" else verb[0]]
+        return [*adverb, verb[1] if agr == "S" else verb[0]]
     if tense == PAST:
         if neg:
             return ["didn't", verb[0]] if short else ["did", "not", verb[0]]

@@ -69,7 +69,8 @@ class JobSpec(SpecModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
     """Job name: lower-case letters, digits, `.`, `_`, `-`. Names the artifact lineages."""
     base_model: str
-    """`builtin:tiny` or a local Hugging Face model folder (safetensors). `artifact:<id>` is reserved for a later release."""
+    """`builtin:tiny` or a local Hugging Face model folder (safetensors).
+    `artifact:<id>` is reserved for a later release."""
     adapter: AdapterSpec = AdapterSpec()
     """How the policy trains: LoRA, DoRA or full fine-tuning."""
     quantization: QuantizationSpec | None = None
@@ -107,7 +108,9 @@ class JobSpec(SpecModel):
                 "use adapter.type 'lora' or 'dora', or drop quantization"
             )
         if ds.offload_optimizer and ds.zero_stage == 0:
-            raise ValueError("deepspeed.offload_optimizer: needs zero_stage 1, 2 or 3; raise zero_stage or set it false")
+            raise ValueError(
+                "deepspeed.offload_optimizer: needs zero_stage 1, 2 or 3; raise zero_stage or set it false"
+            )
         names = self.stage_names()
         for i, name in enumerate(names):
             if names.index(name) != i:
@@ -217,7 +220,8 @@ def load_spec(path: str | Path) -> JobSpec:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SpecError([("(file)", f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}")], str(path))
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise SpecError([("(file)", f"not valid {kind}: {exc}")], str(path)) from exc
     if not isinstance(data, dict):
         raise SpecError([("(spec)", "expected a mapping of fields at the top level")], str(path))
     return parse_spec(data, str(path))

@@ -6,7 +6,7 @@ docstring into its description (the API schema and ``docs/spec.md`` show it).
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,7 +27,7 @@ class AdapterSpec(SpecModel):
     """LoRA scaling numerator: the update is scaled by alpha / r."""
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     """Dropout on the LoRA input. DPO stages switch dropout off so the policy and reference agree at step 0."""
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
     """Modules that get an adapter: `all-linear` (every linear layer but the output head) or a list of names."""
     lora_plus_ratio: float | None = Field(None, gt=0)
     """LoRA+ (Hayou et al. 2024): the B matrices learn this many times faster than the A matrices. Off if unset."""

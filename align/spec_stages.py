@@ -6,7 +6,7 @@ from the policy while they train.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union, get_args
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -239,4 +239,4 @@ class PPOStage(_OnlineStage):
     """Completions sampled per held-out prompt when evaluating the mean reward."""
 
 
-StageSpec = Annotated[Union[SFTStage, RewardModelStage, DPOStage, PPOStage, GRPOStage], Field(discriminator="type")]
+StageSpec = Annotated[SFTStage | RewardModelStage | DPOStage | PPOStage | GRPOStage, Field(discriminator="type")]

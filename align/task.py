@@ -6,19 +6,21 @@ odd."). The answer is one word, ``even`` or ``odd``. The built-in model (:mod:`a
 pretrained on text that states the parity of numbers, so it knows the answers; what the alignment
 stages change is how it answers a chat prompt.
 
-The splits use disjoint numbers, so no two splits share a prompt:
+The splits use disjoint numbers, so no two splits share a prompt. Every row is conversational (lists
+of ``{"role", "content"}`` messages), so every stage renders it with the chat template, the way the
+model is asked at inference. The splits, with their columns and purpose:
 
-Every row is conversational (lists of ``{"role", "content"}`` messages), so every stage renders it with
-the chat template, the way the model is asked at inference:
-
-| split | rows | purpose |
-|---|---|---|
-| ``sft`` | ``messages`` | demonstrations of mixed quality: most ``tell`` answers give the wrong parity, a few ``ask`` answers do too, so supervised fine-tuning alone learns the mistake |
-| ``prefs`` | ``prompt`` (user turn), ``chosen``, ``rejected`` (assistant turns) | chosen is the right parity, rejected the wrong one |
-| ``prefs_eval`` | as ``prefs`` | held-out pairs (implicit-reward or reward-model accuracy) |
-| ``eval`` | ``prompt`` (user turn), ``completion`` (assistant turn) | held-out prompts with the correct answer (greedy exact match) |
-| ``prompts`` | ``prompt`` (user turn) | prompts only, for reinforcement learning with :func:`exact_answer_reward` |
-| ``eval_tell`` | as ``eval`` | the ``tell`` rows of ``eval``: the family supervised fine-tuning gets mostly wrong |
+- ``sft`` (``messages``): demonstrations of mixed quality: most ``tell`` answers give the wrong
+  parity, a few ``ask`` answers do too, so supervised fine-tuning alone learns the mistake.
+- ``prefs`` (``prompt`` as the user turn, ``chosen`` and ``rejected`` as assistant turns): chosen is
+  the right parity, rejected the wrong one.
+- ``prefs_eval`` (as ``prefs``): held-out pairs (implicit-reward or reward-model accuracy).
+- ``eval`` (``prompt`` as the user turn, ``completion`` as the assistant turn): held-out prompts with
+  the correct answer (greedy exact match).
+- ``prompts`` (``prompt`` as the user turn): prompts only, for reinforcement learning with
+  :func:`exact_answer_reward`.
+- ``eval_tell`` (as ``eval``): the ``tell`` rows of ``eval``, the family supervised fine-tuning gets
+  mostly wrong.
 
 Everything is generated from ``SEED``; :func:`materialize` writes a split as JSON Lines under the
 cache and returns the path, so ``builtin:parity/<split>`` can be used wherever a dataset path is.

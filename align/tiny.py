@@ -130,7 +130,8 @@ def build_tiny(cache_root: Path | None = None, progress: Callable[[str], None] |
         if target.is_dir():
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".tiny-{BUILD_KEY}-", dir=root))
-        logger.warning("building the built-in model %s (a minute or two, once per machine) under %s", TINY_MODEL, target)
+        logger.warning("building the built-in model %s (a minute or two, once per machine) under %s",
+                       TINY_MODEL, target)
         if progress is not None:
             progress(f"{TINY_MODEL}: building it (a minute or two, once per machine) under {target}")
         started = time.perf_counter()

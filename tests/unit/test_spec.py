@@ -180,7 +180,9 @@ def test_grpo_rules():
     errors = errors_of(base(stages=[grpo_stage(group_size=1)]))
     assert "greater than or equal to 2" in errors["stages[0].group_size"]
     errors = errors_of(base(stages=[grpo_stage(max_new_tokens=64, max_length=64)]))
-    assert errors == {"stages[0].max_new_tokens": "64 must be below max_length (64), which holds the prompt and the completion"}
+    assert errors == {
+        "stages[0].max_new_tokens": "64 must be below max_length (64), which holds the prompt and the completion"
+    }
     errors = errors_of(base(adapter={"type": "full"}, stages=[grpo_stage()]))
     assert "adapter.type 'lora' or 'dora'" in errors["stages[0].type"]
     errors = errors_of(base(stages=[grpo_stage(kl_penalty="sequence")]))
@@ -246,7 +248,7 @@ def test_every_field_is_documented():
     def walk(model):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no docstring"
-            for arg in getattr(field.annotation, "__args__", ()) + (field.annotation,):
+            for arg in (*getattr(field.annotation, "__args__", ()), field.annotation):
                 if isinstance(arg, type) and hasattr(arg, "model_fields"):
                     walk(arg)
 
