@@ -62,21 +62,7 @@ def run(ctx: StageContext) -> StageResult:
                 with reference.active():
                     reference_logps = forward_logps(engine, batch)
             policy_logps = forward_logps(engine, batch)
-            policy_chosen, policy_rejected = policy_logps.chunk(2)
-            reference_chosen, reference_rejected = reference_logps.chunk(2)
-            out = dpo_loss(
-                policy_chosen,
-                policy_rejected,
-                reference_chosen,
-                reference_rejected,
-                beta=stage.beta,
-                loss_type=stage.loss,
-                label_smoothing=stage.label_smoothing,
-            )
-            nll = chosen_nll(policy_chosen, batch["loss_mask"][: len(rows), 1:].sum(-1))
-            loss = out.losses.sum()
-            if stage.sft_weight:
-                loss = loss + stage.sft_weight * nll.sum()
+            loss, out, nll = preference_loss(stage, policy_logps, reference_logps, batch["loss_mask"])
             engine.backward(loss * scale)
             engine.step()
             sums += _pair_sums(loss, out, nll)
@@ -111,6 +97,33 @@ def forward_logps(engine, batch: dict) -> torch.Tensor:
     """Summed response log-probs, shape (2 * pairs,): chosen rows first, then rejected."""
     logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+
+
+def preference_loss(
+    stage, policy_logps: torch.Tensor, reference_logps: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, DPOOutput, torch.Tensor]:
+    """A micro-batch's summed loss, ``dpo_loss + sft_weight · chosen NLL``, with the per-pair DPO output
+    and chosen NLL. Log-probs are (2 * pairs,), chosen first; ``loss_mask`` (2 * pairs, seq) gives each
+    response's scored token count, which IPO averages over and the NLL is normalised by."""
+    chosen_lengths, rejected_lengths = loss_mask[:, 1:].sum(-1).chunk(2)
+    policy_chosen, policy_rejected = policy_logps.chunk(2)
+    reference_chosen, reference_rejected = reference_logps.chunk(2)
+    out = dpo_loss(
+        policy_chosen,
+        policy_rejected,
+        reference_chosen,
+        reference_rejected,
+        beta=stage.beta,
+        loss_type=stage.loss,
+        label_smoothing=stage.label_smoothing,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+    )
+    nll = chosen_nll(policy_chosen, chosen_lengths)
+    loss = out.losses.sum()
+    if stage.sft_weight:
+        loss = loss + stage.sft_weight * nll.sum()
+    return loss, out, nll
 
 
 def _pair_sums(loss: torch.Tensor, out: DPOOutput, nll: torch.Tensor) -> torch.Tensor:
@@ -205,14 +218,9 @@ def evaluate(engine, reference, precomputed, tokenizer, data: common.StageData, 
         else:
             with reference.active():
                 reference_logps = forward_logps(engine, batch)
-        policy_chosen, policy_rejected = forward_logps(engine, batch).chunk(2)
-        reference_chosen, reference_rejected = reference_logps.chunk(2)
-        out = dpo_loss(
-            policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-            beta=stage.beta, loss_type=stage.loss, label_smoothing=stage.label_smoothing,
-        )
-        nll = chosen_nll(policy_chosen, batch["loss_mask"][: len(rows), 1:].sum(-1))
-        loss = out.losses.sum() + stage.sft_weight * nll.sum()
+        policy_logps = forward_logps(engine, batch)
+        loss, out, nll = preference_loss(stage, policy_logps, reference_logps, batch["loss_mask"])
+        policy_chosen, policy_rejected = policy_logps.chunk(2)
         prefers_chosen = (policy_chosen > policy_rejected).sum().item()
         sums += weight * torch.cat([_pair_sums(loss, out, nll),
                                     torch.tensor([prefers_chosen], dtype=torch.float64)])

@@ -203,6 +203,19 @@ def test_full_fine_tuning_dpo_resumes_with_its_precomputed_reference(small_model
         assert torch.equal(tensor, resumed_weights[name]), name
 
 
+def test_dpo_ipo_starts_at_its_target_margin(small_model, small_data, job_factory, tmp_path):
+    """IPO's loss is (h̄ - 1/(2β))² on length-averaged log-ratios: 1 at step 0 with β = 0.5, where the
+    policy is its reference (h̄ = 0); the first update moves h̄ towards 1/(2β)."""
+    job = job_factory(small_model, [{"type": "dpo", "data": {"path": str(small_data["prefs"]), "eval_fraction": 0.25},
+                                     "batch_size": 4, "max_steps": 2, "lr": 1e-3, "beta": 0.5, "loss": "ipo"}])
+    run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
+    records = metrics_of(tmp_path / "work", "dpo")
+    assert records[0]["step"] == 0 and records[0]["eval_loss"] == pytest.approx(1.0, abs=1e-6)
+    losses = train_losses(records)
+    assert losses[0] == pytest.approx(1.0, abs=1e-6)
+    assert losses[-1] < losses[0]
+
+
 def test_reward_model_learns_pairs(small_model, small_data, job_factory, tmp_path):
     job = job_factory(small_model, [{"type": "rm", "data": {"path": str(small_data["prefs"])}, "batch_size": 8,
                                      "max_steps": 30, "lr": 3e-3, "init": "base"}])
