@@ -37,8 +37,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from align.paths import cache_dir
 
 TASK_VERSION = 4
@@ -188,60 +186,3 @@ def materialize(name: str, cache_root: Path | None = None) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
-
-
-def _prompt_and_reference(row: dict) -> tuple[list[dict], str]:
-    if "messages" in row:
-        return row["messages"][:-1], row["messages"][-1]["content"]
-    prompt = row["prompt"]
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    reference = row.get("completion", row.get("chosen"))
-    if reference is None:
-        reference = answer_of(messages[-1]["content"])
-    if isinstance(reference, list):
-        reference = reference[-1]["content"]
-    return messages, reference
-
-
-@torch.no_grad()
-def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 8, batch_size: int = 64) -> float:
-    """Fraction of rows whose greedy reply, stripped, equals the reference answer.
-
-    Rows may be ``eval`` rows (prompt and completion), preference rows (the chosen answer is the
-    reference), ``messages`` rows (the last assistant message) or prompt-only rows (the correct
-    answer). Prompts are rendered with the chat template and left-padded; generation stops at EOS.
-    Works on a plain model and on a peft model.
-    """
-    if not rows:
-        return float("nan")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    correct = 0
-    try:
-        for begin in range(0, len(rows), batch_size):
-            chunk = [_prompt_and_reference(row) for row in rows[begin : begin + batch_size]]
-            encoded = [
-                list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                   add_generation_prompt=True)["input_ids"])
-                for messages, _ in chunk
-            ]
-            width = max(len(ids) for ids in encoded)
-            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
-            attention_mask = torch.tensor(
-                [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
-            )
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=pad_id,
-            )
-            replies = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-            correct += sum(reply.strip() == reference.strip() for reply, (_, reference) in zip(replies, chunk))
-    finally:
-        model.train(was_training)
-    return correct / len(rows)
