@@ -57,7 +57,7 @@ def test_the_tokenizer_reaches_its_size_and_holds_english_words():
     tokenizer = load_tokenizer(build_tiny())
     assert len(tokenizer) == VOCAB_SIZE
     text = " ".join(english.sentence(random.Random(i)) for i in range(200))
-    # Common words are single tokens: English no longer tokenises letter by letter.
+    # Common words are single tokens, so English text does not tokenise letter by letter.
     assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) < 0.45 * len(text)
 
 
