@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
+from align.lineage import reward_model_problem
 from align.preflight import job_problems
 from align.spec import JobSpec
 from services.settings import Settings
@@ -58,7 +59,7 @@ def check_reward_models(
     base_model_of: Callable[[object], str | None] | None = None,
 ) -> list[Problem]:
     """Each stage's ``reward_model: artifact:<id>`` must be one of the caller's reward-model artifacts,
-    trained on the job's base model."""
+    trained on the job's base model (:func:`align.lineage.reward_model_problem`)."""
     problems = []
     for index, stage in enumerate(spec.stages):
         reference = getattr(stage, "reward_model", None)
@@ -69,19 +70,14 @@ def check_reward_models(
         fallback = " or drop reward_model to score with the rm stage before this one" if earlier_rm else ""
         artifact_id = reference.removeprefix("artifact:")
         artifact = find_artifact(artifact_id)
-        kind = getattr(artifact, "kind", None)
         if artifact is None:
-            message = (f"no artifact '{artifact_id}'; give artifact:<id> of a reward model that an rm stage "
-                       f"of one of your jobs published{fallback}")
-        elif kind != "reward_model":
-            message = (f"'{artifact_id}' is an artifact of kind '{kind}', not a reward model; give "
-                       f"artifact:<id> of an artifact an rm stage published (kind reward_model){fallback}")
-        elif base_model_of is not None and (trained_on := base_model_of(artifact)) != spec.base_model:
-            message = (f"'{artifact_id}' was trained on base model '{trained_on}' and this job trains "
-                       f"'{spec.base_model}'; give a reward model trained on the same base model{fallback}")
+            problem = (f"no artifact '{artifact_id}'; give artifact:<id> of a reward model that an rm stage "
+                       "of one of your jobs published")
         else:
-            continue
-        problems.append((field, message))
+            trained_on = base_model_of(artifact) if base_model_of is not None else None
+            problem = reward_model_problem(artifact_id, artifact.kind, trained_on, spec.base_model)
+        if problem is not None:
+            problems.append((field, problem + fallback))
     return problems
 
 
