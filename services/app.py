@@ -22,7 +22,7 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.db import jobs
+from services.db import auth
 from services.db.models import Tenant
 from services.db.notify import EventWaker, listen_url
 from services.db.session import NotMigrated, check_migrated, make_engine, make_sessionmaker
@@ -128,12 +128,12 @@ def _start_dispatcher(app: FastAPI, settings: Settings, session_factory, stop: t
 
 def _ensure_bootstrap_key(session: Session, plaintext: str) -> None:
     """Register the configured key for tenant ``default`` unless it is already registered."""
-    if jobs.tenant_for_key(session, plaintext) is not None:
+    if auth.tenant_for_key(session, plaintext) is not None:
         return
     tenant = session.scalars(select(Tenant).where(Tenant.name == BOOTSTRAP_TENANT)).first()
     if tenant is None:
-        tenant = jobs.create_tenant(session, BOOTSTRAP_TENANT)
-    jobs.create_api_key(session, tenant.id, "bootstrap", plaintext=plaintext)
+        tenant = auth.create_tenant(session, BOOTSTRAP_TENANT)
+    auth.create_api_key(session, tenant.id, "bootstrap", plaintext=plaintext)
 
 
 def _field_errors(_request: Request, error: FieldErrors) -> JSONResponse:

@@ -64,7 +64,7 @@ def ensure_local_api_key(settings) -> list[Path]:
     from sqlalchemy import func, select
 
     from align.paths import config_dir, home_dir
-    from services.db import jobs
+    from services.db import auth
     from services.db.models import ApiKey
     from services.db.session import make_engine, make_sessionmaker
 
@@ -75,8 +75,8 @@ def ensure_local_api_key(settings) -> list[Path]:
         with make_sessionmaker(engine).begin() as session:
             if session.scalar(select(func.count()).select_from(ApiKey)):
                 return []
-            tenant = jobs.create_tenant(session, "default")
-            _, plaintext = jobs.create_api_key(session, tenant.id, "local", plaintext="al-" + secrets.token_urlsafe(24))
+            tenant = auth.create_tenant(session, "default")
+            _, plaintext = auth.create_api_key(session, tenant.id, "local", plaintext="al-" + secrets.token_urlsafe(24))
     finally:
         engine.dispose()
     written = [home_dir() / "api_key", config_dir() / "api_key"]

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, HTTPException, Request, status
 from sqlalchemy.orm import Session
 
-from services.db import jobs
+from services.db import auth
 from services.db.models import Tenant
 from services.settings import Settings
 
@@ -63,7 +63,7 @@ def current_tenant(
             "$ALIGN_API_KEY, else the key in $ALIGN_HOME/api_key or ./.align/api_key, else ~/.config/align/api_key)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    tenant = jobs.tenant_for_key(session, token)
+    tenant = auth.tenant_for_key(session, token)
     if tenant is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

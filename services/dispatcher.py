@@ -5,15 +5,15 @@ One :meth:`Dispatcher.tick` is one pass over the database and Ray's view of it:
 2. reconcile running stage runs with Ray: success needs an artifact reported by that attempt; a failure
    is decided by the attempt's "failed" report (none: the worker was lost, retryable); an expired lease
    is rescued (Ray job stopped, its end confirmed, the stage requeued or failed);
-3. claim queued stage runs (the ones step 2 just queued too) and submit them
-   (``align-<stage_run_id>-a<attempt>``, looked up in Ray first); one whose reward model cannot be
-   found fails for good instead.
+3. claim queued stage runs (the ones step 2 just queued too) and submit each with its
+   :class:`~align.stage_launch.StageLaunch` (``align-<stage_run_id>-a<attempt>``, looked up in Ray
+   first); one whose reward model cannot be found, or whose stored spec no longer validates, fails for
+   good instead.
 Several dispatchers may run against one database: every change is a guarded, attempt-fenced update.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -26,8 +26,11 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.db import jobs
-from services.db.models import RUNNING, SUCCEEDED, Job, StageRun, utcnow
+from align.lineage import MissingInput
+from align.spec import SpecError, parse_spec
+from align.stage_launch import ReportEndpoint, StageLaunch
+from services.db import artifacts, leases, reports, transitions
+from services.db.models import RUNNING, Job, StageRun, utcnow
 from services.local_ray import CLUSTER_ENV_VAR
 from services.settings import Settings
 
@@ -200,57 +203,60 @@ class Dispatcher:
 
     def stop_cancelled(self) -> None:
         with self.session_factory() as s:
-            runs = [(r.id, r.attempt, r.submission_id) for r in jobs.cancelled_with_live_submission(s)]
+            runs = [(r.id, r.attempt, r.submission_id) for r in leases.cancelled_with_live_submission(s)]
         for run_id, attempt, submission_id in runs:
             if self.ray.get_job_status(submission_id) in ACTIVE:
                 self.ray.stop_job(submission_id)
             if self.ray.get_job_status(submission_id) not in ACTIVE:
                 with self.session_factory.begin() as s:
-                    jobs.release_cancelled(s, run_id, attempt)
+                    leases.release_cancelled(s, run_id, attempt)
 
     def claim_and_submit(self) -> None:
         for _ in range(self.max_claims_per_tick):
             with self.session_factory.begin() as s:
-                run = jobs.claim_next(s, self.owner_id, self.settings.lease_seconds)
+                run = transitions.claim_next(s, self.owner_id, self.settings.lease_seconds)
                 if run is None:
                     return
-                ticket = self.ticket_or_fail(s, run)
-            if ticket is not None:
-                self.submit(ticket)
+                launch = self.launch_or_fail(s, run)
+            if launch is not None:
+                self.submit(launch)
 
-    def ticket(self, s: Session, run: StageRun) -> dict[str, Any]:
-        """The attempt ticket the worker reads from ``ALIGN_TICKET``."""
-        job = s.get(Job, run.job_id)
-        inputs = jobs.stage_inputs(s, run)
-        return {
-            "stage_run_id": run.id,
-            "attempt": run.attempt,
-            "job_id": run.job_id,
-            "spec": job.spec,
-            "index": run.index,
-            "start_policy": inputs.start_policy,
-            "reward_model": inputs.reward_model,
-            "parents": inputs.parents,
-            "artifact_root": self.settings.artifact_root,
-            "work_dir": f"{self.settings.work_root.rstrip('/')}/{run.job_id}/{run.id}",
-            "require_checkpoint": run.checkpoint_uri is not None,
-            "report_url": f"{self.settings.public_url.rstrip('/')}/internal/reports",
-            "report_token": self.settings.report_token(run.id, run.attempt),
-        }
+    def launch(self, s: Session, run: StageRun) -> StageLaunch:
+        """The claimed attempt's launch, the ticket the worker reads from ``ALIGN_TICKET``."""
+        spec = parse_spec(s.get(Job, run.job_id).spec)
+        inputs = artifacts.stage_inputs(s, run, spec)
+        return StageLaunch(
+            spec=spec,
+            index=run.index,
+            work_dir=f"{self.settings.work_root.rstrip('/')}/{run.job_id}/{run.id}",
+            artifact_root=self.settings.artifact_root,
+            start_policy=inputs.start_policy,
+            reward_model=inputs.reward_model,
+            parents=inputs.parents,
+            require_checkpoint=run.checkpoint_uri is not None,
+            attempt=run.attempt,
+            job_id=run.job_id,
+            stage_run_id=run.id,
+            report=ReportEndpoint(url=f"{self.settings.public_url.rstrip('/')}/internal/reports",
+                                  token=self.settings.report_token(run.id, run.attempt)),
+        )
 
-    def ticket_or_fail(self, s: Session, run: StageRun) -> dict[str, Any] | None:
-        """The ticket, or None after failing the attempt for good when an input artifact is missing."""
+    def launch_or_fail(self, s: Session, run: StageRun) -> StageLaunch | None:
+        """The launch, or None after failing the attempt for good: an input artifact is missing or unfit
+        (``missing_input``), or the stored spec no longer validates (``bad_spec``)."""
         try:
-            return self.ticket(s, run)
-        except jobs.MissingInput as missing:
-            jobs.fail_attempt(s, run.id, run.attempt, "missing_input", missing.message, missing.field,
-                              retryable=False)
-            log.warning("stage run %s attempt %d not submitted: %s", run.id, run.attempt, missing)
-            return None
+            return self.launch(s, run)
+        except MissingInput as missing:
+            code, message, field = "missing_input", missing.message, missing.field
+        except SpecError as error:
+            code, message, field = "bad_spec", str(error), error.errors[0][0] if error.errors else None
+        transitions.fail_attempt(s, run.id, run.attempt, code, message, field, retryable=False)
+        log.warning("stage run %s attempt %d not submitted: %s: %s", run.id, run.attempt, code, message)
+        return None
 
-    def runtime_env(self, ticket: dict[str, Any]) -> dict[str, Any]:
+    def runtime_env(self, launch: StageLaunch) -> dict[str, Any]:
         env = {name: os.environ[name] for name in PASSED_ENV_VARS if name in os.environ}
-        env["ALIGN_TICKET"] = json.dumps(ticket)
+        env["ALIGN_TICKET"] = launch.model_dump_json()
         cluster = getattr(self.ray, "cluster_address", None)
         if cluster:
             # RAY_ADDRESS reaches every actor of the job (Ray Train's own look-ups fail with "multiple
@@ -260,18 +266,18 @@ class Dispatcher:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         return {"env_vars": env}
 
-    def submit(self, ticket: dict[str, Any]) -> None:
+    def submit(self, launch: StageLaunch) -> None:
         """Submit one attempt unless Ray already has its submission id (a restarted dispatcher)."""
-        submission_id = jobs.submission_id_for(ticket["stage_run_id"], ticket["attempt"])
+        submission_id = transitions.submission_id_for(launch.stage_run_id, launch.attempt)
         if self.ray.get_job_status(submission_id) is not None:
             return
         self.ray.submit_job(entrypoint=self.entrypoint, submission_id=submission_id,
-                            runtime_env=self.runtime_env(ticket), entrypoint_num_cpus=0)
+                            runtime_env=self.runtime_env(launch), entrypoint_num_cpus=0)
         log.info("submitted %s", submission_id)
 
     def reconcile(self) -> None:
         with self.session_factory() as s:
-            running = [(r.id, r.attempt) for r in jobs.running_stage_runs(s)]
+            running = [(r.id, r.attempt) for r in leases.running_stage_runs(s)]
         for run_id, attempt in running:
             try:
                 self.reconcile_one(run_id, attempt)
@@ -290,9 +296,9 @@ class Dispatcher:
         if status is None and owner == self.owner_id and not expired:
             # Claimed but never submitted (a crash or a Ray error in between): submit it now.
             with self.session_factory.begin() as s:
-                ticket = self.ticket_or_fail(s, s.get(StageRun, run_id))
-            if ticket is not None:
-                self.submit(ticket)
+                launch = self.launch_or_fail(s, s.get(StageRun, run_id))
+            if launch is not None:
+                self.submit(launch)
             return
         if status in ACTIVE and expired:
             self.rescue(run_id, attempt, submission_id, record=not rescued)
@@ -300,7 +306,7 @@ class Dispatcher:
         elif status == "PENDING":
             # Ray is still preparing the job: nothing can report yet, so the dispatcher keeps the lease.
             with self.session_factory.begin() as s:
-                jobs.renew_lease(s, run_id, attempt, self.settings.lease_seconds)
+                leases.renew_lease(s, run_id, attempt, self.settings.lease_seconds)
         if status in ENDED or (status is None and expired):
             self.finish(run_id, attempt, status)
 
@@ -310,7 +316,8 @@ class Dispatcher:
             message = f"no report for {self.settings.lease_seconds:g} s; stopped Ray job {submission_id}"
             failure = {"code": "lease_expired", "message": message, "field": None, "retryable": True}
             with self.session_factory.begin() as s:
-                jobs.apply_report(s, run_id, attempt, "failed", failure)
+                reports.apply_report(s, run_id, attempt, "failed", failure,
+                                     lease_seconds=self.settings.lease_seconds)
         self.ray.stop_job(submission_id)
         log.warning("stage run %s attempt %d: lease expired, stopping %s", run_id, attempt, submission_id)
 
@@ -320,9 +327,9 @@ class Dispatcher:
             run = s.get(StageRun, run_id)
             if run is None or run.state != RUNNING or run.attempt != attempt:
                 return
-            if status == "SUCCEEDED" and jobs.artifact_for(s, run_id, attempt) is not None:
-                jobs.transition(s, run_id, RUNNING, attempt, SUCCEEDED)
+            if status == "SUCCEEDED" and artifacts.artifact_for(s, run_id, attempt) is not None:
+                transitions.succeed(s, run_id, attempt)
                 return
             code, message, field, retryable = _failure(run, status)
-            outcome = jobs.fail_attempt(s, run_id, attempt, code, message, field, retryable)
+            outcome = transitions.fail_attempt(s, run_id, attempt, code, message, field, retryable)
         log.info("stage run %s attempt %d: Ray %s -> %s", run_id, attempt, status, outcome)

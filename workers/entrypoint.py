@@ -1,5 +1,7 @@
 """One stage attempt on Ray: ``python -m workers.entrypoint`` with the ticket in env ALIGN_TICKET.
 
+The ticket is the attempt's :class:`~align.stage_launch.StageLaunch` as JSON, read once here.
+
 The dispatcher submits this as a Ray job. It checks the stage's spec and data, tells the service it
 started (a 409 here stops it before any compute), runs the stage on a Ray Train ``TorchTrainer``
 (one rank per worker, see :mod:`workers.train_func`) and exits 0 once rank 0 has reported the artifact.
@@ -15,14 +17,16 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import MISSING, asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from align.stage_launch import StageLaunch
 from workers.report import Fenced, Reporter
 
 logger = logging.getLogger("workers.entrypoint")
 
+TICKET_ENV = "ALIGN_TICKET"
 EXIT_FAILED = 1
 EXIT_BAD_TICKET = 2
 EXIT_FENCED = 3
@@ -33,76 +37,74 @@ PASSED_ENV = (
 )
 
 
-@dataclass(frozen=True)
-class Ticket:
-    """What the dispatcher hands one stage attempt (the contract's "attempt ticket")."""
-
-    stage_run_id: str
-    attempt: int
-    job_id: str
-    spec: dict
-    index: int
-    start_policy: str | None
-    parents: list[str]
-    artifact_root: str
-    work_dir: str
-    require_checkpoint: bool
-    report_url: str
-    report_token: str
-    reward_model: str | None = None
-    """URI of the reward model an online stage with ``reward: model`` scores with."""
-
-    @classmethod
-    def from_json(cls, text: str) -> Ticket:
-        data = json.loads(text)
-        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
-        if missing:
-            raise ValueError(f"ticket is missing field(s) {missing}")
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
-
-    @property
-    def run_name(self) -> str:
-        """Ray Train run name, unique per attempt: a reused name would reload an earlier run's state."""
-        return f"{self.stage_run_id}-a{self.attempt}"
+def run_name(launch: StageLaunch) -> str:
+    """Ray Train run name, unique per attempt: a reused name would reload an earlier run's state."""
+    return f"{launch.stage_run_id}-a{launch.attempt}"
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    text = os.environ.get(TICKET_ENV, "")
     try:
-        ticket = Ticket.from_json(os.environ["ALIGN_TICKET"])
-    except (KeyError, ValueError, TypeError) as error:
-        logger.error("no usable ticket in ALIGN_TICKET: %s", error)
+        launch = StageLaunch.model_validate_json(text)
+    except ValidationError as error:
+        return refuse_ticket(text, error)
+    if launch.report is None or launch.stage_run_id is None:
+        logger.error("the ticket in %s names no stage run or report endpoint", TICKET_ENV)
         return EXIT_BAD_TICKET
-    reporter = Reporter(ticket.report_url, ticket.report_token, ticket.stage_run_id, ticket.attempt)
+    reporter = Reporter(launch.report.url, launch.report.token, launch.stage_run_id, launch.attempt)
     try:
-        run_attempt(ticket, reporter)
+        run_attempt(launch, reporter)
         return 0
     except Exception as error:  # noqa: BLE001 - every error ends the attempt with a report
         fenced = next((cause for cause in causes(error) if isinstance(cause, Fenced)), None)
         if fenced is not None:  # a 409, or an expired report token
             logger.error("stopped: %s", fenced)
             return EXIT_FENCED
-        failure = classify(error, ticket)
-        logger.error("stage attempt failed (%s): %s", failure["code"], failure["message"])
-        try:
-            reporter.failed(**failure)
-        except Fenced:
-            return EXIT_FENCED
-        return EXIT_FAILED
+        return report_failure(reporter, classify(error, launch))
     finally:
         reporter.close()
 
 
-def run_attempt(ticket: Ticket, reporter: Reporter) -> None:
-    from align.spec import parse_spec
+def report_failure(reporter: Reporter, failure: dict[str, Any]) -> int:
+    logger.error("stage attempt failed (%s): %s", failure["code"], failure["message"])
+    try:
+        reporter.failed(**failure)
+    except Fenced:
+        return EXIT_FENCED
+    return EXIT_FAILED
 
-    job = parse_spec(ticket.spec)
-    planned = check_stage(job, ticket.index)
+
+def refuse_ticket(text: str, error: ValidationError) -> int:
+    """A ticket that does not validate. When its spec alone is at fault (the spec rules changed since the
+    job was accepted), the attempt fails for good with a ``bad_spec`` report naming the spec's field;
+    otherwise there is nowhere sound to report to, and the entrypoint exits ``EXIT_BAD_TICKET``."""
+    from align.spec import SpecError, parse_spec
+
+    if all(problem["loc"][:1] == ("spec",) for problem in error.errors()):
+        data = json.loads(text)
+        try:
+            parse_spec(data["spec"])
+        except SpecError as spec_error:
+            reporter = Reporter(data["report"]["url"], data["report"]["token"], data["stage_run_id"],
+                                data["attempt"])
+            try:
+                return report_failure(reporter, classify(spec_error, None))
+            finally:
+                reporter.close()
+        except (KeyError, TypeError):
+            pass
+    logger.error("no usable ticket in %s: %s", TICKET_ENV, error)
+    return EXIT_BAD_TICKET
+
+
+def run_attempt(launch: StageLaunch, reporter: Reporter) -> None:
+    planned = check_stage(launch.spec, launch.index)
     reporter.heartbeat(0, planned, force=True)
-    trainer = build_trainer(ticket, job, planned)
+    trainer = build_trainer(launch, planned)
     started = time.perf_counter()
     trainer.fit()
-    logger.info("%s finished in %.1fs of Ray Train", ticket.run_name, time.perf_counter() - started)
+    logger.info("%s finished in %.1fs of Ray Train", run_name(launch), time.perf_counter() - started)
 
 
 def check_stage(job, index: int) -> int:
@@ -113,7 +115,7 @@ def check_stage(job, index: int) -> int:
     return planned_steps(job.stages[index], job.resources.num_workers, chat_tokenizer(job.base_model))
 
 
-def build_trainer(ticket: Ticket, job, planned_steps: int):
+def build_trainer(launch: StageLaunch, planned_steps: int):
     """A TorchTrainer with one rank per worker; no Ray-level retries (the dispatcher retries attempts)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -126,7 +128,7 @@ def build_trainer(ticket: Ticket, job, planned_steps: int):
         # The cluster the dispatcher pinned (its own local Ray), else RAY_ADDRESS from the job submission.
         ray.init(address=os.environ.get("ALIGN_RAY_CLUSTER"))
         logger.info("joined Ray in %.1fs", time.perf_counter() - started)
-    resources = job.resources
+    resources = launch.spec.resources
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker}
     if use_gpu:
@@ -134,18 +136,14 @@ def build_trainer(ticket: Ticket, job, planned_steps: int):
     env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
     return TorchTrainer(
         train_func,
-        train_loop_config={
-            "ticket": asdict(ticket),
-            "threads": max(1, int(resources.cpus_per_worker)),
-            "total_steps": planned_steps,
-        },
+        train_loop_config={"launch": launch.model_dump_json(), "total_steps": planned_steps},
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=ticket.run_name,
-            storage_path=str(Path(ticket.work_dir).resolve() / "ray"),
+            name=run_name(launch),
+            storage_path=str(launch.work_dir.resolve() / "ray"),
             failure_config=FailureConfig(max_failures=0),
             worker_runtime_env={"env_vars": env},
         ),
@@ -168,9 +166,10 @@ def causes(error: BaseException) -> Iterator[BaseException]:
         pending.extend([current.__cause__, current.__context__])
 
 
-def classify(error: BaseException, ticket: Ticket) -> dict[str, Any]:
+def classify(error: BaseException, launch: StageLaunch | None) -> dict[str, Any]:
     """The "failed" payload: errors in the user's spec, data, model (its chat template included) or
-    checkpoints are not retryable."""
+    checkpoints are not retryable. ``launch`` names a data error's field; None when the ticket's spec
+    did not validate."""
     from align.data.load import DataError, TemplateError
     from align.models.load import ModelError
     from align.spec import SpecError
@@ -183,7 +182,7 @@ def classify(error: BaseException, ticket: Ticket) -> dict[str, Any]:
         if isinstance(cause, TemplateError):
             return _failure("bad_template", cause, "base_model")
         if isinstance(cause, DataError):
-            return _failure("bad_data", cause, _data_field(ticket, cause.path))
+            return _failure("bad_data", cause, _data_field(launch, cause.path) if launch else None)
         if isinstance(cause, ModelError):
             return _failure("bad_model", cause, "base_model")
         if isinstance(cause, MissingCheckpoint):
@@ -208,13 +207,12 @@ def _text(error: BaseException) -> str:
     return text if len(text) <= 4000 else text[:4000] + " ..."
 
 
-def _data_field(ticket: Ticket, path: str) -> str:
+def _data_field(launch: StageLaunch, path: str) -> str:
     from align.stages.common import resolve_data_path
 
-    data = ticket.spec["stages"][ticket.index]["data"]
-    eval_path = data.get("eval_path")
+    eval_path = launch.spec.stages[launch.index].data.eval_path
     is_eval = eval_path and str(resolve_data_path(eval_path)) == str(path)
-    return f"stages[{ticket.index}].data.{'eval_path' if is_eval else 'path'}"
+    return f"stages[{launch.index}].data.{'eval_path' if is_eval else 'path'}"
 
 
 if __name__ == "__main__":

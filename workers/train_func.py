@@ -11,69 +11,48 @@ from __future__ import annotations
 import json
 import os
 import socket
-from pathlib import Path
 
 import ray
 import ray.train
 
+from align.stage_launch import StageLaunch
+
 
 def train_func(config: dict) -> None:
-    """``config``: {"ticket": the attempt ticket, "threads": CPU threads for this rank}."""
-    threads = max(1, int(config["threads"]))
+    """``config``: {"launch": the attempt's StageLaunch as JSON, "total_steps": the steps it plans}."""
+    launch = StageLaunch.model_validate_json(config["launch"])
     # Before torch spreads its thread pools over every core of the node.
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["OMP_NUM_THREADS"] = str(launch.threads)
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(launch.threads)
 
     from align.artifacts import ArtifactStore
-    from align.runner import run_stage
-    from align.spec import parse_spec
-    from align.stages.common import StageContext
+    from align.runner import run_stage, stage_context
     from workers.report import Reporter
 
-    ticket = config["ticket"]
     world_rank = ray.train.get_context().get_world_rank()
     placement = _gather_placement()
-    job = parse_spec(ticket["spec"])
-    store = ArtifactStore(ticket["artifact_root"])
-    # Each node fetches the starting policy and the reward model from the store, never from local disk.
-    start_policy = store.download(ticket["start_policy"]) if ticket.get("start_policy") else None
-    reward_model = store.download(ticket["reward_model"]) if ticket.get("reward_model") else None
-
     reporter = None
     if world_rank == 0:
-        reporter = Reporter(ticket["report_url"], ticket["report_token"], ticket["stage_run_id"], ticket["attempt"])
+        reporter = Reporter(launch.report.url, launch.report.token, launch.stage_run_id, launch.attempt)
     try:
-        if reporter is not None:
+        if reporter is None:
+            ctx = stage_context(launch)
+        else:
             reporter.message("ranks placed: " + json.dumps(placement))
-        total_steps = config["total_steps"]
+            total_steps = config["total_steps"]
 
-        def on_metrics(record: dict) -> None:
-            reporter.metrics(record)
-            step = int(record.get("step", 0))
-            reporter.heartbeat(step, total_steps, force=step >= total_steps)
+            def on_metrics(record: dict) -> None:
+                reporter.metrics(record)
+                step = int(record.get("step", 0))
+                reporter.heartbeat(step, total_steps, force=step >= total_steps)
 
-        ctx = StageContext(
-            job=job,
-            index=ticket["index"],
-            work_dir=Path(ticket["work_dir"]),
-            artifact_root=ticket["artifact_root"],
-            start_policy=start_policy,
-            parents=list(ticket.get("parents") or []),
-            reward_model=reward_model,
-            threads=threads,
-            resume=True,
-            require_checkpoint=bool(ticket.get("require_checkpoint")),
-            on_metrics=on_metrics if reporter else None,
-            on_samples=reporter.samples if reporter else None,
-            on_checkpoint=reporter.checkpoint if reporter else None,
-            on_message=reporter.message if reporter else None,
-            job_id=ticket.get("job_id"),
-        )
+            ctx = stage_context(launch, on_metrics=on_metrics, on_samples=reporter.samples,
+                                on_checkpoint=reporter.checkpoint, on_message=reporter.message)
         result = run_stage(ctx)
         if reporter is not None:
-            reporter.artifact(store, result.artifact)
+            reporter.artifact(ArtifactStore(launch.artifact_root), result.artifact)
     finally:
         if reporter is not None:
             reporter.close()  # on an error too: held reports are logged and the HTTP client closed

@@ -1,4 +1,4 @@
-"""Tables of the control plane. Only :mod:`services.db.jobs` changes a stage run's state."""
+"""Tables of the control plane. Only :mod:`services.db.transitions` changes a stage run's state."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Request, Security, status
 from fastapi.responses import StreamingResponse
 
 from align.artifacts import MANIFEST, ArtifactError, ArtifactStore, PublishedArtifact
-from services.db import jobs
+from services.db import artifacts
 from services.deps import SessionDep, TenantDep
 from services.routes.openapi import API_KEY, NOT_FOUND, PROTECTED
 from services.schemas import ArtifactPublic
@@ -28,7 +28,7 @@ def _store(request: Request) -> ArtifactStore:
 
 
 def _owned_artifact(session, tenant_id: str, artifact_id: str):
-    row = jobs.get_artifact(session, tenant_id, artifact_id)
+    row = artifacts.get_artifact(session, tenant_id, artifact_id)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no artifact {artifact_id!r}")
     return row

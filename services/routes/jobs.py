@@ -11,7 +11,7 @@ from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 
 from align.spec import JobSpec, SpecError, parse_spec
 from services import paths
-from services.db import jobs
+from services.db import artifacts, events, jobs
 from services.db.models import TERMINAL_STATES
 from services.deps import FieldErrors, SessionDep, SettingsDep, TenantDep
 from services.routes.openapi import API_KEY, NOT_FOUND, PROTECTED
@@ -30,7 +30,7 @@ def job_public(session, job) -> JobPublic:
     """A job row with its stages, their artifact ids and the derived status."""
     stages = []
     for run in job.stage_runs:
-        artifact = jobs.artifact_for(session, run.id, run.attempt) if run.attempt else None
+        artifact = artifacts.artifact_for(session, run.id, run.attempt) if run.attempt else None
         stages.append(StageRunPublic.from_row(run, artifact.id if artifact else None))
     return JobPublic(
         id=job.id,
@@ -75,8 +75,8 @@ def create_job(
     problems = paths.check_job(
         spec,
         settings,
-        lambda artifact_id: jobs.get_artifact(session, tenant.id, artifact_id),
-        base_model_of=lambda artifact: jobs.artifact_base_model(session, artifact),
+        lambda artifact_id: artifacts.get_artifact(session, tenant.id, artifact_id),
+        base_model_of=lambda artifact: artifacts.artifact_base_model(session, artifact),
     )
     if problems:
         raise FieldErrors(problems)
@@ -104,10 +104,7 @@ def list_jobs(
     """The caller's jobs, newest first."""
     if state is not None and state not in JOB_STATUSES:
         raise FieldErrors([("state", f"'{state}' is not a job status; use one of {', '.join(JOB_STATUSES)}")])
-    try:
-        rows, next_cursor = jobs.list_jobs(session, tenant.id, state, cursor, limit)
-    except ValueError:
-        raise FieldErrors([("cursor", "not a cursor this server handed out; start again without ?cursor=")]) from None
+    rows, next_cursor = jobs.list_jobs(session, tenant.id, state, cursor, limit)
     return Page[JobPublic](data=[job_public(session, job) for job in rows], next_cursor=next_cursor)
 
 
@@ -127,7 +124,7 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic
 def job_metrics(job_id: str, session: SessionDep, tenant: TenantDep) -> list[StageMetrics]:
     """Metrics records reported by each stage, in stage order."""
     job = _owned_job(session, tenant.id, job_id)
-    records = jobs.metrics(session, job_id)
+    records = events.metrics(session, job_id)
     return [
         StageMetrics(stage_run_id=run.id, index=run.index, name=run.name, records=records.get(run.name, []))
         for run in job.stage_runs
@@ -157,7 +154,7 @@ def job_events(
         start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
         factory = request.app.state.session_factory
         return EventSourceResponse(_event_stream(request, factory, tenant.id, job_id, start, type))
-    rows = jobs.list_events(session, job_id, after or 0, limit, type)
+    rows = events.list_events(session, job_id, after or 0, limit, type)
     next_cursor = str(rows[-1].id) if len(rows) == limit else None
     return Page[EventPublic](data=[EventPublic.model_validate(row) for row in rows], next_cursor=next_cursor)
 
@@ -174,7 +171,7 @@ async def _event_stream(request: Request, session_factory, tenant_id: str, job_i
             # Status first: every event of a job that was already terminal is then in this read.
             job = jobs.get_job(session, tenant_id, job_id)
             finished = job is None or jobs.job_status(job) in TERMINAL_STATES
-            rows = jobs.list_events(session, job_id, after_id or 0, SSE_BATCH, type)
+            rows = events.list_events(session, job_id, after_id or 0, SSE_BATCH, type)
             return [EventPublic.model_validate(row) for row in rows], finished
 
     waker = request.app.state.event_waker
@@ -183,11 +180,11 @@ async def _event_stream(request: Request, session_factory, tenant_id: str, job_i
     try:
         while not await request.is_disconnected():
             wake.clear()  # before the read: a notification that comes during it wakes the next wait
-            events, finished = await run_in_threadpool(poll, after)
-            for event in events:
+            batch, finished = await run_in_threadpool(poll, after)
+            for event in batch:
                 yield format_sse_event(data_str=event.model_dump_json(), event=event.type, id=str(event.id))
                 after, last_sent = event.id, time.monotonic()
-            if len(events) == SSE_BATCH:
+            if len(batch) == SSE_BATCH:
                 continue
             if finished:
                 yield format_sse_event(data_str='{"status": "end"}', event="end")

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, status
 
-from services.db import jobs
+from services.db import reports
 from services.deps import FieldErrors, SessionDep, SettingsDep, bearer_token
 from services.schemas import Ok, ReportIn
 
@@ -36,8 +36,8 @@ def post_report(
         if not isinstance(samples, list) or not all(isinstance(sample, dict) for sample in samples):
             message = "a samples report needs a list of objects (step, prompt, completion, score) here"
             raise FieldErrors([("payload.samples", message)])
-    if not jobs.apply_report(
-        session, report.stage_run_id, report.attempt, report.type, report.payload, settings.lease_seconds
+    if not reports.apply_report(
+        session, report.stage_run_id, report.attempt, report.type, report.payload, lease_seconds=settings.lease_seconds
     ):
         raise HTTPException(
             status.HTTP_409_CONFLICT,

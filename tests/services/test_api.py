@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from align.artifacts import ArtifactStore
 from services.app import create_app
-from services.db import jobs
+from services.db import auth, jobs, transitions
 from services.db.models import Job, StageRun
 from services.settings import Settings
 
@@ -54,8 +54,8 @@ def client(settings, session_factory):
 
 def _key_for(session_factory, tenant_name: str) -> dict[str, str]:
     with session_factory() as session:
-        tenant = jobs.create_tenant(session, tenant_name)
-        _, plaintext = jobs.create_api_key(session, tenant.id, "test")
+        tenant = auth.create_tenant(session, tenant_name)
+        _, plaintext = auth.create_api_key(session, tenant.id, "test")
         session.commit()
     return {"Authorization": f"Bearer {plaintext}"}
 
@@ -91,7 +91,7 @@ def submit(client, headers, spec, **kwargs) -> dict:
 
 def claim_first_stage(session_factory) -> tuple[str, int]:
     with session_factory() as session:
-        run = jobs.claim_next(session, "test-owner", 300)
+        run = transitions.claim_next(session, "test-owner", 300)
         session.commit()
         return run.id, run.attempt
 
@@ -120,7 +120,7 @@ def test_bootstrap_key_survives_a_restart(settings, session_factory, client):
     with TestClient(create_app(settings, session_factory=session_factory)) as again:
         assert again.get("/jobs", headers={"Authorization": "Bearer bootstrap-key"}).status_code == 200
     with session_factory() as session:
-        assert jobs.tenant_for_key(session, "bootstrap-key").name == "default"
+        assert auth.tenant_for_key(session, "bootstrap-key").name == "default"
 
 
 def test_unauthenticated_bad_body_is_401(client):
@@ -194,7 +194,7 @@ def test_app_runs_the_dispatcher_when_asked(settings, session_factory, data_dir)
             time.sleep(0.1)
     stage_run_id = client.get(f"/jobs/{job['id']}", headers=headers).json()["stages"][0]["id"]
     ticket = ray.submitted[f"align-{stage_run_id}-a1"]
-    assert settings.check_report_token(stage_run_id, 1, ticket["report_token"]) is None and ticket["index"] == 0
+    assert settings.check_report_token(stage_run_id, 1, ticket["report"]["token"]) is None and ticket["index"] == 0
     assert not any(t.name == "align-dispatcher" and t.is_alive() for t in threading.enumerate())
 
 

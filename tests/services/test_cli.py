@@ -332,7 +332,7 @@ def test_follow_shows_steps_loss_and_time_since_the_stage_started(service, tmp_p
 
     from align.cli import follow_job
     from align.client import Client
-    from services.db import jobs
+    from services.db import transitions
     from services.db.models import StageRun
     from services.db.session import make_engine, make_sessionmaker
 
@@ -342,7 +342,7 @@ def test_follow_shows_steps_loss_and_time_since_the_stage_started(service, tmp_p
     with Client(service.url) as client:
         job = client.submit(spec)
         with make_sessionmaker(engine).begin() as session:
-            run = jobs.claim_next(session, "test-owner", 300)
+            run = transitions.claim_next(session, "test-owner", 300)
             session.execute(update(StageRun).where(StageRun.id == run.id)
                             .values(started_at=run.started_at - timedelta(seconds=120)))
         token = service.settings.report_token(run.id, run.attempt)

@@ -8,8 +8,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
+from align.lineage import MissingInput
 from align.spec import parse_spec
-from services.db import jobs
+from services.db import artifacts, auth, events, jobs, leases, reports, transitions
 from services.db.models import Event, Job, StageRun, utcnow
 
 THREE_STAGES = [
@@ -26,7 +27,7 @@ def spec(name: str = "demo", stages: list[dict] = THREE_STAGES):
 @pytest.fixture
 def tenant_id(session_factory) -> str:
     with session_factory.begin() as s:
-        return jobs.create_tenant(s, "acme").id
+        return auth.create_tenant(s, "acme").id
 
 
 def new_job(session_factory, tenant_id, key=None, fingerprint=None, stages=THREE_STAGES) -> str:
@@ -49,12 +50,12 @@ def run_ids(session_factory, job_id) -> list[str]:
 
 def claim(session_factory, owner="d1", lease=60.0) -> StageRun | None:
     with session_factory.begin() as s:
-        return jobs.claim_next(s, owner, lease)
+        return transitions.claim_next(s, owner, lease)
 
 
 def report(session_factory, run_id, attempt, type, payload) -> bool:
     with session_factory.begin() as s:
-        return jobs.apply_report(s, run_id, attempt, type, payload, lease_seconds=60)
+        return reports.apply_report(s, run_id, attempt, type, payload, lease_seconds=60)
 
 
 def artifact_payload(artifact_id: str, kind: str = "adapter") -> dict:
@@ -68,6 +69,11 @@ def artifact_payload(artifact_id: str, kind: str = "adapter") -> dict:
         "parents": [],
         "metrics": {"loss": 1.5},
     }
+
+
+def inputs_of(s, run: StageRun):
+    """What the stage run starts from, its job's spec read back from the database."""
+    return artifacts.stage_inputs(s, run, parse_spec(s.get(Job, run.job_id).spec))
 
 
 def job_status(session_factory, tenant_id, job_id) -> str:
@@ -85,20 +91,20 @@ def test_create_job_queues_the_first_stage_only(session_factory, tenant_id):
         assert [r.max_attempts for r in job.stage_runs] == [3, 3, 3]
         assert job.spec_hash == spec().hash()
         assert jobs.job_status(job) == "queued"
-        created = [(e.payload["from"], e.payload["to"]) for e in jobs.list_events(s, job_id, type="state")]
+        created = [(e.payload["from"], e.payload["to"]) for e in events.list_events(s, job_id, type="state")]
         assert created == [(None, "queued"), (None, "pending"), (None, "pending")]
 
 
 def test_idempotent_create(session_factory, tenant_id):
     first = new_job(session_factory, tenant_id, key="k1", fingerprint="f1")
     with session_factory.begin() as s:
-        again, created = jobs.create_job(s, tenant_id, spec(), "k1", "f1")
+        again, created = jobs.create_job(s, tenant_id, spec(), "k1", "f1", max_attempts=3)
         assert (again.id, created) == (first, False)
     with session_factory.begin() as s, pytest.raises(jobs.IdempotencyConflict, match="k1"):
-        jobs.create_job(s, tenant_id, spec(), "k1", "f2")
+        jobs.create_job(s, tenant_id, spec(), "k1", "f2", max_attempts=3)
     with session_factory.begin() as s:
-        other_tenant = jobs.create_tenant(s, "other").id
-        theirs, created = jobs.create_job(s, other_tenant, spec(), "k1", "f2")
+        other_tenant = auth.create_tenant(s, "other").id
+        theirs, created = jobs.create_job(s, other_tenant, spec(), "k1", "f2", max_attempts=3)
         assert created and theirs.id != first
         assert s.scalar(select(func.count()).select_from(Job)) == 2
         assert s.scalar(select(func.count()).select_from(StageRun)) == 6
@@ -112,8 +118,8 @@ def test_claim_is_fenced_by_the_attempt(session_factory, tenant_id):
     assert run.lease_owner == "d1" and run.lease_expires_at > utcnow() + timedelta(seconds=50)
     assert claim(session_factory) is None
     with session_factory.begin() as s:
-        assert not jobs.transition(s, run.id, "running", 0, "succeeded")
-        assert not jobs.transition(s, run.id, "queued", 1, "running")
+        assert not transitions.succeed(s, run.id, 0)
+        assert not transitions.claim(s, run.id, 1, "d2", 60)
     assert not report(session_factory, run.id, 0, "heartbeat", {"step": 1, "total_steps": 10})
     assert report(session_factory, run.id, 1, "heartbeat", {"step": 1, "total_steps": 10})
     with session_factory() as s:
@@ -127,7 +133,7 @@ def test_success_queues_the_next_stage_until_the_job_succeeds(session_factory, t
         assert run.index == index
         assert job_status(session_factory, tenant_id, job_id) == "running"
         with session_factory.begin() as s:
-            assert jobs.transition(s, run.id, "running", 1, "succeeded")
+            assert transitions.succeed(s, run.id, 1)
         expected = [("succeeded", 1)] * (index + 1) + [("queued", 0)] + [("pending", 0)] * (1 - index)
         assert states(session_factory, job_id) == expected[:3]
     assert job_status(session_factory, tenant_id, job_id) == "succeeded"
@@ -137,7 +143,7 @@ def test_failure_cancels_the_later_stages(session_factory, tenant_id):
     job_id = new_job(session_factory, tenant_id)
     run = claim(session_factory)
     with session_factory.begin() as s:
-        assert jobs.fail_attempt(s, run.id, 1, "bad_data", "row 3: no 'chosen'", "data.path", retryable=False)
+        assert transitions.fail_attempt(s, run.id, 1, "bad_data", "row 3: no 'chosen'", "data.path", retryable=False)
     assert states(session_factory, job_id) == [("failed", 1), ("cancelled", 0), ("cancelled", 0)]
     assert job_status(session_factory, tenant_id, job_id) == "failed"
     with session_factory() as s:
@@ -150,13 +156,13 @@ def test_terminal_states_absorb(session_factory, tenant_id):
     job_id = new_job(session_factory, tenant_id, stages=THREE_STAGES[:1])
     run = claim(session_factory)
     with session_factory.begin() as s:
-        assert jobs.transition(s, run.id, "running", 1, "succeeded")
+        assert transitions.succeed(s, run.id, 1)
     with session_factory.begin() as s:
-        assert not jobs.transition(s, run.id, "running", 1, "failed")
-        assert not jobs.transition(s, run.id, "running", 1, "cancelled")
-        assert jobs.fail_attempt(s, run.id, 1, "late", "too late") is None
+        assert not transitions.fail(s, run.id, 1, "late", "too late")
+        assert not transitions.cancel(s, run.id, "running", 1)
+        assert transitions.fail_attempt(s, run.id, 1, "late", "too late") is None
         with pytest.raises(ValueError, match="no transition from 'succeeded'"):
-            jobs.transition(s, run.id, "succeeded", 1, "queued")
+            transitions.cancel(s, run.id, "succeeded", 1)
     assert not report(session_factory, run.id, 1, "heartbeat", {"step": 2, "total_steps": 2})
     with session_factory.begin() as s:
         assert jobs.job_status(jobs.cancel_job(s, tenant_id, job_id)) == "succeeded"
@@ -175,10 +181,10 @@ def test_cancel_keeps_a_running_stage_leased_until_its_ray_job_ends(session_fact
         assert jobs.job_updated_at(job) == job.updated_at >= max(r.updated_at for r in job.stage_runs)
     assert not report(session_factory, run.id, 1, "heartbeat", {"step": 1, "total_steps": 9})
     with session_factory.begin() as s:
-        assert [r.id for r in jobs.cancelled_with_live_submission(s)] == [run.id]
-        assert jobs.release_cancelled(s, run.id, 1)
+        assert [r.id for r in leases.cancelled_with_live_submission(s)] == [run.id]
+        assert leases.release_cancelled(s, run.id, 1)
     with session_factory() as s:
-        assert jobs.cancelled_with_live_submission(s) == []
+        assert leases.cancelled_with_live_submission(s) == []
 
 
 def test_retryable_failure_requeues_and_keeps_the_checkpoint(session_factory, tenant_id):
@@ -186,20 +192,20 @@ def test_retryable_failure_requeues_and_keeps_the_checkpoint(session_factory, te
     run = claim(session_factory)
     assert report(session_factory, run.id, 1, "checkpoint", {"step": 50, "uri": "/work/ckpt/step-50"})
     with session_factory.begin() as s:
-        assert jobs.fail_attempt(s, run.id, 1, "worker_lost", "node died") == "queued"
+        assert transitions.fail_attempt(s, run.id, 1, "worker_lost", "node died") == "queued"
     assert states(session_factory, job_id) == [("queued", 1)]
     with session_factory() as s:
-        levels = [(e.payload["to"], e.level) for e in jobs.list_events(s, job_id, type="state")][-2:]
+        levels = [(e.payload["to"], e.level) for e in events.list_events(s, job_id, type="state")][-2:]
         assert levels == [("retrying", "warning"), ("queued", "info")]
     second = claim(session_factory)
     assert (second.attempt, second.checkpoint_uri, second.checkpoint_step) == (2, "/work/ckpt/step-50", 50)
     assert second.error_code is None and second.submission_id.endswith("-a2")
     assert not report(session_factory, run.id, 1, "metrics", {"step": 51, "loss": 0.5})
     with session_factory.begin() as s:
-        assert jobs.fail_attempt(s, run.id, 2, "worker_lost", "node died") == "queued"
+        assert transitions.fail_attempt(s, run.id, 2, "worker_lost", "node died") == "queued"
     third = claim(session_factory)
     with session_factory.begin() as s:
-        assert jobs.fail_attempt(s, run.id, 3, "worker_lost", "node died") == "failed"
+        assert transitions.fail_attempt(s, run.id, 3, "worker_lost", "node died") == "failed"
     with session_factory() as s:
         failed = s.get(StageRun, third.id)
         assert (failed.state, failed.attempt) == ("failed", 3)
@@ -227,24 +233,24 @@ def test_reports_record_metrics_messages_and_artifacts(session_factory, tenant_i
         stored = s.get(StageRun, run.id)
         assert stored.lease_expires_at > first_lease + timedelta(seconds=50)
         assert (stored.progress_step, stored.error_code, stored.retryable) == (2, "oom", True)
-        assert jobs.metrics(s, job_id) == {
+        assert events.metrics(s, job_id) == {
             "sft": [{"step": 1, "loss": 2.0, "attempt": 1}, {"step": 2, "loss": 1.5, "attempt": 1}],
             "rm": [],
             "dpo": [],
         }
-        messages = jobs.list_events(s, job_id, type="message")
+        messages = events.list_events(s, job_id, type="message")
         assert [(m.level, m.payload["text"]) for m in messages][:2] == [
             ("warning", "slow disk"),
             ("info", "published artifact demo.sft-v1-0123456789ab"),
         ]
-        artifact = jobs.get_artifact(s, tenant_id, "demo.sft-v1-0123456789ab")
+        artifact = artifacts.get_artifact(s, tenant_id, "demo.sft-v1-0123456789ab")
         assert (artifact.job_id, artifact.attempt, artifact.metrics) == (job_id, 1, {"loss": 1.5})
-        assert jobs.artifact_for(s, run.id, 1).id == artifact.id and jobs.artifact_for(s, run.id, 2) is None
-        assert jobs.get_artifact(s, "another-tenant", artifact.id) is None
+        assert artifacts.artifact_for(s, run.id, 1).id == artifact.id and artifacts.artifact_for(s, run.id, 2) is None
+        assert artifacts.get_artifact(s, "another-tenant", artifact.id) is None
         after = messages[0].id
-        assert all(e.id > after for e in jobs.list_events(s, job_id, after_id=after))
+        assert all(e.id > after for e in events.list_events(s, job_id, after_id=after))
         with pytest.raises(ValueError, match="unknown report type"):
-            jobs.apply_report(s, run.id, 1, "progress", {})
+            reports.apply_report(s, run.id, 1, "progress", {}, lease_seconds=60)
 
 
 def test_a_samples_report_is_an_event_and_does_not_renew_the_lease(session_factory, tenant_id):
@@ -262,19 +268,19 @@ def test_a_samples_report_is_an_event_and_does_not_renew_the_lease(session_facto
     with session_factory() as s:
         after = s.get(StageRun, run.id)
         assert after.lease_expires_at == lease and after.progress_step is None and after.updated_at > updated
-        (event,) = jobs.list_events(s, job_id, type="samples")
+        (event,) = events.list_events(s, job_id, type="samples")
         assert (event.stage_run_id, event.attempt, event.level) == (run.id, 1, "info")
         assert event.payload == {"samples": samples}
-        assert jobs.metrics(s, job_id) == {"sft": [], "rm": [], "dpo": []}
+        assert events.metrics(s, job_id) == {"sft": [], "rm": [], "dpo": []}
 
 
 def test_expired_leases(session_factory, tenant_id):
     new_job(session_factory, tenant_id)
     run = claim(session_factory, lease=30)
     with session_factory() as s:
-        assert jobs.expired_leases(s, utcnow()) == []
-        assert [r.id for r in jobs.expired_leases(s, utcnow() + timedelta(seconds=31))] == [run.id]
-        assert [r.id for r in jobs.running_owned_by(s, "d1")] == [run.id] and jobs.running_owned_by(
+        assert leases.expired_leases(s, utcnow()) == []
+        assert [r.id for r in leases.expired_leases(s, utcnow() + timedelta(seconds=31))] == [run.id]
+        assert [r.id for r in leases.running_owned_by(s, "d1")] == [run.id] and leases.running_owned_by(
             s, "d2"
         ) == []
 
@@ -286,18 +292,18 @@ def test_stage_inputs_follow_the_latest_policy_stage(session_factory, tenant_id)
         run = claim(session_factory)
         assert run.id == run_id
         with session_factory.begin() as s:
-            assert jobs.stage_inputs(s, run) == (
+            assert inputs_of(s, run) == (
                 (None, [], None)
                 if run_id == sft_id
                 else ("/store/demo.sft-v1-aaaaaaaaaaaa", ["demo.sft-v1-aaaaaaaaaaaa"], None)
             )
         assert report(session_factory, run.id, 1, "artifact", artifact_payload(artifact_id))
         with session_factory.begin() as s:
-            assert jobs.transition(s, run.id, "running", 1, "succeeded")
+            assert transitions.succeed(s, run.id, 1)
     dpo = claim(session_factory)
     with session_factory() as s:
         assert dpo.id == dpo_id
-        assert jobs.stage_inputs(s, dpo) == (
+        assert inputs_of(s, dpo) == (
             "/store/demo.sft-v1-aaaaaaaaaaaa", ["demo.sft-v1-aaaaaaaaaaaa"], None
         )
 
@@ -312,7 +318,7 @@ SFT_RM_PPO = [
 def succeed(session_factory, run: StageRun, artifact_id: str, kind: str = "adapter") -> None:
     assert report(session_factory, run.id, run.attempt, "artifact", artifact_payload(artifact_id, kind))
     with session_factory.begin() as s:
-        assert jobs.transition(s, run.id, "running", run.attempt, "succeeded")
+        assert transitions.succeed(s, run.id, run.attempt)
 
 
 def test_stage_inputs_give_a_ppo_stage_the_policy_and_the_reward_model(session_factory, tenant_id):
@@ -325,20 +331,20 @@ def test_stage_inputs_give_a_ppo_stage_the_policy_and_the_reward_model(session_f
     rm = claim(session_factory)
     assert rm.id == rm_id
     with session_factory.begin() as s:
-        assert jobs.stage_inputs(s, rm) == (
+        assert inputs_of(s, rm) == (
             "/store/demo.sft-v1-aaaaaaaaaaaa", ["demo.sft-v1-aaaaaaaaaaaa"], None
         )
     first_try = artifact_payload("demo.rm-v1-111111111111", "reward_model")
     assert report(session_factory, rm.id, 1, "artifact", first_try)
     with session_factory.begin() as s:
-        assert jobs.fail_attempt(s, rm.id, 1, "worker_lost", "node died") == "queued"
+        assert transitions.fail_attempt(s, rm.id, 1, "worker_lost", "node died") == "queued"
     rm = claim(session_factory)
     assert (rm.id, rm.attempt) == (rm_id, 2)
     succeed(session_factory, rm, "demo.rm-v2-222222222222", "reward_model")
     ppo = claim(session_factory)
     assert ppo.id == ppo_id
     with session_factory() as s:
-        inputs = jobs.stage_inputs(s, ppo)
+        inputs = inputs_of(s, ppo)
     assert inputs == (
         "/store/demo.sft-v1-aaaaaaaaaaaa",
         ["demo.sft-v1-aaaaaaaaaaaa", "demo.rm-v2-222222222222"],
@@ -361,7 +367,7 @@ def test_stage_inputs_use_the_reward_model_the_stage_names(session_factory, tena
     ppo = claim(session_factory)
     assert (ppo.job_id, ppo.index) == (second, 2)
     with session_factory() as s:
-        assert jobs.stage_inputs(s, ppo) == (
+        assert inputs_of(s, ppo) == (
             "/store/demo.sft-v2-cccccccccccc",
             ["demo.sft-v2-cccccccccccc", "demo.rm-v1-bbbbbbbbbbbb"],
             "/store/demo.rm-v1-bbbbbbbbbbbb",
@@ -371,7 +377,7 @@ def test_stage_inputs_use_the_reward_model_the_stage_names(session_factory, tena
     ppo = claim(session_factory)
     assert ppo.job_id == alone
     with session_factory() as s:
-        assert jobs.stage_inputs(s, ppo) == (
+        assert inputs_of(s, ppo) == (
             None, ["demo.rm-v1-bbbbbbbbbbbb"], "/store/demo.rm-v1-bbbbbbbbbbbb"
         )
 
@@ -382,11 +388,11 @@ def test_stage_inputs_refuse_a_reward_model_they_cannot_find(session_factory, te
     assert states(session_factory, first) == [("succeeded", 1)]
     named = {**SFT_RM_PPO[2], "reward_model": "artifact:demo.rm-v1-bbbbbbbbbbbb"}
     with session_factory.begin() as s:
-        other_tenant = jobs.create_tenant(s, "other").id
+        other_tenant = auth.create_tenant(s, "other").id
     new_job(session_factory, other_tenant, stages=[named])
     ppo = claim(session_factory)
-    with session_factory() as s, pytest.raises(jobs.MissingInput) as missing:
-        jobs.stage_inputs(s, ppo)
+    with session_factory() as s, pytest.raises(MissingInput) as missing:
+        inputs_of(s, ppo)
     assert missing.value.field == "stages[0].reward_model"
     assert "no artifact 'artifact:demo.rm-v1-bbbbbbbbbbbb'" in missing.value.message
 
@@ -410,14 +416,14 @@ def test_list_jobs_pages_and_filters_by_derived_status(session_factory, tenant_i
 
 def test_api_keys_are_stored_hashed(session_factory, tenant_id):
     with session_factory.begin() as s:
-        key, plaintext = jobs.create_api_key(s, tenant_id, "ci")
-        assert key.key_hash == jobs.hash_key(plaintext) and plaintext not in key.key_hash
+        key, plaintext = auth.create_api_key(s, tenant_id, "ci")
+        assert key.key_hash == auth.hash_key(plaintext) and plaintext not in key.key_hash
     with session_factory.begin() as s:
-        assert jobs.tenant_for_key(s, plaintext).id == tenant_id
-        assert jobs.tenant_for_key(s, plaintext + "x") is None
+        assert auth.tenant_for_key(s, plaintext).id == tenant_id
+        assert auth.tenant_for_key(s, plaintext + "x") is None
         s.get(type(key), key.id).revoked_at = utcnow()
     with session_factory() as s:
-        assert jobs.tenant_for_key(s, plaintext) is None
+        assert auth.tenant_for_key(s, plaintext) is None
 
 
 def test_concurrent_claims_take_each_stage_run_once(session_factory, tenant_id):

@@ -11,11 +11,11 @@ import pytest
 from sqlalchemy import select, update
 
 from align.spec import parse_spec
-from services.db import jobs
-from services.db.models import StageRun, utcnow
+from align.stage_launch import StageLaunch
+from services.db import auth, events, jobs, reports, transitions
+from services.db.models import Job, StageRun, utcnow
 from services.dispatcher import REPO_ROOT, Dispatcher, RayJobs
 from services.settings import Settings
-from workers.entrypoint import Ticket
 
 STAGES = [
     {"type": "sft", "data": {"path": "data/sft.jsonl"}},
@@ -85,7 +85,7 @@ def settings(database_url) -> Settings:
 @pytest.fixture
 def tenant_id(session_factory) -> str:
     with session_factory.begin() as s:
-        return jobs.create_tenant(s, "acme").id
+        return auth.create_tenant(s, "acme").id
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def states(session_factory, job_id) -> list[tuple[str, int]]:
 
 def report(session_factory, run_id, attempt, type, payload) -> bool:
     with session_factory.begin() as s:
-        return jobs.apply_report(s, run_id, attempt, type, payload, lease_seconds=60)
+        return reports.apply_report(s, run_id, attempt, type, payload, lease_seconds=60)
 
 
 def publish(session_factory, ticket: dict, name: str, kind: str = "adapter") -> str:
@@ -175,12 +175,12 @@ def test_submits_one_ray_job_per_attempt_with_its_ticket(
         "parents": [],
         "artifact_root": "/store",
         "work_dir": f"/work-root/{job_id}/{run.id}",
+        "resume": True,
         "require_checkpoint": False,
-        "report_url": "http://127.0.0.1:8321/internal/reports",
-        "report_token": ticket["report_token"],
+        "report": {"url": "http://127.0.0.1:8321/internal/reports", "token": ticket["report"]["token"]},
     }
-    assert settings.check_report_token(run.id, 1, ticket["report_token"]) is None
-    assert settings.check_report_token(run.id, 2, ticket["report_token"]) is not None
+    assert settings.check_report_token(run.id, 1, ticket["report"]["token"]) is None
+    assert settings.check_report_token(run.id, 2, ticket["report"]["token"]) is not None
     assert parse_spec(ticket["spec"]).stage_names() == ["sft", "rm", "dpo"]
     for _ in range(2):
         dispatcher.tick()
@@ -209,7 +209,7 @@ def test_a_restarted_dispatcher_does_not_submit_again(settings, session_factory,
     # A claim that crashed before submitting is submitted by the restarted dispatcher, exactly once.
     second_job = new_job(session_factory, tenant_id, STAGES[:1])
     with session_factory.begin() as s:
-        claimed = jobs.claim_next(s, "d1", 60)
+        claimed = transitions.claim_next(s, "d1", 60)
     assert claimed.job_id == second_job
     restarted.tick()
     restarted.tick()
@@ -255,7 +255,7 @@ def test_a_ppo_ticket_carries_the_reward_model_of_the_rm_stage(dispatcher, sessi
     assert ticket["reward_model"] == f"/store/{published['rm']}"
     assert ticket["parents"] == [published["sft"], published["rm"]]
     # The worker's view of the same ticket keeps the reward model.
-    assert Ticket.from_json(json.dumps(ticket)).reward_model == f"/store/{published['rm']}"
+    assert StageLaunch.model_validate_json(json.dumps(ticket)).reward_model == f"/store/{published['rm']}"
     assert states(session_factory, job_id) == [("succeeded", 1), ("succeeded", 1), ("running", 1)]
 
 
@@ -280,6 +280,19 @@ def test_a_reward_model_that_cannot_be_found_fails_the_stage_without_blocking_th
     assert [s["submission_id"] for s in ray.submissions] == [f"align-{behind_run.id}-a1"]
 
 
+def test_a_stored_spec_that_no_longer_validates_fails_the_stage_without_submitting(
+    dispatcher, session_factory, tenant_id, ray
+):
+    job_id = new_job(session_factory, tenant_id, STAGES[:1])
+    with session_factory.begin() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(spec={"name": "demo", "base_model": "builtin:tiny"}))
+    dispatcher.tick()
+    assert states(session_factory, job_id) == [("failed", 1)]
+    failed = stage_runs(session_factory, job_id)[0]
+    assert (failed.error_code, failed.error_field, failed.retryable) == ("bad_spec", "stages", False)
+    assert "required field is missing" in failed.error_message and ray.submissions == []
+
+
 def test_ray_success_without_an_artifact_is_retried(dispatcher, session_factory, tenant_id, ray):
     job_id = new_job(session_factory, tenant_id, STAGES[:1])
     dispatcher.tick()
@@ -288,7 +301,7 @@ def test_ray_success_without_an_artifact_is_retried(dispatcher, session_factory,
     assert states(session_factory, job_id) == [("running", 2)]
     with session_factory() as s:
         retry = [
-            e.payload for e in jobs.list_events(s, job_id, type="state") if e.payload["to"] == "retrying"
+            e.payload for e in events.list_events(s, job_id, type="state") if e.payload["to"] == "retrying"
         ]
     assert [(p["error_code"], p["attempt"]) for p in retry] == [("no_artifact", 1)]
 
@@ -314,7 +327,7 @@ def test_retryable_failure_resumes_from_the_checkpoint(dispatcher, session_facto
     with session_factory() as s:
         moves = [
             (e.payload["from"], e.payload["to"], e.attempt, e.payload.get("error_code"))
-            for e in jobs.list_events(s, job_id, type="state")
+            for e in events.list_events(s, job_id, type="state")
         ][-3:]
     assert moves == [
         ("running", "retrying", 1, "nccl_timeout"),
@@ -324,8 +337,8 @@ def test_retryable_failure_resumes_from_the_checkpoint(dispatcher, session_facto
     assert [s["submission_id"] for s in ray.submissions] == [f"align-{run_id}-a1", f"align-{run_id}-a2"]
     ticket = ray.ticket()
     assert (ticket["attempt"], ticket["require_checkpoint"]) == (2, True)
-    assert settings.check_report_token(run_id, 2, ticket["report_token"]) is None
-    assert settings.check_report_token(run_id, 1, ticket["report_token"]) == "bad report token for this stage run and attempt"
+    assert settings.check_report_token(run_id, 2, ticket["report"]["token"]) is None
+    assert settings.check_report_token(run_id, 1, ticket["report"]["token"]) == "bad report token for this stage run and attempt"
     assert ticket["work_dir"] == f"/work-root/{job_id}/{run_id}"
     assert not report(session_factory, run_id, 1, "heartbeat", {"step": 51, "total_steps": 100})
     assert states(session_factory, job_id)[0] == ("running", 2)
@@ -393,10 +406,10 @@ def test_expired_lease_is_rescued(dispatcher, session_factory, tenant_id, ray, s
     assert states(session_factory, job_id) == [("running", 2)]
     with session_factory() as s:
         assert (
-            sum("lease_expired" in str(e.payload) for e in jobs.list_events(s, job_id, type="message")) == 1
+            sum("lease_expired" in str(e.payload) for e in events.list_events(s, job_id, type="message")) == 1
         )
         retry = [
-            e.payload for e in jobs.list_events(s, job_id, type="state") if e.payload["to"] == "retrying"
+            e.payload for e in events.list_events(s, job_id, type="state") if e.payload["to"] == "retrying"
         ]
     assert [(p["error_code"], p["retryable"], p["attempt"]) for p in retry] == [("lease_expired", True, 1)]
     assert [s["submission_id"] for s in ray.submissions] == [submission_id, submission_id[:-1] + "2"]
@@ -424,7 +437,7 @@ def test_another_owners_claim_is_left_alone_until_its_lease_expires(
 ):
     job_id = new_job(session_factory, tenant_id, STAGES[:1])
     with session_factory.begin() as s:
-        run_id = jobs.claim_next(s, "crashed-dispatcher", 60).id
+        run_id = transitions.claim_next(s, "crashed-dispatcher", 60).id
     dispatcher.tick()
     assert ray.submissions == [] and states(session_factory, job_id) == [("running", 1)]
     expire_lease(session_factory, run_id)

@@ -10,7 +10,7 @@ from data_helpers import style_tokenizer
 from fastapi.testclient import TestClient
 
 from services.app import create_app
-from services.db import jobs
+from services.db import auth
 from services.settings import Settings
 
 SYSTEM_CONVERSATION = [
@@ -47,8 +47,8 @@ def client(tmp_path, roots, database_url, session_factory):
     )
     with TestClient(create_app(settings, session_factory=session_factory)) as test_client:
         with session_factory() as session:
-            tenant = jobs.create_tenant(session, "alice")
-            _, key = jobs.create_api_key(session, tenant.id, "test")
+            tenant = auth.create_tenant(session, "alice")
+            _, key = auth.create_api_key(session, tenant.id, "test")
             session.commit()
         test_client.headers["Authorization"] = f"Bearer {key}"
         yield test_client

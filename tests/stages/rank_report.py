@@ -1,4 +1,4 @@
-"""One rank of a stage that reports what it trained: ``rank_report.py CONTEXT_JSON OUT_DIR``.
+"""One rank of a stage that reports what it trained: ``rank_report.py LAUNCH_JSON OUT_DIR``.
 
 Started by torchrun, one process per rank. Runs the stage like ``align.launch`` does and, when the
 stage publishes, hashes this rank's view of the trainable parameters (gathered under ZeRO-3) before
@@ -34,14 +34,15 @@ def saved_names(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[
     return get_peft_model_state_dict(model, state_dict=state)
 
 
-def main(context_file: str, out_dir: str) -> None:
+def main(launch_file: str, out_dir: str) -> None:
     from align.models.adapters import trainable_state_dict
-    from align.runner import context_from_json, run_stage
-    from align.stages import common
+    from align.runner import run_stage, stage_context
+    from align.stage_launch import StageLaunch
+    from align.stages import artifact
 
-    ctx = context_from_json(json.loads(Path(context_file).read_text()))
+    ctx = stage_context(StageLaunch.model_validate_json(Path(launch_file).read_text()))
     report: dict = {}
-    publish = common.publish
+    publish = artifact.publish
 
     def publish_and_report(stage_ctx, model, tokenizer, rank, **kwargs):
         # Every rank takes part: under ZeRO-3 the gather is collective.
@@ -56,11 +57,11 @@ def main(context_file: str, out_dir: str) -> None:
         )
         return publish(stage_ctx, model, tokenizer, rank, **kwargs)
 
-    common.publish = publish_and_report
+    artifact.publish = publish_and_report
     try:
         result = run_stage(ctx)
     finally:
-        common.publish = publish
+        artifact.publish = publish
     report.update(metrics=result.metrics, artifact=result.artifact.uri)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

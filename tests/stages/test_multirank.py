@@ -21,9 +21,8 @@ from safetensors.torch import load_file
 from align.artifacts import ArtifactStore
 from align.engine.dist import free_port
 from align.precision import resolve
-from align.runner import context_to_json
 from align.spec import parse_spec
-from align.stages.common import StageContext
+from align.stage_launch import StageLaunch
 
 pytestmark = pytest.mark.slow
 
@@ -54,12 +53,12 @@ def two_rank_job(model: Path, data: dict[str, Path], zero_stage: int):
     )
 
 
-def run_ranks(ctx: StageContext, out_dir: Path, nproc: int = 2) -> list[dict]:
+def run_ranks(launch: StageLaunch, out_dir: Path, nproc: int = 2) -> list[dict]:
     """Run the stage as ``nproc`` torchrun ranks of ``rank_report.py``; returns the reports, rank 0 first."""
-    ctx.work_dir.mkdir(parents=True, exist_ok=True)
-    context_file = ctx.work_dir / "context.json"
-    context_file.write_text(json.dumps(context_to_json(ctx)))
-    env = dict(os.environ, OMP_NUM_THREADS=str(int(ctx.threads or 1)))
+    launch.work_dir.mkdir(parents=True, exist_ok=True)
+    context_file = launch.work_dir / "launch.json"
+    context_file.write_text(launch.model_dump_json())
+    env = dict(os.environ, OMP_NUM_THREADS=str(launch.threads))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     command = [
@@ -67,7 +66,7 @@ def run_ranks(ctx: StageContext, out_dir: Path, nproc: int = 2) -> list[dict]:
         "--master_addr=127.0.0.1", f"--master_port={free_port()}",
         str(RANK_REPORT), str(context_file), str(out_dir),
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     if done.returncode != 0:
         pytest.fail(f"torchrun exited with {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return [json.loads((out_dir / f"rank-{r}.json").read_text()) for r in range(nproc)]
@@ -85,14 +84,13 @@ def metrics_of(work_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def sft_runs(small_model, small_data, tmp_path_factory):
     """``sft_runs(zero_stage)``: (context, rank reports) of the 2-rank SFT stage, run once per module."""
-    runs: dict[int, tuple[StageContext, list[dict]]] = {}
+    runs: dict[int, tuple[StageLaunch, list[dict]]] = {}
 
     def run(zero_stage: int):
         if zero_stage not in runs:
             root = tmp_path_factory.mktemp(f"zero{zero_stage}")
             job = two_rank_job(small_model, small_data, zero_stage)
-            ctx = StageContext(job=job, index=0, work_dir=root / "work" / "sft",
-                               artifact_root=str(root / "artifacts"), threads=1)
+            ctx = StageLaunch(spec=job, index=0, work_dir=root / "work" / "sft", artifact_root=str(root / "artifacts"))
             runs[zero_stage] = (ctx, run_ranks(ctx, root / "reports" / "sft"))
         return runs[zero_stage]
 
@@ -143,9 +141,9 @@ def test_dpo_on_two_ranks_starts_at_ln2_from_the_sft_adapter(sft_runs, tmp_path)
     sft_ctx, (sft_rank0, _) = sft_runs(2)
     store = ArtifactStore(sft_ctx.artifact_root)
     sft_artifact = store.get(sft_rank0["artifact"])
-    ctx = StageContext(job=sft_ctx.job, index=1, work_dir=sft_ctx.work_dir.parent / "dpo",
-                       artifact_root=sft_ctx.artifact_root, start_policy=store.download(sft_artifact.uri),
-                       parents=[sft_artifact.artifact_id], threads=1)
+    ctx = StageLaunch(spec=sft_ctx.spec, index=1, work_dir=sft_ctx.work_dir.parent / "dpo",
+                      artifact_root=sft_ctx.artifact_root, start_policy=sft_artifact.uri,
+                      parents=[sft_artifact.artifact_id])
     rank0, rank1 = run_ranks(ctx, tmp_path / "reports")
 
     assert rank0["digest"] == rank1["digest"], "the ranks disagree on the trained adapter"
@@ -192,11 +190,10 @@ def test_ppo_on_two_ranks_ends_with_one_policy(small_model, small_data, tmp_path
 
     sft, rm = run_job(parse_spec({**spec, "stages": spec["stages"][:2]}), work_root=tmp_path / "work",
                       artifact_root=str(tmp_path / "artifacts"))
-    store = ArtifactStore(str(tmp_path / "artifacts"))
     job = parse_spec({**spec, "resources": {"num_workers": 2, "cpus_per_worker": 1}})
-    ctx = StageContext(job=job, index=2, work_dir=tmp_path / "work" / "ppo", artifact_root=str(tmp_path / "artifacts"),
-                       start_policy=store.download(sft.artifact.uri), reward_model=store.download(rm.artifact.uri),
-                       parents=[sft.artifact.artifact_id, rm.artifact.artifact_id], threads=1)
+    ctx = StageLaunch(spec=job, index=2, work_dir=tmp_path / "work" / "ppo", artifact_root=str(tmp_path / "artifacts"),
+                      start_policy=sft.artifact.uri, reward_model=rm.artifact.uri,
+                      parents=[sft.artifact.artifact_id, rm.artifact.artifact_id])
     rank0, rank1 = run_ranks(ctx, tmp_path / "reports")
 
     assert rank0["digest"] == rank1["digest"], "the ranks disagree on the trained policy"
@@ -226,8 +223,7 @@ def test_grpo_on_two_ranks_with_zero3(small_model, small_data, tmp_path):
                     "group_size": 3, "batch_size": 2, "max_new_tokens": 6, "max_length": 48, "max_steps": 2,
                     "lr": 1e-2, "seed": 5}],
     })
-    ctx = StageContext(job=job, index=0, work_dir=tmp_path / "work" / "grpo", artifact_root=str(tmp_path / "artifacts"),
-                       threads=1)
+    ctx = StageLaunch(spec=job, index=0, work_dir=tmp_path / "work" / "grpo", artifact_root=str(tmp_path / "artifacts"))
     rank0, rank1 = run_ranks(ctx, tmp_path / "reports")
 
     assert rank0["digest"] == rank1["digest"], "the ranks disagree on the trained policy"

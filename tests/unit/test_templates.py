@@ -168,10 +168,12 @@ def test_template_errors_are_not_retryable_in_the_worker(tmp_path):
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
-    from workers.entrypoint import Ticket, classify
+    from align.spec import parse_spec
+    from align.stage_launch import StageLaunch
+    from workers.entrypoint import classify
 
     spec = {"name": "t", "base_model": "/models/mistral", "stages": [{"type": "sft", "data": {"path": "/d.jsonl"}}]}
-    ticket = Ticket("sr_1", 1, "job_1", spec, 0, None, [], str(tmp_path), str(tmp_path), False, "http://x", "t")
+    ticket = StageLaunch(spec=parse_spec(spec), index=0, work_dir=tmp_path, artifact_root=str(tmp_path))
     with pytest.raises(TemplateError) as caught:
         tokenize_sft({"messages": [SYSTEM, *TURNS]}, "messages", style_tokenizer("mistral_v3"), 512)
     wrapped = WorkerGroupError("worker failed", {0: UserExceptionWithTraceback(caught.value, "Traceback ...")})
@@ -184,10 +186,12 @@ def test_data_and_template_errors_survive_pickling_with_their_type(tmp_path):
     import pickle
 
     from align.data.load import DataError
-    from workers.entrypoint import Ticket, classify
+    from align.spec import parse_spec
+    from align.stage_launch import StageLaunch
+    from workers.entrypoint import classify
 
     spec = {"name": "t", "base_model": "/models/m", "stages": [{"type": "sft", "data": {"path": "/d.jsonl"}}]}
-    ticket = Ticket("sr_1", 1, "job_1", spec, 0, None, [], str(tmp_path), str(tmp_path), False, "http://x", "t")
+    ticket = StageLaunch(spec=parse_spec(spec), index=0, work_dir=tmp_path, artifact_root=str(tmp_path))
     with pytest.raises(TemplateError) as caught:
         tokenize_sft({"messages": [SYSTEM, *TURNS]}, "messages", style_tokenizer("mistral_v3"), 512)
     template_error = caught.value.at("/d.jsonl", 3)

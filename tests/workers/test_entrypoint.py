@@ -20,6 +20,7 @@ from worker_helpers import (
     adapter_digest,
     make_ticket,
     output_of,
+    report_to,
     run_entrypoint,
     sft_spec,
 )
@@ -112,7 +113,7 @@ def test_retried_attempt_resumes_from_its_checkpoint(interrupted, uninterrupted,
     assert first.returncode == 3, output_of(first)
     receiver = Receiver()
     try:
-        ticket = dict(first_ticket, attempt=2, require_checkpoint=True, report_url=receiver.url)
+        ticket = dict(first_ticket, attempt=2, require_checkpoint=True, report=report_to(receiver))
         done = run_entrypoint(ticket, ray_cluster)
         assert done.returncode == 0, output_of(done)
         assert {r["attempt"] for r in receiver.reports} == {2}

@@ -10,9 +10,10 @@ import pytest
 from worker_helpers import TOKEN, make_ticket
 
 from align.data.load import DataError
+from align.stage_launch import StageLaunch
 from align.stages.common import MissingCheckpoint
 from services.settings import Settings
-from workers.entrypoint import EXIT_BAD_TICKET, Ticket, classify, main
+from workers.entrypoint import EXIT_BAD_TICKET, classify, main
 from workers.report import Fenced, Reporter, TokenExpired
 
 
@@ -123,9 +124,9 @@ def test_heartbeats_are_throttled(receiver):
     assert [r["payload"]["step"] for r in receiver.reports] == [1, 4]
 
 
-def ticket_for(receiver, tmp_path, data_path="/data/sft.jsonl") -> Ticket:
+def ticket_for(receiver, tmp_path, data_path="/data/sft.jsonl") -> StageLaunch:
     spec = {"name": "t", "base_model": "builtin:tiny", "stages": [{"type": "sft", "data": {"path": data_path}}]}
-    return Ticket.from_json(json.dumps(make_ticket(receiver, spec, tmp_path)))
+    return StageLaunch.model_validate_json(json.dumps(make_ticket(receiver, spec, tmp_path)))
 
 
 def test_user_errors_inside_ray_train_errors_are_not_retryable(receiver, tmp_path):
@@ -162,9 +163,9 @@ def test_bad_spec_in_the_ticket_fails_for_good_naming_the_field(receiver, tmp_pa
 def test_the_ticket_reward_model_is_optional(receiver, tmp_path):
     stages = [{"type": "sft", "data": {"path": "/d.jsonl"}}]
     spec = {"name": "t", "base_model": "builtin:tiny", "stages": stages}
-    assert Ticket.from_json(json.dumps(make_ticket(receiver, spec, tmp_path))).reward_model is None
+    assert StageLaunch.model_validate_json(json.dumps(make_ticket(receiver, spec, tmp_path))).reward_model is None
     named = make_ticket(receiver, spec, tmp_path, reward_model="/store/t.rm/v1")
-    assert Ticket.from_json(json.dumps(named)).reward_model == "/store/t.rm/v1"
+    assert StageLaunch.model_validate_json(json.dumps(named)).reward_model == "/store/t.rm/v1"
 
 
 def test_missing_ticket_fields_exit_without_reporting(monkeypatch):

@@ -75,7 +75,8 @@ class Receiver:
 
 
 def make_ticket(receiver: Receiver, spec: dict, root: Path, **fields) -> dict:
-    """A ticket for stage 0 of ``spec``, its folders under ``root``; ``fields`` replace any field."""
+    """A ticket (a StageLaunch as JSON) for stage 0 of ``spec``, its folders under ``root``; ``fields``
+    replace any field."""
     ticket = {
         "stage_run_id": "sr_0123abcd",
         "attempt": 1,
@@ -87,11 +88,15 @@ def make_ticket(receiver: Receiver, spec: dict, root: Path, **fields) -> dict:
         "artifact_root": str(root / "artifacts"),
         "work_dir": str(root / "work"),
         "require_checkpoint": False,
-        "report_url": receiver.url,
-        "report_token": TOKEN,
+        "report": report_to(receiver),
     }
     ticket.update(fields)
     return ticket
+
+
+def report_to(receiver: Receiver) -> dict:
+    """The ticket's report endpoint: the receiver, with the token it accepts."""
+    return {"url": receiver.url, "token": TOKEN}
 
 
 def run_entrypoint(ticket: dict, cluster=None, env: dict | None = None, timeout: float = 300):
