@@ -82,18 +82,17 @@ def refuse_ticket(text: str, error: ValidationError) -> int:
     from align.spec import SpecError, parse_spec
 
     if all(problem["loc"][:1] == ("spec",) for problem in error.errors()):
-        data = json.loads(text)
+        data = json.loads(text)  # the rest of the ticket validated: only the spec is in doubt
+        report, stage_run_id = data.get("report"), data.get("stage_run_id")
         try:
-            parse_spec(data["spec"])
+            parse_spec(data.get("spec"))
         except SpecError as spec_error:
-            reporter = Reporter(data["report"]["url"], data["report"]["token"], data["stage_run_id"],
-                                data["attempt"])
-            try:
-                return report_failure(reporter, classify(spec_error, None))
-            finally:
-                reporter.close()
-        except (KeyError, TypeError):
-            pass
+            if report is not None and stage_run_id is not None:
+                reporter = Reporter(report["url"], report["token"], stage_run_id, data.get("attempt", 1))
+                try:
+                    return report_failure(reporter, classify(spec_error, None))
+                finally:
+                    reporter.close()
     logger.error("no usable ticket in %s: %s", TICKET_ENV, error)
     return EXIT_BAD_TICKET
 
