@@ -174,7 +174,7 @@ def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
     return {_cache_argument_name(type(inner)): cache}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_argument_name(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 

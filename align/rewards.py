@@ -9,7 +9,8 @@ model's scores have no such reading.
 
 from __future__ import annotations
 
-from typing import Any, Callable, get_args
+from collections.abc import Callable
+from typing import Any, get_args
 
 import torch
 

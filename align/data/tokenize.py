@@ -34,9 +34,9 @@ skipped: the tokenize functions return ``None`` and ``tokenize_dataset`` counts 
 """
 
 import logging
+from collections.abc import Iterable
 from typing import Any, Literal
 
-import datasets
 from transformers import PreTrainedTokenizerBase
 
 from align.data.load import Format, Kind, split_implicit_prompt
@@ -258,8 +258,9 @@ def tokenize_prompt(
     tokenizer: PreTrainedTokenizerBase,
     max_prompt_length: int | None = None,
 ) -> dict[str, Any]:
-    """``{"prompt_input_ids"}`` (generation prompt appended, cut from the left to ``max_prompt_length``),
-    plus ``"reference"``, the text of the completion or chosen answer, when the row has one."""
+    """``{"prompt_input_ids", "prompt"}``: the ids (generation prompt appended, cut from the left to
+    ``max_prompt_length``) and the prompt turns they render (the whole prompt, uncut), plus
+    ``"reference"``, the text of the completion or chosen answer, when the row has one."""
     prompt, reference = prompt_and_reference(row, fmt)
     if is_text_row(row, fmt):
         prompt_ids = _text_ids(tokenizer, row["prompt"])
@@ -268,14 +269,14 @@ def tokenize_prompt(
         prompt_ids = render_prompt(tokenizer, prompt)
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
-    features: dict[str, Any] = {"prompt_input_ids": prompt_ids}
+    features: dict[str, Any] = {"prompt_input_ids": prompt_ids, "prompt": prompt}
     if reference is not None:
         features["reference"] = reference
     return features
 
 
 def tokenize_dataset(
-    dataset: datasets.Dataset,
+    dataset: Iterable[dict[str, Any]],
     fmt: Format,
     kind: Kind,
     tokenizer: PreTrainedTokenizerBase,
@@ -283,7 +284,8 @@ def tokenize_dataset(
     max_prompt_length: int | None = None,
     truncation: Truncation = "right",
 ) -> tuple[list[dict[str, Any]], int]:
-    """Tokenize every row for ``kind``; returns the features and how many rows were dropped.
+    """Tokenize every row (of a ``datasets.Dataset`` or a list) for ``kind``; returns the features and how
+    many rows were dropped.
 
     For ``kind="prompt"`` prompts are cut to ``max_prompt_length``, or to ``max_length`` if that is unset.
     """

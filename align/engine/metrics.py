@@ -1,12 +1,15 @@
-"""Step metrics: one JSON line per logged step, plus a callback for whoever runs the stage."""
+"""Step metrics: one JSON line per logged step, plus a callback for whoever runs the stage; the
+throughput and gradient norm every step record carries."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+from align.engine.dist import all_reduce_sum
 
 MetricsCallback = Callable[[dict], None]
 
@@ -39,6 +42,38 @@ class MetricsLog:
         kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
         self.records = [json.loads(line) for line in kept]
+
+
+class Throughput:
+    """Tokens (and, for stages that count them, samples) per second over the steps since the last
+    reading, summed over ranks."""
+
+    def __init__(self, samples: bool = False):
+        self.counts_samples = samples
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.samples = 0
+
+    def add(self, tokens: int, samples: int = 0) -> None:
+        self.tokens += tokens
+        self.samples += samples
+
+    def read(self) -> dict[str, float]:
+        """``tokens_per_s`` (and ``samples_per_s``) since the last reading; every rank calls it."""
+        now = time.perf_counter()
+        tokens, samples = all_reduce_sum([float(self.tokens), float(self.samples)])
+        elapsed = max(now - self.start, 1e-9)
+        self.start, self.tokens, self.samples = now, 0, 0
+        rates = {"tokens_per_s": tokens / elapsed}
+        if self.counts_samples:
+            rates["samples_per_s"] = samples / elapsed
+        return rates
+
+
+def grad_norm(engine) -> float:
+    """The global gradient norm of the last optimizer step (NaN before the first)."""
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
 
 
 def _plain(value):

@@ -5,8 +5,8 @@ on the real tokens of each response and zero on the padding after it. Per-sequen
 (batch,). Group methods (GRPO, RLOO) take rewards of shape (num_prompts * group_size,) with the
 samples of one prompt contiguous, the order in which ``align.generation`` returns them.
 
-Whitening is :func:`align.ops.masked_whiten` (with ``shift_mean=False`` for rewards); it is not
-repeated here.
+Whitening is :func:`align.ops.masked_whiten` (PPO's advantages take its mean and variance over
+every micro-batch on every rank); it is not repeated here.
 """
 
 from __future__ import annotations

@@ -165,15 +165,24 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return squared / denominator.clamp(min=1)
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(
+    values: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    *,
+    mean: Tensor | float | None = None,
+    var: Tensor | float | None = None,
+) -> Tensor:
     """Normalise ``values`` to unit variance over the masked elements: ``(v - μ) / sqrt(σ² + eps)``.
 
-    ``μ`` and ``σ²`` come from :func:`masked_mean` and :func:`masked_var` (unbiased). With
-    ``shift_mean=False`` the mean is added back, so only the scale changes (used for PPO rewards,
-    whose sign carries meaning). Positions outside ``mask`` go through the same affine map; the
-    caller masks them.
+    ``μ`` and ``σ²`` are :func:`masked_mean` and :func:`masked_var` (unbiased) of ``values`` unless
+    given as ``mean`` and ``var``: statistics over more than this tensor, as PPO's advantages take
+    over every micro-batch on every rank. With ``shift_mean=False`` the mean is added back, so only
+    the scale changes (for rewards, whose sign carries meaning). Positions outside ``mask`` go
+    through the same affine map; the caller masks them.
     """
-    mean = masked_mean(values, mask)
-    var = masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(var + eps)
+    mean = masked_mean(values, mask) if mean is None else mean
+    var = masked_var(values, mask) if var is None else var
+    whitened = (values - mean) * torch.rsqrt(torch.as_tensor(var + eps, dtype=values.dtype, device=values.device))
     return whitened if shift_mean else whitened + mean

@@ -2,95 +2,101 @@
 
 The reference is the policy this stage starts from. With an adapter continued from an earlier stage
 it is a frozen copy of that adapter; with a fresh adapter it is the base (adapter disabled); neither
-needs a second copy of the base weights. Dropout is off so that at step 0 policy and reference agree
-exactly and the sigmoid loss is ln 2.
+needs a second copy of the base weights. With ``reference: precomputed``, and always with full
+fine-tuning (no frozen copy to run), the reference log-probs of every training and held-out pair are
+computed once before training. Dropout is off so that at step 0 policy and reference agree exactly
+and the sigmoid loss is ln 2.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 
+from align.data.collate import collate_preference
+from align.data.order import micro_batch_indices, total_steps
+from align.data.stage_data import StageData, load_stage_data
 from align.engine.build import build_engine
-from align.engine.checkpoint import save_checkpoint
 from align.engine.dist import Rank, all_reduce_sum
-from align.engine.metrics import MetricsLog
+from align.engine.metrics import MetricsLog, Throughput
 from align.evaluate import exact_match
 from align.losses.dpo import DPOOutput, chosen_nll, dpo_loss, implicit_reward_accuracy
+from align.models.policy import disable_dropout, load_policy
 from align.models.reference import Reference
 from align.ops.aggregate import accumulation_scale, global_count
 from align.ops.logprobs import sequence_logprobs
-from align.stages import common
-from align.stages.common import StageContext, StageResult
+from align.spec import DPOStage
+from align.stages import artifact
+from align.stages.context import StageContext, StageModels, StageResult, start
+from align.stages.loop import after_step, resume, to_device
 
 # loss = dpo_loss + sft_weight * nll_loss; nll_loss is the chosen responses' length-normalised NLL (RPO's term).
-METRIC_KEYS = ["loss", "dpo_loss", "nll_loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy"]
+METRIC_KEYS = [
+    "loss", "dpo_loss", "nll_loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy",
+]
 
 
-def run(ctx: StageContext) -> StageResult:
+@dataclass
+class DPOModels(StageModels):
+    reference: Reference | None
+    """The frozen starting policy beside the trained one; ``None`` with full fine-tuning."""
+    precomputed: dict[str, IndexedPairs] | None = None
+    """Reference log-probs of the ``train`` and ``eval`` pairs when computed once before training."""
+
+
+def run(ctx: StageContext[DPOStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
-    rank = common.start(ctx)
-    tokenizer, model = common.load_policy(ctx)
-    common.disable_dropout(model)
+    rank = start(ctx)
+    tokenizer, model = load_policy(ctx)
+    disable_dropout(model)
     reference = Reference(model, ctx.start_policy) if job.adapter.type != "full" else None
-    data = common.load_stage_data(ctx, "preference", tokenizer)
-    steps = common.total_steps(stage, len(data.train), rank.world_size)
-    engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=common.dtype_of(ctx))
-    metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
-    pad = common.pad_id(tokenizer)
-    precomputed = None
+    data = load_stage_data(stage, "preference", tokenizer)
+    steps = total_steps(stage, len(data.train), rank.world_size)
+    engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=ctx.dtype)
+    models = DPOModels(engine, tokenizer, reference)
     if stage.reference == "precomputed" or reference is None:
-        precomputed = precompute_reference(engine, reference, data, ctx, rank, pad)
-    first_step = common.resume(ctx, engine, rank, metrics)
-    if first_step == 0:
+        models.precomputed = precompute_reference(ctx, rank, models, data)
+    metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
+    first_step = resume(ctx, engine, rank, metrics)["step"]
+    if first_step == 0 and (held_out := evaluate(ctx, rank, models, data)):
         # The starting policy's numbers on the same held-out pairs, for comparison.
-        metrics.log({"step": 0, **evaluate(engine, reference, precomputed, tokenizer, data, ctx, rank)})
-    throughput = common.Throughput()
+        metrics.log({"step": 0, **held_out})
+    pad = tokenizer.pad_token_id
+    throughput = Throughput()
 
     engine.train()
     for step in range(first_step, steps):
-        micro_batches = common.micro_batch_indices(
+        micro_batches = micro_batch_indices(
             len(data.train), step, stage.batch_size, stage.gradient_accumulation_steps, rank, stage.seed
         )
         step_pairs = global_count(sum(len(rows) for rows in micro_batches))
         scale = accumulation_scale(step_pairs, stage.gradient_accumulation_steps, rank.world_size)
         sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
         for rows in micro_batches:
-            batch = common.to_device(common.collate_for("preference")([data.train[i] for i in rows], pad), engine.device)
-            if precomputed is not None:
-                reference_logps = precomputed["train"][rows].to(engine.device)
-            else:
-                with reference.active():
-                    reference_logps = forward_logps(engine, batch)
+            batch = to_device(collate_preference([data.train[i] for i in rows], pad), engine.device)
+            reference_logps = reference_logps_of(models, batch, "train", rows)
             policy_logps = forward_logps(engine, batch)
             loss, out, nll = preference_loss(stage, policy_logps, reference_logps, batch["loss_mask"])
             engine.backward(loss * scale)
             engine.step()
             sums += _pair_sums(loss, out, nll)
             throughput.add(int(batch["attention_mask"].sum()))
-        done = step + 1
-        if done % stage.log_every == 0 or done == steps:
-            totals = all_reduce_sum(sums.tolist())
-            record = {key: value / step_pairs for key, value in zip(METRIC_KEYS, totals)}
-            record.update(
-                step=done, lr=scheduler.get_last_lr()[0], grad_norm=common.grad_norm(engine), tokens_per_s=throughput.read()
-            )
-            metrics.log(record)
-        if (stage.eval_every and done % stage.eval_every == 0) or done == steps:
-            metrics.log({"step": done, **evaluate(engine, reference, precomputed, tokenizer, data, ctx, rank)})
-        if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < steps:
-            save_checkpoint(engine, ctx.checkpoint_dir, done, rank, {"stage": ctx.name})
-            common.checkpoint_saved(ctx, done)
+        after_step(
+            ctx, rank, step + 1, steps, models=models, data=data, evaluate=evaluate, metrics=metrics,
+            scheduler=scheduler, throughput=throughput,
+            record=partial(_pair_means, sums, step_pairs),
+        )
 
-    final = common.final_metrics(
-        metrics.records,
-        METRIC_KEYS
-        + ["eval_loss", "eval_dpo_loss", "eval_nll_loss", "eval_rewards_accuracy", "eval_rewards_margin", "eval_logp_accuracy", "eval_exact_match"]
-        + ["tokens_per_s"],
-    )
+    held_out_keys = ["eval_loss", "eval_dpo_loss", "eval_nll_loss", "eval_rewards_accuracy", "eval_rewards_margin",
+                     "eval_logp_accuracy", "eval_exact_match"]
+    final = artifact.final_metrics(metrics.records, [*METRIC_KEYS, *held_out_keys, "tokens_per_s"])
     final["steps"] = steps
     final["rows_dropped"] = data.dropped
     kind = "full" if job.adapter.type == "full" else "adapter"
-    return common.publish(ctx, engine.module, tokenizer, rank, kind=kind, metrics=final, fingerprints=data.fingerprints)
+    return artifact.publish(ctx, engine.module, tokenizer, rank, kind=kind, metrics=final,
+                            fingerprints=data.fingerprints)
 
 
 def forward_logps(engine, batch: dict) -> torch.Tensor:
@@ -99,8 +105,17 @@ def forward_logps(engine, batch: dict) -> torch.Tensor:
     return sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
 
 
+def reference_logps_of(models: DPOModels, batch: dict, split: str, rows: list[int]) -> torch.Tensor:
+    """The reference's (2 * pairs,) log-probs of ``batch``, rows ``rows`` of ``split``: looked up when
+    precomputed, else a forward of the frozen reference."""
+    if models.precomputed is not None:
+        return models.precomputed[split][rows].to(models.engine.device)
+    with models.reference.active():
+        return forward_logps(models.engine, batch)
+
+
 def preference_loss(
-    stage, policy_logps: torch.Tensor, reference_logps: torch.Tensor, loss_mask: torch.Tensor
+    stage: DPOStage, policy_logps: torch.Tensor, reference_logps: torch.Tensor, loss_mask: torch.Tensor
 ) -> tuple[torch.Tensor, DPOOutput, torch.Tensor]:
     """A micro-batch's summed loss, ``dpo_loss + sft_weight · chosen NLL``, with the per-pair DPO output
     and chosen NLL. Log-probs are (2 * pairs,), chosen first; ``loss_mask`` (2 * pairs, seq) gives each
@@ -126,6 +141,11 @@ def preference_loss(
     return loss, out, nll
 
 
+def _pair_means(sums: torch.Tensor, step_pairs: float) -> dict:
+    """The step's sums (``METRIC_KEYS``) over every rank, per pair."""
+    return {key: value / step_pairs for key, value in zip(METRIC_KEYS, all_reduce_sum(sums.tolist()))}
+
+
 def _pair_sums(loss: torch.Tensor, out: DPOOutput, nll: torch.Tensor) -> torch.Tensor:
     """Sums over the pairs of a micro-batch, in the order of ``METRIC_KEYS``."""
     chosen, rejected = out.chosen_rewards, out.rejected_rewards
@@ -143,9 +163,12 @@ def _pair_sums(loss: torch.Tensor, out: DPOOutput, nll: torch.Tensor) -> torch.T
     )
 
 
+# --- reference log-probs computed once ------------------------------------------------------------
+
+
 @torch.no_grad()
 def precompute_reference(
-    engine, reference: Reference | None, data: common.StageData, ctx: StageContext, rank: Rank, pad: int
+    ctx: StageContext[DPOStage], rank: Rank, models: DPOModels, data: StageData
 ) -> dict[str, IndexedPairs]:
     """Reference log-probs of every training and held-out pair, computed once: ``{"train", "eval"}``.
 
@@ -158,7 +181,7 @@ def precompute_reference(
         tables = torch.load(path)
     else:
         tables = {
-            split: _reference_table(engine, reference, rows, ctx.stage.batch_size, pad)
+            split: _reference_table(models, rows, ctx.stage.batch_size)
             for split, rows in (("train", data.train), ("eval", data.eval))
         }
         if rank.is_main:
@@ -168,14 +191,16 @@ def precompute_reference(
     return {split: IndexedPairs(table) for split, table in tables.items()}
 
 
-def _reference_table(engine, reference: Reference | None, rows: list[dict], batch_size: int, pad: int) -> torch.Tensor:
+def _reference_table(models: DPOModels, rows: list[dict], batch_size: int) -> torch.Tensor:
     """(pairs, 2) float32 reference log-probs of ``rows``: chosen in column 0, rejected in column 1."""
+    engine = models.engine
     engine.eval()
     chunks = [torch.zeros(0, 2)]
     for begin in range(0, len(rows), batch_size):
-        batch = common.to_device(common.collate_for("preference")(rows[begin : begin + batch_size], pad), engine.device)
-        if reference is not None:
-            with reference.active():
+        batch = to_device(collate_preference(rows[begin : begin + batch_size], models.tokenizer.pad_token_id),
+                          engine.device)
+        if models.reference is not None:
+            with models.reference.active():
                 logps = forward_logps(engine, batch)
         else:
             logps = forward_logps(engine, batch)
@@ -196,12 +221,16 @@ class IndexedPairs:
         return torch.cat([picked[:, 0], picked[:, 1]])
 
 
+# --- evaluation -----------------------------------------------------------------------------------
+
+
 @torch.no_grad()
-def evaluate(engine, reference, precomputed, tokenizer, data: common.StageData, ctx: StageContext, rank: Rank) -> dict:
-    """Held-out DPO loss, implicit-reward accuracy and margin; greedy exact match when asked."""
+def evaluate(ctx: StageContext[DPOStage], rank: Rank, models: DPOModels, data: StageData) -> dict:
+    """Held-out loss (and its DPO and NLL parts), implicit-reward accuracy and margin; greedy exact
+    match when asked."""
     if not data.eval:
         return {}
-    stage = ctx.stage
+    stage, engine = ctx.stage, models.engine
     engine.eval()
     shard = list(range(rank.rank, len(data.eval), rank.world_size))
     batches = -(-len(data.eval) // (stage.batch_size * rank.world_size))
@@ -209,30 +238,26 @@ def evaluate(engine, reference, precomputed, tokenizer, data: common.StageData, 
     pairs = 0.0
     for b in range(batches):
         indices = shard[b * stage.batch_size : (b + 1) * stage.batch_size]
+        # A rank out of pairs still takes part (under ZeRO-3 every forward is collective); it counts nothing.
         weight = 1.0 if indices else 0.0
         indices = indices or [0]
-        rows = [data.eval[i] for i in indices]
-        batch = common.to_device(common.collate_for("preference")(rows, tokenizer.pad_token_id), engine.device)
-        if precomputed is not None:
-            reference_logps = precomputed["eval"][indices].to(engine.device)
-        else:
-            with reference.active():
-                reference_logps = forward_logps(engine, batch)
+        batch = to_device(collate_preference([data.eval[i] for i in indices], models.tokenizer.pad_token_id),
+                          engine.device)
+        reference_logps = reference_logps_of(models, batch, "eval", indices)
         policy_logps = forward_logps(engine, batch)
         loss, out, nll = preference_loss(stage, policy_logps, reference_logps, batch["loss_mask"])
         policy_chosen, policy_rejected = policy_logps.chunk(2)
         prefers_chosen = (policy_chosen > policy_rejected).sum().item()
-        sums += weight * torch.cat([_pair_sums(loss, out, nll),
-                                    torch.tensor([prefers_chosen], dtype=torch.float64)])
-        pairs += weight * len(rows)
-    totals = all_reduce_sum(sums.tolist() + [pairs])
+        sums += weight * torch.cat([_pair_sums(loss, out, nll), torch.tensor([prefers_chosen], dtype=torch.float64)])
+        pairs += weight * len(indices)
+    totals = all_reduce_sum([*sums.tolist(), pairs])
     pairs = max(totals.pop(), 1.0)
     # logp_accuracy: the policy itself gives the chosen response the higher log-probability.
-    result = {"eval_" + key: value / pairs for key, value in zip(METRIC_KEYS + ["logp_accuracy"], totals)}
+    result = {"eval_" + key: value / pairs for key, value in zip([*METRIC_KEYS, "logp_accuracy"], totals)}
     if stage.eval_exact_match:
         result["eval_exact_match"] = exact_match(
             engine.module,
-            tokenizer,
+            models.tokenizer,
             data.eval_rows,
             rank,
             max_prompt_length=stage.max_prompt_length or stage.max_length,

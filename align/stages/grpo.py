@@ -17,56 +17,63 @@ first step the KL to the reference is 0 and the ratio exactly 1.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
+from align.data.order import micro_batch_indices, total_steps
+from align.data.stage_data import StageData, load_stage_data
 from align.engine.build import build_engine
-from align.engine.checkpoint import save_checkpoint
 from align.engine.dist import Rank, all_reduce_sum
-from align.engine.metrics import MetricsLog
+from align.engine.metrics import MetricsLog, Throughput
 from align.evaluate import exact_match
 from align.generation import CachedGenerator, Completion, SamplingParams
 from align.losses.ppo import grpo_loss
 from align.models.load import resolve_base_model
+from align.models.policy import disable_dropout, load_policy
 from align.models.reference import Reference
 from align.models.reward import load_frozen_reward_model
 from align.ops.advantages import grpo_advantages, kl_k1, rloo_advantages
 from align.ops.aggregate import accumulation_scale, global_count
 from align.rewards import Scorer
-from align.spec import MODEL_REWARD
-from align.stages import common
-from align.stages.common import StageContext, StageResult
+from align.spec import MODEL_REWARD, GRPOStage
+from align.stages import artifact
+from align.stages.context import StageContext, StageModels, StageResult, start
+from align.stages.loop import after_step, resume, to_device
+from align.stages.rollout import completion_batch, completion_logps, group_batch, sampling_seed
 
 # Sums over the step (all micro-batches and ranks), divided by the count named beside each when logged.
 SAMPLE_SUMS = ["reward_sum", "reward_squares", "successes", "response_tokens", "finished", "flat_groups"]
 TOKEN_SUMS = ["loss_sum", "kl_sum", "clipped_tokens", "ratio_sum"]
 
 
-def run(ctx: StageContext) -> StageResult:
+def run(ctx: StageContext[GRPOStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
-    rank = common.start(ctx)
-    tokenizer, model = common.load_policy(ctx)
-    common.disable_dropout(model)
+    rank = start(ctx)
+    tokenizer, model = load_policy(ctx)
+    disable_dropout(model)
     reference = Reference(model, ctx.start_policy)
-    data = common.load_stage_data(ctx, "prompt", tokenizer)
+    data = load_stage_data(stage, "prompt", tokenizer)
     scorer = reward_scorer(ctx, tokenizer)
     advantages_of = grpo_advantages if stage.type == "grpo" else rloo_advantages
-    steps = common.total_steps(stage, len(data.train), rank.world_size)
-    engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=common.dtype_of(ctx))
+    steps = total_steps(stage, len(data.train), rank.world_size)
+    engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=ctx.dtype)
+    models = StageModels(engine, tokenizer)
     metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
-    first_step = common.resume(ctx, engine, rank, metrics)
-    if first_step == 0 and (held_out := evaluate(engine, tokenizer, data, ctx, rank)):
+    first_step = resume(ctx, engine, rank, metrics)["step"]
+    if first_step == 0 and (held_out := evaluate(ctx, rank, models, data)):
         # The starting policy's held-out accuracy, for comparison with the end.
         metrics.log({"step": 0, **held_out})
     generator = CachedGenerator(engine.module, tokenizer, synced=job.deepspeed.zero_stage == 3)
-    # Each prompt is encoded once for its whole group (see common.completion_logps); gradient
+    # Each prompt is encoded once for its whole group (see align.stages.rollout.completion_logps); gradient
     # checkpointing keeps no KV cache, so then every completion carries its own copy of the prompt.
     shared_prefix = not job.deepspeed.gradient_checkpointing
-    pad = common.pad_id(tokenizer)
-    throughput = common.Throughput()
+    pad = tokenizer.pad_token_id
+    throughput = Throughput(samples=True)
 
     engine.train()
     for step in range(first_step, steps):
-        micro_batches = common.micro_batch_indices(
+        micro_batches = micro_batch_indices(
             len(data.train), step, stage.batch_size, stage.gradient_accumulation_steps, rank, stage.seed
         )
         # Rollout: sample and score every micro-batch first, so the step's token count is known.
@@ -79,24 +86,24 @@ def run(ctx: StageContext) -> StageResult:
                 temperature=stage.temperature,
                 top_p=stage.top_p,
                 num_samples=stage.group_size,
-                seed=common.sampling_seed(stage.seed, step, rank.rank, micro),
+                seed=sampling_seed(stage.seed, step, rank.rank, micro),
             )
             completions = generator.generate([p["prompt_input_ids"] for p in prompts], params)
             rewards = scorer.score(
-                common.to_device(common.completion_batch(prompts, completions, pad), engine.device),
+                to_device(completion_batch(prompts, completions, pad), engine.device),
                 [prompts[c.prompt_index] for c in completions], completions,
             ).cpu()
-            rollouts.append((common.group_batch(prompts, completions, stage.group_size, pad), rewards))
+            rollouts.append((group_batch(prompts, completions, stage.group_size, pad), rewards))
             sample_sums += _sample_sums(rewards, scorer.successes(rewards), completions, stage.group_size)
         step_tokens = global_count(sum(int(batch["completion_mask"].sum()) for batch, _ in rollouts))
         scale = accumulation_scale(step_tokens, stage.gradient_accumulation_steps, rank.world_size)
 
         token_sums = torch.zeros(len(TOKEN_SUMS), dtype=torch.float64)
         for batch, rewards in rollouts:
-            batch = common.to_device(batch, engine.device)
+            batch = to_device(batch, engine.device)
             with reference.active():
-                reference_logps = common.completion_logps(engine, batch, stage.group_size, shared_prefix)
-            logps = common.completion_logps(engine, batch, stage.group_size, shared_prefix)
+                reference_logps = completion_logps(engine, batch, stage.group_size, shared_prefix)
+            logps = completion_logps(engine, batch, stage.group_size, shared_prefix)
             if stage.kl_penalty == "reward":
                 # Each completion's reward pays for its KL to the reference (summed k1, no gradient).
                 completion_kl = (kl_k1(logps.detach(), reference_logps) * batch["completion_mask"]).sum(dim=1)
@@ -119,30 +126,23 @@ def run(ctx: StageContext) -> StageResult:
             )
             throughput.add(int(batch["prompt_mask"].sum() + batch["completion_mask"].sum()),
                            len(batch["completion_ids"]))
-        done = step + 1
-        if done % stage.log_every == 0 or done == steps:
-            samples = global_count(sum(len(rows) for rows in micro_batches)) * stage.group_size
-            record = _step_record(all_reduce_sum(sample_sums.tolist()), all_reduce_sum(token_sums.tolist()),
-                                  samples, step_tokens, stage.group_size, with_accuracy=scorer.success is not None)
-            record.update(step=done, lr=scheduler.get_last_lr()[0], grad_norm=common.grad_norm(engine),
-                          tokens_per_s=throughput.read(), samples_per_s=throughput.samples_per_s)
-            metrics.log(record)
-        if ((stage.eval_every and done % stage.eval_every == 0) or done == steps) and (
-            held_out := evaluate(engine, tokenizer, data, ctx, rank)
-        ):
-            metrics.log({"step": done, **held_out})
-        if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < steps:
-            save_checkpoint(engine, ctx.checkpoint_dir, done, rank, {"stage": ctx.name})
-            common.checkpoint_saved(ctx, done)
+        step_samples = global_count(sum(len(rows) for rows in micro_batches)) * stage.group_size
+        after_step(
+            ctx, rank, step + 1, steps, models=models, data=data, evaluate=evaluate, metrics=metrics,
+            scheduler=scheduler, throughput=throughput,
+            record=partial(_step_record, sample_sums, token_sums, step_samples, step_tokens, stage.group_size,
+                           with_accuracy=scorer.success is not None),
+        )
 
-    final = common.final_metrics(
+    final = artifact.final_metrics(
         metrics.records,
-        ["loss", "reward_mean", "accuracy", "kl", "response_length", "eval_exact_match", "tokens_per_s", "samples_per_s"],
+        ["loss", "reward_mean", "accuracy", "kl", "response_length", "eval_exact_match", "tokens_per_s",
+         "samples_per_s"],
     )
     final["steps"] = steps
     final["rows_dropped"] = data.dropped
-    return common.publish(ctx, engine.module, tokenizer, rank, kind="adapter", metrics=final,
-                          fingerprints=data.fingerprints)
+    return artifact.publish(ctx, engine.module, tokenizer, rank, kind="adapter", metrics=final,
+                            fingerprints=data.fingerprints)
 
 
 def _sample_sums(
@@ -163,12 +163,12 @@ def _sample_sums(
     )
 
 
-def _step_record(sample_sums: list[float], token_sums: list[float], samples: float, tokens: float,
+def _step_record(sample_sums: torch.Tensor, token_sums: torch.Tensor, samples: float, tokens: float,
                  group_size: int, with_accuracy: bool) -> dict:
-    """The step's means; ``accuracy`` (the fraction of right completions) only when the reward says
-    which scores are right."""
-    s = dict(zip(SAMPLE_SUMS, sample_sums))
-    t = dict(zip(TOKEN_SUMS, token_sums))
+    """The step's sums over every rank as means; ``accuracy`` (the fraction of right completions) only
+    when the reward says which scores are right."""
+    s = dict(zip(SAMPLE_SUMS, all_reduce_sum(sample_sums.tolist())))
+    t = dict(zip(TOKEN_SUMS, all_reduce_sum(token_sums.tolist())))
     reward_mean = s["reward_sum"] / samples
     variance = max(s["reward_squares"] / samples - reward_mean**2, 0.0)
     tokens = max(tokens, 1.0)
@@ -187,27 +187,27 @@ def _step_record(sample_sums: list[float], token_sums: list[float], samples: flo
     }
 
 
-def reward_scorer(ctx: StageContext, tokenizer) -> Scorer:
+def reward_scorer(ctx: StageContext[GRPOStage], tokenizer) -> Scorer:
     """The named reward function, or the reward model loaded frozen on its own."""
     stage, job = ctx.stage, ctx.job
     if stage.reward != MODEL_REWARD:
         return Scorer.named(tokenizer.pad_token_id, stage.reward)
     model = load_frozen_reward_model(
-        resolve_base_model(job.base_model), ctx.reward_model, common.dtype_of(ctx), tokenizer.pad_token_id,
+        resolve_base_model(job.base_model), ctx.reward_model, ctx.dtype, tokenizer.pad_token_id,
         job.quantization,
     )
     return Scorer(tokenizer.pad_token_id, model=model)
 
 
 @torch.no_grad()
-def evaluate(engine, tokenizer, data: common.StageData, ctx: StageContext, rank: Rank) -> dict:
+def evaluate(ctx: StageContext[GRPOStage], rank: Rank, models: StageModels, data: StageData) -> dict:
     """Held-out greedy exact-match accuracy (rows with a reference answer)."""
-    stage = ctx.stage
+    stage, engine = ctx.stage, models.engine
     if not data.eval_rows or not stage.eval_exact_match:
         return {}
     accuracy = exact_match(
         engine.module,
-        tokenizer,
+        models.tokenizer,
         data.eval_rows,
         rank,
         max_prompt_length=stage.max_length - stage.max_new_tokens,

@@ -25,18 +25,21 @@ Dropout is off everywhere so that at the first step the policy/reference KL is 0
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from align.data.order import micro_batch_indices, total_steps
+from align.data.stage_data import StageData, load_stage_data
 from align.engine.build import build_engine
-from align.engine.checkpoint import save_checkpoint
 from align.engine.dist import Rank, all_reduce_sum
-from align.engine.metrics import MetricsLog
+from align.engine.metrics import MetricsLog, Throughput
 from align.evaluate import exact_match
 from align.generation import CachedGenerator, SamplingParams
 from align.losses.ppo import entropy_from_logits, policy_loss, value_loss
 from align.models.adapters import apply_adapter
 from align.models.load import load_reward_model, resolve_base_model
+from align.models.policy import disable_dropout, load_policy
 from align.models.reference import Reference
 from align.models.reward import (
     TokenValues,
@@ -48,11 +51,13 @@ from align.models.reward import (
 )
 from align.ops.advantages import AdaptiveKLController, FixedKLController, gae, kl_estimate, token_rewards
 from align.ops.aggregate import accumulation_scale, global_count
-from align.ops.logprobs import masked_sum, token_logprobs
+from align.ops.logprobs import masked_sum, masked_whiten, token_logprobs
 from align.rewards import Scorer, prompt_text
-from align.spec import MODEL_REWARD
-from align.stages import common
-from align.stages.common import StageContext, StageResult
+from align.spec import MODEL_REWARD, PPOStage
+from align.stages import artifact
+from align.stages.context import StageContext, StageModels, StageResult, start
+from align.stages.loop import after_step, resume, to_device
+from align.stages.rollout import completion_batch, sampling_seed
 
 REWARD_ADAPTER = "reward"
 # Sums over the step's samples (all micro-batches and ranks), logged divided by the sample count.
@@ -73,21 +78,30 @@ class Rollout:
     samples: list[dict]
 
 
-def run(ctx: StageContext) -> StageResult:
+@dataclass
+class PPOModels(StageModels):
+    """The policy's engine (``engine``) and what its evaluation also reads."""
+
+    reference: Reference
+    scorer: Scorer
+    generator: CachedGenerator
+
+
+def run(ctx: StageContext[PPOStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
-    rank = common.start(ctx)
-    tokenizer, policy = common.load_policy(ctx)
-    common.disable_dropout(policy)
+    rank = start(ctx)
+    tokenizer, policy = load_policy(ctx)
+    disable_dropout(policy)
     reference = Reference(policy, ctx.start_policy)
     critic, scorer = load_critic(ctx, tokenizer)
-    data = common.load_stage_data(ctx, "prompt", tokenizer)
-    steps = common.total_steps(stage, len(data.train), rank.world_size)
-    dtype, ppo_steps = common.dtype_of(ctx), steps * stage.ppo_epochs
+    data = load_stage_data(stage, "prompt", tokenizer)
+    steps = total_steps(stage, len(data.train), rank.world_size)
+    dtype, ppo_steps = ctx.dtype, steps * stage.ppo_epochs
     policy_engine, _, scheduler = build_engine(policy, job, stage, ppo_steps, rank, dtype=dtype)
     critic_engine, _, _ = build_engine(critic, job, stage, ppo_steps, rank, dtype=dtype, lr=stage.critic_lr)
     scorer.attach(critic_engine)
     metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
-    resumed = common.resume_state(ctx, policy_engine, rank, metrics, others={"critic": critic_engine})
+    resumed = resume(ctx, policy_engine, rank, metrics, others={"critic": critic_engine})
     first_step = resumed["step"]
     kl_control = (
         AdaptiveKLController(resumed.get("kl_coef", stage.kl_coef), stage.kl_target, stage.kl_horizon)
@@ -95,13 +109,14 @@ def run(ctx: StageContext) -> StageResult:
         else FixedKLController(stage.kl_coef)
     )
     generator = CachedGenerator(policy_engine.module, tokenizer, synced=job.deepspeed.zero_stage == 3)
-    pad = common.pad_id(tokenizer)
-    if first_step == 0 and (held_out := evaluate(policy_engine, reference, scorer, generator, data, ctx, rank, pad)):
+    models = PPOModels(policy_engine, tokenizer, reference, scorer, generator)
+    pad = tokenizer.pad_token_id
+    if first_step == 0 and (held_out := evaluate(ctx, rank, models, data)):
         metrics.log({"step": 0, **held_out})  # the starting policy, for comparison with the end
-    throughput = common.Throughput()
+    throughput = Throughput(samples=True)
 
     for step in range(first_step, steps):
-        micro_batches = common.micro_batch_indices(
+        micro_batches = micro_batch_indices(
             len(data.train), step, stage.batch_size, stage.gradient_accumulation_steps, rank, stage.seed
         )
         # 1-5: sample, score and evaluate every micro-batch before any update.
@@ -110,10 +125,10 @@ def run(ctx: StageContext) -> StageResult:
             prompts = [data.train[i] for i in rows]
             params = SamplingParams(
                 max_new_tokens=stage.max_new_tokens, temperature=stage.temperature, top_p=stage.top_p,
-                seed=common.sampling_seed(stage.seed, step, rank.rank, micro),
+                seed=sampling_seed(stage.seed, step, rank.rank, micro),
             )
             completions = generator.generate([p["prompt_input_ids"] for p in prompts], params)
-            batch = common.to_device(common.completion_batch(prompts, completions, pad), policy_engine.device)
+            batch = to_device(completion_batch(prompts, completions, pad), policy_engine.device)
             mask = batch["loss_mask"][:, 1:]
             with torch.no_grad():
                 old_logps = sequence_logps(policy_engine, batch)
@@ -176,30 +191,20 @@ def run(ctx: StageContext) -> StageResult:
                 throughput.add(int(batch["attention_mask"].sum()), len(batch["input_ids"]) if ppo_epoch == 0 else 0)
 
         # 7: adapt β to the KL of this batch (per completion, summed over its tokens).
-        samples = global_count(sum(len(rows) for rows in micro_batches))
+        step_samples = global_count(sum(len(rows) for rows in micro_batches))
         step_sums = all_reduce_sum(sample_sums.tolist())
         kl_coef = kl_control.coef  # the β this step's rewards used
-        kl_control.update(step_sums[SAMPLE_SUMS.index("kl_sum")] / samples, int(samples))
-        done = step + 1
-        if done % stage.log_every == 0 or done == steps:
-            passes = all_reduce_sum(token_sums.tolist() + [entropy_sum, first_pass_ratio_sum])
-            record = _step_record(step_sums, passes, samples, step_tokens, stage.ppo_epochs)
-            record.update(step=done, lr=scheduler.get_last_lr()[0], kl_coef=kl_coef,
-                          grad_norm=common.grad_norm(policy_engine), tokens_per_s=throughput.read(),
-                          samples_per_s=throughput.samples_per_s)
-            metrics.log(record)
-            if rank.is_main:
-                common.log_samples(ctx, done, rollouts[0].samples[:4])
-        if ((stage.eval_every and done % stage.eval_every == 0) or done == steps) and (
-            held_out := evaluate(policy_engine, reference, scorer, generator, data, ctx, rank, pad)
-        ):
-            metrics.log({"step": done, **held_out})
-        if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < steps:
-            save_checkpoint(policy_engine, ctx.checkpoint_dir, done, rank,
-                            {"stage": ctx.name, "kl_coef": kl_control.coef}, others={"critic": critic_engine})
-            common.checkpoint_saved(ctx, done)
+        kl_control.update(step_sums[SAMPLE_SUMS.index("kl_sum")] / step_samples, int(step_samples))
+        passes = [*token_sums.tolist(), entropy_sum, first_pass_ratio_sum]
+        after_step(
+            ctx, rank, step + 1, steps, models=models, data=data, evaluate=evaluate, metrics=metrics,
+            scheduler=scheduler, throughput=throughput,
+            record=partial(_step_record, step_sums, passes, step_samples, step_tokens, stage.ppo_epochs, kl_coef),
+            samples=rollouts[0].samples[:4],
+            checkpoint_state={"kl_coef": kl_control.coef}, checkpoint_others={"critic": critic_engine},
+        )
 
-    final = common.final_metrics(
+    final = artifact.final_metrics(
         metrics.records,
         ["reward_mean", "reward_std", "kl", "kl_coef", "policy_loss", "value_loss", "response_length",
          "eval_reward_mean", "eval_reward_std", "eval_prompt_reward_std", "eval_kl", "eval_exact_match",
@@ -207,8 +212,8 @@ def run(ctx: StageContext) -> StageResult:
     )
     final["steps"] = steps
     final["rows_dropped"] = data.dropped
-    return common.publish(ctx, policy_engine.module, tokenizer, rank, kind="adapter", metrics=final,
-                          fingerprints=data.fingerprints)
+    return artifact.publish(ctx, policy_engine.module, tokenizer, rank, kind="adapter", metrics=final,
+                            fingerprints=data.fingerprints)
 
 
 def sequence_logps(engine, batch: dict) -> torch.Tensor:
@@ -217,8 +222,9 @@ def sequence_logps(engine, batch: dict) -> torch.Tensor:
     return token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:])
 
 
-def whiten_advantages(rollouts: list[Rollout], eps: float = 1e-8) -> None:
-    """Advantages to mean 0, variance 1 over the response tokens of every micro-batch on every rank."""
+def whiten_advantages(rollouts: list[Rollout]) -> None:
+    """Advantages to mean 0, variance 1 over the response tokens of every micro-batch on every rank:
+    :func:`align.ops.masked_whiten` with the mean and unbiased variance of all of them; 0 on padding."""
     local = [0.0, 0.0, 0.0]
     for r in rollouts:
         mask = r.batch["loss_mask"][:, 1:].bool()
@@ -228,14 +234,20 @@ def whiten_advantages(rollouts: list[Rollout], eps: float = 1e-8) -> None:
     if count < 2:
         return
     mean = total / count
-    variance = (squares - count * mean**2) / (count - 1)
+    variance = max((squares - count * mean**2) / (count - 1), 0.0)
     for r in rollouts:
         mask = r.batch["loss_mask"][:, 1:].bool()
-        whitened = (r.advantages - mean) / (max(variance, 0.0) + eps) ** 0.5
+        whitened = masked_whiten(r.advantages, mask, mean=mean, var=variance)
         r.advantages = torch.where(mask, whitened, torch.zeros_like(whitened))
 
 
-def _step_record(sample_sums: list[float], passes: list[float], samples: float, tokens: float, epochs: int) -> dict:
+def _step_record(
+    sample_sums: list[float], passes: list[float], samples: float, tokens: float, epochs: int, kl_coef: float
+) -> dict:
+    """The step's means: ``sample_sums`` are summed over ranks already, ``passes`` (``TOKEN_SUMS``, then
+    the first pass's entropy and ratio sums) are summed over ranks here; ``kl_coef`` is the β the step's
+    rewards used."""
+    passes = all_reduce_sum(passes)
     s = dict(zip(SAMPLE_SUMS, sample_sums))
     t = dict(zip(TOKEN_SUMS, passes[: len(TOKEN_SUMS)]))
     entropy_sum, first_pass_ratio_sum = passes[len(TOKEN_SUMS):]
@@ -256,21 +268,22 @@ def _step_record(sample_sums: list[float], passes: list[float], samples: float, 
         "ratio": t["ratio"] / pass_tokens,
         "first_pass_ratio": first_pass_ratio_sum / tokens,
         "entropy": entropy_sum / tokens,
+        "kl_coef": kl_coef,
     }
 
 
 # --- critic and reward ----------------------------------------------------------------------------
 
 
-def load_critic(ctx: StageContext, tokenizer) -> tuple[TokenValues, Scorer]:
+def load_critic(ctx: StageContext[PPOStage], tokenizer) -> tuple[TokenValues, Scorer]:
     """The trainable critic (per-token values) and the scorer, as ``critic_init`` and ``reward`` ask."""
     job, stage = ctx.job, ctx.stage
     base = resolve_base_model(job.base_model)
-    dtype, pad, quantization = common.dtype_of(ctx), tokenizer.pad_token_id, job.quantization
-    adapter_options = dict(
-        task_type="SEQ_CLS", quantized=quantization is not None,
-        gradient_checkpointing=job.deepspeed.gradient_checkpointing,
-    )
+    dtype, pad, quantization = ctx.dtype, tokenizer.pad_token_id, job.quantization
+    adapter_options = {
+        "task_type": "SEQ_CLS", "quantized": quantization is not None,
+        "gradient_checkpointing": job.deepspeed.gradient_checkpointing,
+    }
     if stage.critic_init == "reward_model":
         # Critic and reward model share one body: the critic trains from the reward model's adapter
         # (a fresh adapter over a fully trained reward model) and the reward model stays frozen beside it.
@@ -289,7 +302,7 @@ def load_critic(ctx: StageContext, tokenizer) -> tuple[TokenValues, Scorer]:
             scorer = Scorer(pad, model=load_frozen_reward_model(base, ctx.reward_model, dtype, pad, quantization))
         else:
             scorer = Scorer.named(pad, stage.reward)
-    common.disable_dropout(critic)
+    disable_dropout(critic)
     return TokenValues(critic), scorer
 
 
@@ -297,12 +310,11 @@ def load_critic(ctx: StageContext, tokenizer) -> tuple[TokenValues, Scorer]:
 
 
 @torch.no_grad()
-def evaluate(policy_engine, reference: Reference, scorer: Scorer, generator: CachedGenerator, data: common.StageData,
-             ctx: StageContext, rank: Rank, pad: int) -> dict:
+def evaluate(ctx: StageContext[PPOStage], rank: Rank, models: PPOModels, data: StageData) -> dict:
     """Held-out prompts, ``eval_samples`` sampled completions of each: the mean reward, its standard
     deviation over completions and over prompts (of each prompt's mean reward), the KL to the
     reference per completion, and greedy exact match when the rows have answers."""
-    stage = ctx.stage
+    stage, policy_engine, pad = ctx.stage, models.engine, models.tokenizer.pad_token_id
     if not data.eval:
         return {}
     shard = data.eval[rank.rank :: rank.world_size]
@@ -316,14 +328,14 @@ def evaluate(policy_engine, reference: Reference, scorer: Scorer, generator: Cac
         prompts = prompts or data.eval[:1]
         params = SamplingParams(
             max_new_tokens=stage.max_new_tokens, temperature=stage.temperature, top_p=stage.top_p,
-            num_samples=stage.eval_samples, seed=common.sampling_seed(stage.seed, -1, rank.rank, b),
+            num_samples=stage.eval_samples, seed=sampling_seed(stage.seed, -1, rank.rank, b),
         )
-        completions = generator.generate([p["prompt_input_ids"] for p in prompts], params)
-        batch = common.to_device(common.completion_batch(prompts, completions, pad), policy_engine.device)
+        completions = models.generator.generate([p["prompt_input_ids"] for p in prompts], params)
+        batch = to_device(completion_batch(prompts, completions, pad), policy_engine.device)
         mask = batch["loss_mask"][:, 1:]
-        scores = scorer.score(batch, [prompts[c.prompt_index] for c in completions], completions).double()
+        scores = models.scorer.score(batch, [prompts[c.prompt_index] for c in completions], completions).double()
         logps = sequence_logps(policy_engine, batch)
-        with reference.active():
+        with models.reference.active():
             reference_logps = sequence_logps(policy_engine, batch)
         kl = masked_sum(kl_estimate(logps, reference_logps, "k1"), mask)
         prompt_means = scores.reshape(len(prompts), stage.eval_samples).mean(dim=1)
@@ -340,9 +352,9 @@ def evaluate(policy_engine, reference: Reference, scorer: Scorer, generator: Cac
     }
     if stage.eval_exact_match and data.eval_rows:
         result["eval_exact_match"] = exact_match(
-            policy_engine.module, generator.tokenizer, data.eval_rows, rank,
+            policy_engine.module, models.tokenizer, data.eval_rows, rank,
             max_prompt_length=stage.max_length - stage.max_new_tokens, max_new_tokens=stage.max_new_tokens,
-            synced_gpus=generator.synced,
+            synced_gpus=models.generator.synced,
         )
     policy_engine.train()
     return result

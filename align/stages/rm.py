@@ -3,66 +3,65 @@
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from align.data.collate import collate_preference
+from align.data.order import micro_batch_indices, total_steps
+from align.data.stage_data import StageData, load_stage_data
 from align.engine.build import build_engine
-from align.engine.checkpoint import save_checkpoint
 from align.engine.dist import Rank, all_reduce_sum
-from align.engine.metrics import MetricsLog
+from align.engine.metrics import MetricsLog, Throughput
 from align.losses.reward import pairwise_accuracy, pairwise_reward_loss
+from align.models.policy import load_reward_model_for
 from align.models.reward import BODY_DIR
 from align.ops.aggregate import accumulation_scale, global_count
-from align.stages import common
-from align.stages.common import StageContext, StageResult
+from align.spec import RewardModelStage
+from align.stages import artifact
+from align.stages.context import StageContext, StageModels, StageResult, start
+from align.stages.loop import after_step, resume, to_device
 
 METRIC_KEYS = ["loss", "accuracy", "margin", "reward_mean"]
 
 
-def run(ctx: StageContext) -> StageResult:
+def run(ctx: StageContext[RewardModelStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
-    rank = common.start(ctx)
-    tokenizer, model = common.load_reward_model_for(ctx)
-    data = common.load_stage_data(ctx, "preference", tokenizer)
-    steps = common.total_steps(stage, len(data.train), rank.world_size)
-    engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=common.dtype_of(ctx))
+    rank = start(ctx)
+    tokenizer, model = load_reward_model_for(ctx)
+    data = load_stage_data(stage, "preference", tokenizer)
+    steps = total_steps(stage, len(data.train), rank.world_size)
+    engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=ctx.dtype)
+    models = StageModels(engine, tokenizer)
     metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
-    first_step = common.resume(ctx, engine, rank, metrics)
-    pad = common.pad_id(tokenizer)
-    throughput = common.Throughput()
+    first_step = resume(ctx, engine, rank, metrics)["step"]
+    pad = tokenizer.pad_token_id
+    throughput = Throughput()
 
     engine.train()
     for step in range(first_step, steps):
-        micro_batches = common.micro_batch_indices(
+        micro_batches = micro_batch_indices(
             len(data.train), step, stage.batch_size, stage.gradient_accumulation_steps, rank, stage.seed
         )
         step_pairs = global_count(sum(len(rows) for rows in micro_batches))
         scale = accumulation_scale(step_pairs, stage.gradient_accumulation_steps, rank.world_size)
         sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
         for rows in micro_batches:
-            batch = common.to_device(common.collate_for("preference")([data.train[i] for i in rows], pad), engine.device)
+            batch = to_device(collate_preference([data.train[i] for i in rows], pad), engine.device)
             chosen, rejected = rewards(engine, batch).chunk(2)
             losses = pairwise_reward_loss(chosen, rejected)
             engine.backward(losses.sum() * scale)
             engine.step()
             sums += _pair_sums(losses, chosen, rejected)
             throughput.add(int(batch["attention_mask"].sum()))
-        done = step + 1
-        if done % stage.log_every == 0 or done == steps:
-            totals = all_reduce_sum(sums.tolist())
-            record = {key: value / step_pairs for key, value in zip(METRIC_KEYS, totals)}
-            record.update(
-                step=done, lr=scheduler.get_last_lr()[0], grad_norm=common.grad_norm(engine), tokens_per_s=throughput.read()
-            )
-            metrics.log(record)
-        if (stage.eval_every and done % stage.eval_every == 0) or done == steps:
-            metrics.log({"step": done, **evaluate(engine, tokenizer, data, stage, rank)})
-        if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < steps:
-            save_checkpoint(engine, ctx.checkpoint_dir, done, rank, {"stage": ctx.name})
-            common.checkpoint_saved(ctx, done)
+        after_step(
+            ctx, rank, step + 1, steps, models=models, data=data, evaluate=evaluate, metrics=metrics,
+            scheduler=scheduler, throughput=throughput,
+            record=partial(_pair_means, sums, step_pairs),
+        )
 
-    final = common.final_metrics(metrics.records, METRIC_KEYS + ["eval_loss", "eval_accuracy", "eval_margin"])
+    final = artifact.final_metrics(metrics.records, [*METRIC_KEYS, "eval_loss", "eval_accuracy", "eval_margin"])
     final["steps"] = steps
     final["rows_dropped"] = data.dropped
     if rank.is_main and stage.init == "policy" and ctx.start_policy is not None and job.adapter.type != "full":
@@ -71,14 +70,18 @@ def run(ctx: StageContext) -> StageResult:
         body.mkdir(parents=True, exist_ok=True)
         for adapter_file in Path(ctx.start_policy).glob("adapter_*"):
             shutil.copyfile(adapter_file, body / adapter_file.name)
-    return common.publish(
-        ctx, engine.module, tokenizer, rank, kind="reward_model", metrics=final, fingerprints=data.fingerprints
-    )
+    return artifact.publish(ctx, engine.module, tokenizer, rank, kind="reward_model", metrics=final,
+                            fingerprints=data.fingerprints)
 
 
 def rewards(engine, batch: dict) -> torch.Tensor:
     """Scalar reward per sequence, shape (2 * pairs,), read at the last non-padding token."""
     return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
+
+
+def _pair_means(sums: torch.Tensor, step_pairs: float) -> dict:
+    """The step's sums (``METRIC_KEYS``) over every rank, per pair."""
+    return {key: value / step_pairs for key, value in zip(METRIC_KEYS, all_reduce_sum(sums.tolist()))}
 
 
 def _pair_sums(losses, chosen, rejected) -> torch.Tensor:
@@ -94,10 +97,11 @@ def _pair_sums(losses, chosen, rejected) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, tokenizer, data: common.StageData, stage, rank: Rank) -> dict:
+def evaluate(ctx: StageContext[RewardModelStage], rank: Rank, models: StageModels, data: StageData) -> dict:
     """Held-out pairwise loss, accuracy and margin."""
     if not data.eval:
         return {}
+    stage, engine = ctx.stage, models.engine
     engine.eval()
     shard = data.eval[rank.rank :: rank.world_size]
     batches = -(-len(data.eval) // (stage.batch_size * rank.world_size))
@@ -107,11 +111,11 @@ def evaluate(engine, tokenizer, data: common.StageData, stage, rank: Rank) -> di
         rows = shard[b * stage.batch_size : (b + 1) * stage.batch_size]
         weight = 1.0 if rows else 0.0
         rows = rows or data.eval[:1]
-        batch = common.to_device(common.collate_for("preference")(rows, tokenizer.pad_token_id), engine.device)
+        batch = to_device(collate_preference(rows, models.tokenizer.pad_token_id), engine.device)
         chosen, rejected = rewards(engine, batch).chunk(2)
         sums += weight * _pair_sums(pairwise_reward_loss(chosen, rejected), chosen, rejected)
         pairs += weight * len(rows)
-    totals = all_reduce_sum(sums.tolist() + [pairs])
+    totals = all_reduce_sum([*sums.tolist(), pairs])
     pairs = max(totals.pop(), 1.0)
     engine.train()
     return {"eval_" + key: value / pairs for key, value in zip(METRIC_KEYS, totals)}

@@ -2,44 +2,52 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
+from align.data.collate import collate_sft
+from align.data.order import micro_batch_indices, total_steps
+from align.data.stage_data import StageData, load_stage_data
 from align.engine.build import build_engine
-from align.engine.checkpoint import save_checkpoint
 from align.engine.dist import Rank, all_reduce_sum
-from align.engine.metrics import MetricsLog
+from align.engine.metrics import MetricsLog, Throughput
 from align.evaluate import exact_match
 from align.losses.sft import sft_loss
+from align.models.policy import load_policy
 from align.ops.aggregate import accumulation_scale, global_count
 from align.ops.logprobs import token_logprobs
-from align.stages import common
-from align.stages.common import StageContext, StageResult
+from align.spec import SFTStage
+from align.stages import artifact
+from align.stages.context import StageContext, StageModels, StageResult, start
+from align.stages.loop import after_step, resume, to_device
 
 
-def run(ctx: StageContext) -> StageResult:
+def run(ctx: StageContext[SFTStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
-    rank = common.start(ctx)
-    tokenizer, model = common.load_policy(ctx)
-    data = common.load_stage_data(ctx, "sft", tokenizer)
-    steps = common.total_steps(stage, len(data.train), rank.world_size)
-    engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=common.dtype_of(ctx))
+    rank = start(ctx)
+    tokenizer, model = load_policy(ctx)
+    data = load_stage_data(stage, "sft", tokenizer)
+    steps = total_steps(stage, len(data.train), rank.world_size)
+    engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=ctx.dtype)
+    models = StageModels(engine, tokenizer)
     metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
-    first_step = common.resume(ctx, engine, rank, metrics)
-    pad = common.pad_id(tokenizer)
-    throughput = common.Throughput()
+    first_step = resume(ctx, engine, rank, metrics)["step"]
+    pad = tokenizer.pad_token_id
+    throughput = Throughput()
 
     engine.train()
     for step in range(first_step, steps):
-        micro_batches = common.micro_batch_indices(
+        micro_batches = micro_batch_indices(
             len(data.train), step, stage.batch_size, stage.gradient_accumulation_steps, rank, stage.seed
         )
-        batches = [common.collate_for("sft")([data.train[i] for i in rows], pad) for rows in micro_batches]
+        batches = [collate_sft([data.train[i] for i in rows], pad) for rows in micro_batches]
         # Token-weighted over the whole optimizer step, on every rank alike.
         step_tokens = global_count(sum(int(b["loss_mask"][:, 1:].sum()) for b in batches))
         scale = accumulation_scale(step_tokens, stage.gradient_accumulation_steps, rank.world_size)
         nll_sum = 0.0
         for batch in batches:
-            batch = common.to_device(batch, engine.device)
+            batch = to_device(batch, engine.device)
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             token_logps = token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:])
             loss_sum, _ = sft_loss(token_logps, batch["loss_mask"][:, 1:])
@@ -47,38 +55,32 @@ def run(ctx: StageContext) -> StageResult:
             engine.step()
             nll_sum += loss_sum.item()
             throughput.add(int(batch["attention_mask"].sum()))
-        done = step + 1
-        if done % stage.log_every == 0 or done == steps:
-            (nll_total,) = all_reduce_sum([nll_sum])
-            metrics.log(
-                {
-                    "step": done,
-                    "loss": nll_total / step_tokens,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": common.grad_norm(engine),
-                    "tokens_per_s": throughput.read(),
-                }
-            )
-        if (stage.eval_every and done % stage.eval_every == 0) or done == steps:
-            metrics.log({"step": done, **evaluate(engine, tokenizer, data, ctx, rank)})
-        if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < steps:
-            save_checkpoint(engine, ctx.checkpoint_dir, done, rank, {"stage": ctx.name})
-            common.checkpoint_saved(ctx, done)
+        after_step(
+            ctx, rank, step + 1, steps, models=models, data=data, evaluate=evaluate, metrics=metrics,
+            scheduler=scheduler, throughput=throughput,
+            record=partial(_mean_loss, nll_sum, step_tokens),
+        )
 
-    final = common.final_metrics(metrics.records, ["loss", "eval_loss", "eval_exact_match", "tokens_per_s"])
+    final = artifact.final_metrics(metrics.records, ["loss", "eval_loss", "eval_exact_match", "tokens_per_s"])
     final["steps"] = steps
     final["rows_dropped"] = data.dropped
-    return common.publish(
-        ctx, engine.module, tokenizer, rank, kind=_artifact_kind(job), metrics=final, fingerprints=data.fingerprints
-    )
+    kind = "full" if job.adapter.type == "full" else "adapter"
+    return artifact.publish(ctx, engine.module, tokenizer, rank, kind=kind, metrics=final,
+                            fingerprints=data.fingerprints)
+
+
+def _mean_loss(nll_sum: float, step_tokens: float) -> dict:
+    """The step's NLL summed over every rank, per loss token."""
+    (nll_total,) = all_reduce_sum([nll_sum])
+    return {"loss": nll_total / step_tokens}
 
 
 @torch.no_grad()
-def evaluate(engine, tokenizer, data: common.StageData, ctx: StageContext, rank: Rank) -> dict:
+def evaluate(ctx: StageContext[SFTStage], rank: Rank, models: StageModels, data: StageData) -> dict:
     """Held-out token-mean NLL and, when asked, greedy exact-match accuracy."""
     if not data.eval:
         return {}
-    stage = ctx.stage
+    stage, engine = ctx.stage, models.engine
     engine.eval()
     nll = tokens = 0.0
     shard = data.eval[rank.rank :: rank.world_size]
@@ -88,7 +90,7 @@ def evaluate(engine, tokenizer, data: common.StageData, ctx: StageContext, rank:
         rows = shard[b * stage.batch_size : (b + 1) * stage.batch_size]
         weight = 1.0 if rows else 0.0
         rows = rows or data.eval[:1]
-        batch = common.to_device(common.collate_for("sft")(rows, tokenizer.pad_token_id), engine.device)
+        batch = to_device(collate_sft(rows, models.tokenizer.pad_token_id), engine.device)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_sum, count = sft_loss(token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:]), batch["loss_mask"][:, 1:])
         nll += weight * loss_sum.item()
@@ -98,7 +100,7 @@ def evaluate(engine, tokenizer, data: common.StageData, ctx: StageContext, rank:
     if stage.eval_exact_match:
         result["eval_exact_match"] = exact_match(
             engine.module,
-            tokenizer,
+            models.tokenizer,
             data.eval_rows,
             rank,
             max_prompt_length=stage.max_length,
@@ -106,7 +108,3 @@ def evaluate(engine, tokenizer, data: common.StageData, ctx: StageContext, rank:
         )
     engine.train()
     return result
-
-
-def _artifact_kind(job) -> str:
-    return "full" if job.adapter.type == "full" else "adapter"

@@ -133,7 +133,7 @@ def test_ppo_with_a_critic_from_the_policy_and_a_reward_function(
     ])
     sft, ppo = run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
 
-    first, second = metrics_of(tmp_path / "work", "ppo")
+    first, _second = metrics_of(tmp_path / "work", "ppo")
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)
     # One pass over two micro-batches: the optimizer steps once, after both, so the ratio is 1 throughout.
     assert first["ratio"] == first["first_pass_ratio"] == pytest.approx(1.0, abs=1e-6)
@@ -233,7 +233,8 @@ def test_ppo_scores_with_a_named_fully_trained_reward_model(
     assert manifest_of(ppo.artifact)["parents"] == [sft.artifact.artifact_id, rm.artifact.artifact_id]
 
     wrong = job_factory(small_model, [
-        {"type": "ppo", "data": {"path": str(prompts_file)}, "reward_model": sft.artifact.ref, "max_new_tokens": 5, "max_length": 48},
+        {"type": "ppo", "data": {"path": str(prompts_file)}, "reward_model": sft.artifact.ref, "max_new_tokens": 5,
+         "max_length": 48},
     ])
     with pytest.raises(ValueError, match="is an artifact of kind 'adapter', not a reward model"):
         run_job(wrong, work_root=tmp_path / "wrong", artifact_root=artifacts)

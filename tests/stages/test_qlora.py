@@ -68,7 +68,7 @@ def test_qlora_dpo_after_sft_trains(small_model, small_data, job_factory, tmp_pa
         quantization={"bits": 4, "type": "nf4", "double_quant": True},
         deepspeed={"zero_stage": 0, "precision": "auto"},
     )
-    sft, dpo = run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
+    _sft, dpo = run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
 
     def losses(stage: str) -> list[float]:
         lines = (tmp_path / "work" / stage / "metrics.jsonl").read_text().splitlines()

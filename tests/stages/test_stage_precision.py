@@ -76,8 +76,8 @@ def test_explicit_bf16_on_a_cpu_without_it_trains_and_warns_with_the_measured_sl
     # A fresh process group: not the one this test process may already hold.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                                                              "MASTER_ADDR", "MASTER_PORT")}
-    out = subprocess.run(command, env={**env, **AVX2_ENV, "COLUMNS": "400"}, capture_output=True, text=True, check=False,
-                         timeout=600)
+    out = subprocess.run(command, env={**env, **AVX2_ENV, "COLUMNS": "400"}, capture_output=True, text=True,
+                         check=False, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     warnings = [line for line in out.stdout.splitlines() if "bf16 was asked for, but bf16 is emulated" in line]
     assert len(warnings) == 2, out.stdout  # the pre-flight, then the stage's own report

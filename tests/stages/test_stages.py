@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from align.artifacts import ArtifactStore, sha256_file
 from align.runner import run_job
-from align.stages.common import MissingCheckpoint, StageContext
+from align.stages.context import StageContext
+from align.stages.loop import MissingCheckpoint
 
 
 def metrics_of(work: Path, stage: str) -> list[dict]:
@@ -120,7 +121,8 @@ def test_resume_reproduces_uninterrupted_run(small_model, small_data, job_factor
     assert checkpoints == ["step-00000003"]
     (resumed,) = run_job(job, work_root=tmp_path / "resumed", artifact_root=str(tmp_path / "a2"))
 
-    assert train_losses(metrics_of(tmp_path / "resumed", "sft")) == train_losses(metrics_of(tmp_path / "straight", "sft"))
+    straight_losses = train_losses(metrics_of(tmp_path / "straight", "sft"))
+    assert train_losses(metrics_of(tmp_path / "resumed", "sft")) == straight_losses
     assert adapter_digest(Path(resumed.artifact.uri)) == adapter_digest(Path(straight.artifact.uri))
 
 
@@ -161,9 +163,9 @@ def test_dpo_precomputed_reference_matches_live(small_model, small_data, job_fac
     evaluation alike, and the preference part starts at ln 2."""
     losses = {}
     for mode in ("live", "precomputed"):
-        job = job_factory(small_model, [{"type": "dpo", "data": {"path": str(small_data["prefs"]), "eval_fraction": 0.25},
-                                         "batch_size": 4, "max_steps": 3, "lr": 1e-3, "reference": mode,
-                                         "sft_weight": 0.5}])
+        data = {"path": str(small_data["prefs"]), "eval_fraction": 0.25}
+        job = job_factory(small_model, [{"type": "dpo", "data": data, "batch_size": 4, "max_steps": 3, "lr": 1e-3,
+                                         "reference": mode, "sft_weight": 0.5}])
         run_job(job, work_root=tmp_path / mode, artifact_root=str(tmp_path / "a" / mode))
         records = metrics_of(tmp_path / mode, "dpo")
         losses[mode] = train_losses(records)
@@ -253,7 +255,7 @@ def test_sft_data_in_a_dpo_stage_names_the_missing_columns(small_model, small_da
 
 def test_file_urls_read_as_paths_and_artifact_bases_are_refused(small_model, small_data):
     from align.models.load import ModelError, resolve_base_model
-    from align.stages.common import resolve_data_path
+    from align.data.stage_data import resolve_data_path
 
     assert resolve_data_path(f"file://{small_data['sft']}") == small_data["sft"]
     assert resolve_base_model(f"file://{small_model}") == small_model

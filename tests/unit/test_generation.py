@@ -212,7 +212,7 @@ def test_completion_logps_equal_a_forward_over_prompt_and_completion(tiny_llama,
     from peft import LoraConfig, get_peft_model
 
     from align.ops.logprobs import token_logprobs
-    from align.stages.common import completion_batch, completion_logps, group_batch
+    from align.stages.rollout import completion_batch, completion_logps, group_batch
 
     torch.manual_seed(1)
     model = get_peft_model(copy.deepcopy(tiny_llama), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))

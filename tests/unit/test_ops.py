@@ -212,6 +212,13 @@ def test_masked_whiten_hand_worked():
     torch.testing.assert_close(unshifted[[0, 3]], torch.tensor([1.338105, 3.661895]))
 
 
+def test_masked_whiten_with_statistics_of_a_larger_batch():
+    """Two of the four values above, whitened with the statistics of all four (μ = 2.5, σ² = 5/3, as PPO
+    whitens each micro-batch with those of every micro-batch): -1.161895 and 1.161895 as before."""
+    part = masked_whiten(torch.tensor([1.0, 4.0]), torch.tensor([1, 1]), mean=2.5, var=5 / 3)
+    torch.testing.assert_close(part, torch.tensor([-1.161895, 1.161895]))
+
+
 # --- aggregation ----------------------------------------------------------------------------
 
 

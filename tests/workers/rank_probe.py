@@ -17,9 +17,9 @@ def install() -> None:
     from rank_report import saved_names, tensors_digest
 
     from align.models.adapters import trainable_state_dict
-    from align.stages import common
+    from align.stages import artifact
 
-    publish = common.publish
+    publish = artifact.publish
 
     def publish_and_record(ctx, model, tokenizer, rank, **kwargs):
         import ray
@@ -38,4 +38,4 @@ def install() -> None:
         (out / f"rank-{rank.rank}.json").write_text(json.dumps(record))
         return publish(ctx, model, tokenizer, rank, **kwargs)
 
-    common.publish = publish_and_record
+    artifact.publish = publish_and_record

@@ -1,0 +1,78 @@
+"""What a stage leaves behind: its trained model, tokenizer, logs and card, published as one artifact
+with the stage's final metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from align.artifacts import ArtifactStore
+from align.engine.dist import Rank
+from align.model_card import base_model_license, base_model_reference, write_model_card
+from align.models.adapters import save_trainable
+from align.models.load import resolve_base_model
+from align.stages.context import StageContext, StageResult
+
+
+def final_metrics(records: list[dict], keys: list[str]) -> dict:
+    """The last value of each key among the logged records."""
+    out: dict[str, Any] = {}
+    for record in records:
+        for key in keys:
+            if key in record:
+                out[key] = record[key]
+    return out
+
+
+def publish(
+    ctx: StageContext,
+    model: torch.nn.Module,
+    tokenizer,
+    rank: Rank,
+    *,
+    kind: str,
+    metrics: dict,
+    fingerprints: dict[str, str],
+) -> StageResult:
+    """Save what the stage trained with its model card and publish it as a versioned artifact (manifest
+    written last). ``adapter_config.json`` and the card name the base model as the spec did
+    (:func:`align.model_card.base_model_reference`), never the local folder it was loaded from."""
+    out_dir = ctx.work_dir / "artifact"
+    base_reference = base_model_reference(ctx.job.base_model)
+    save_trainable(model, out_dir, ctx.job.deepspeed.zero_stage, write=rank.is_main, base_model=base_reference)
+    published = None
+    if rank.is_main:
+        tokenizer.save_pretrained(out_dir)
+        for log in ("metrics.jsonl", "samples.jsonl"):
+            if (ctx.work_dir / log).exists():
+                (out_dir / log).write_bytes((ctx.work_dir / log).read_bytes())
+        precision = ctx.precision.to_dict() if ctx.precision else None
+        write_model_card(
+            out_dir, ctx.job, ctx.index, kind=kind, lineage=ctx.lineage, parents=list(ctx.parents),
+            data_fingerprints=fingerprints, metrics=metrics, precision=precision, job_id=ctx.job_id,
+            license=base_model_license(resolve_base_model(ctx.job.base_model)),
+        )
+        published = ArtifactStore(ctx.artifact_root).publish(
+            out_dir,
+            lineage=ctx.lineage,
+            kind=kind,
+            stage={"type": ctx.stage.type, "index": ctx.index, "name": ctx.name},
+            base_model=ctx.job.base_model,
+            spec_hash=ctx.job.hash(),
+            parents=list(ctx.parents),
+            data_fingerprints=fingerprints,
+            metrics=metrics,
+            job={"id": ctx.job_id, "name": ctx.job.name},
+            precision=precision,
+        )
+    published = _broadcast(published)
+    return StageResult(published, metrics)
+
+
+def _broadcast(obj):
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
