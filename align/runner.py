@@ -21,7 +21,7 @@ from align.engine.dist import free_port
 from align.lineage import InputArtifact, stage_inputs
 from align.spec import JobSpec
 from align.stage_launch import StageLaunch
-from align.stages.common import StageContext, StageResult
+from align.stages.context import StageContext, StageResult
 
 
 def run_stage(ctx: StageContext) -> StageResult:

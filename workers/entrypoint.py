@@ -172,7 +172,7 @@ def classify(error: BaseException, launch: StageLaunch | None) -> dict[str, Any]
     from align.data.load import DataError, TemplateError
     from align.models.load import ModelError
     from align.spec import SpecError
-    from align.stages.common import MissingCheckpoint
+    from align.stages.loop import MissingCheckpoint
 
     found = list(causes(error))
     for cause in found:
@@ -207,7 +207,7 @@ def _text(error: BaseException) -> str:
 
 
 def _data_field(launch: StageLaunch, path: str) -> str:
-    from align.stages.common import resolve_data_path
+    from align.data.stage_data import resolve_data_path
 
     eval_path = launch.spec.stages[launch.index].data.eval_path
     is_eval = eval_path and str(resolve_data_path(eval_path)) == str(path)

@@ -173,8 +173,8 @@ def test_validate_checks_the_data_files_from_the_specs_folder(tmp_path, monkeypa
 
 def test_train_takes_relative_paths_from_the_specs_folder_as_validate_does(tmp_path, monkeypatch):
     from align.cli import train_job
+    from align.data.stage_data import resolve_data_path
     from align.models.load import resolve_base_model
-    from align.stages.common import resolve_data_path
 
     folder = tmp_path / "project"
     (folder / "data").mkdir(parents=True)

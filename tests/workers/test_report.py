@@ -11,7 +11,7 @@ from worker_helpers import TOKEN, make_ticket
 
 from align.data.load import DataError
 from align.stage_launch import StageLaunch
-from align.stages.common import MissingCheckpoint
+from align.stages.loop import MissingCheckpoint
 from services.settings import Settings
 from workers.entrypoint import EXIT_BAD_TICKET, classify, main
 from workers.report import Fenced, Reporter, TokenExpired
