@@ -3,7 +3,7 @@
 The dispatcher writes one per attempt for its Ray job (the ticket in ``ALIGN_TICKET``), the local
 runner one per stage for torchrun's ranks; each process that runs the stage reads it once, as JSON
 (``model_dump_json`` / ``model_validate_json``). :func:`align.runner.stage_context` turns it into the
-stage's :class:`~align.stages.common.StageContext`.
+stage's :class:`~align.stages.context.StageContext`.
 """
 
 from __future__ import annotations

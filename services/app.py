@@ -93,7 +93,8 @@ def create_app(
     # /docs and /redoc serve Swagger UI and ReDoc from the installed fastapi-offline package: no CDN.
     app = FastAPIOffline(
         title="align",
-        summary="Preference-alignment trainer: submit jobs that chain SFT, reward-model, DPO, PPO, GRPO and RLOO stages, and follow them.",
+        summary=("Preference-alignment trainer: submit jobs that chain SFT, reward-model, DPO, PPO, GRPO and RLOO "
+                 "stages, and follow them."),
         version="0.1.0",
         lifespan=lifespan,
         swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io
@@ -164,7 +165,8 @@ def _field_name(loc: tuple | list) -> str:
 def _message(error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "json_invalid":
-        return f"the body is not valid JSON: {error.get('ctx', {}).get('error', message)} at character {error['loc'][-1]}"
+        reason = error.get("ctx", {}).get("error", message)
+        return f"the body is not valid JSON: {reason} at character {error['loc'][-1]}"
     value = error.get("input")
     if error["type"] != "missing" and isinstance(value, (str, int, float, bool)):
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."

@@ -109,7 +109,8 @@ def serve(
     host: str | None = typer.Option(None, help="Listen address (ALIGN_HOST, default 127.0.0.1)."),
     port: int | None = typer.Option(None, help="Port (ALIGN_PORT, default 8321)."),
     dispatcher: bool = typer.Option(True, help="Run the dispatcher in this process."),
-    ray_cpus: int | None = typer.Option(None, help="CPUs of the local Ray (default: all); ignored with ALIGN_RAY_ADDRESS."),
+    ray_cpus: int | None = typer.Option(
+        None, help="CPUs of the local Ray (default: all); ignored with ALIGN_RAY_ADDRESS."),
 ) -> None:
     """Run the job service: HTTP API and dispatcher, on embedded defaults unless ALIGN_* settings say otherwise."""
     import uvicorn

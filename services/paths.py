@@ -45,7 +45,8 @@ def check_job(
     if spec.base_model.startswith("artifact:"):
         artifact_id = spec.base_model.removeprefix("artifact:")
         if find_artifact(artifact_id) is None:
-            problems.append(("base_model", f"no artifact '{artifact_id}'; give the id of an artifact of one of your jobs"))
+            message = f"no artifact '{artifact_id}'; give the id of an artifact of one of your jobs"
+            problems.append(("base_model", message))
         else:
             problems.append(("base_model", ("starting a job from an artifact is not supported yet; give the local "
                                             "model folder (or builtin:tiny) and chain the stages in one job")))
@@ -91,7 +92,11 @@ def spec_locations(spec: JobSpec) -> Iterator[tuple[str, str, str]]:
 
 
 def check_locations(
-    spec: JobSpec, *, data_roots: Sequence[str | Path], model_roots: Sequence[str | Path], allowed_schemes: Sequence[str]
+    spec: JobSpec,
+    *,
+    data_roots: Sequence[str | Path],
+    model_roots: Sequence[str | Path],
+    allowed_schemes: Sequence[str],
 ) -> list[Problem]:
     """Every data path and local base model must lie under its roots and use an allowed scheme."""
     problems = []

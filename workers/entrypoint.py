@@ -56,7 +56,7 @@ def main() -> int:
     try:
         run_attempt(launch, reporter)
         return 0
-    except Exception as error:  # noqa: BLE001 - every error ends the attempt with a report
+    except Exception as error:  # every error ends the attempt with a report
         fenced = next((cause for cause in causes(error) if isinstance(cause, Fenced)), None)
         if fenced is not None:  # a 409, or an expired report token
             logger.error("stopped: %s", fenced)

@@ -59,7 +59,8 @@ def train_func(config: dict) -> None:
 
 
 def _gather_placement() -> list[dict]:
-    """Where every rank runs (rank, node id, the cluster's GCS address, host), gathered over the process group Ray Train made."""
+    """Where every rank runs (rank, node id, the cluster's GCS address, host), gathered over the process group
+    Ray Train made."""
     import torch.distributed as dist
 
     context = ray.train.get_context()

@@ -10,6 +10,7 @@ database every ``poll_seconds`` instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from sqlalchemy import Engine, text
@@ -65,10 +66,8 @@ class EventWaker:
         """Until ``wake`` is set or ``timeout`` passes; at most ``poll_seconds`` while nobody listens."""
         if not self.listening:
             timeout = min(timeout, self.poll_seconds)
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(wake.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
 
     def _wake(self, job_id: str) -> None:
         for wake in self._waiters.get(job_id, ()):
@@ -96,7 +95,7 @@ class EventWaker:
                         self._wake(notification.payload)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # noqa: BLE001 - any failure: fall back to polling, retry later
+            except Exception as error:  # any failure: fall back to polling, retry later
                 if self.listening or not self._warned:
                     log.warning("LISTEN %s failed (%s: %s); live event streams poll every %.1f s until it "
                                 "works again", CHANNEL, type(error).__name__, error, self.poll_seconds)

@@ -17,7 +17,8 @@ router = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=Fals
 @router.post(
     "/reports",
     response_model=Ok,
-    responses={401: {"description": "Missing, bad or expired report token"}, 409: {"description": "Stale attempt or stage not running"}},
+    responses={401: {"description": "Missing, bad or expired report token"},
+               409: {"description": "Stale attempt or stage not running"}},
 )
 def post_report(
     report: ReportIn,

@@ -338,7 +338,8 @@ def test_retryable_failure_resumes_from_the_checkpoint(dispatcher, session_facto
     ticket = ray.ticket()
     assert (ticket["attempt"], ticket["require_checkpoint"]) == (2, True)
     assert settings.check_report_token(run_id, 2, ticket["report"]["token"]) is None
-    assert settings.check_report_token(run_id, 1, ticket["report"]["token"]) == "bad report token for this stage run and attempt"
+    refused = settings.check_report_token(run_id, 1, ticket["report"]["token"])
+    assert refused == "bad report token for this stage run and attempt"
     assert ticket["work_dir"] == f"/work-root/{job_id}/{run_id}"
     assert not report(session_factory, run_id, 1, "heartbeat", {"step": 51, "total_steps": 100})
     assert states(session_factory, job_id)[0] == ("running", 2)
@@ -552,7 +553,7 @@ def test_two_readiness_probes_at_once_both_pass(monkeypatch):
     def probe() -> None:
         try:
             client.check_submission()
-        except BaseException as error:  # noqa: BLE001 - reported by the test's thread below
+        except BaseException as error:  # reported by the test's thread below
             errors.append(error)
 
     threads = [threading.Thread(target=probe) for _ in range(2)]
