@@ -150,7 +150,7 @@ def job_spec(model: str, data: Path, steps: int, bf16: bool, precompute: bool) -
     }
 
 
-def batch_plan(spec: dict, work: Path) -> dict:
+def batch_plan(spec: dict) -> dict:
     """The rows of every step in align's order, as TRL conversations, and the tokens each step holds.
 
     align shuffles the rows with the stage seed, tokenises them and picks each step's rows with
@@ -158,16 +158,16 @@ def batch_plan(spec: dict, work: Path) -> dict:
     align's own data loading gives.
     """
     from align.data import load, tokenize
+    from align.data.order import micro_batch_indices
+    from align.data.stage_data import load_stage_data
     from align.engine.dist import Rank
     from align.models.load import load_tokenizer, resolve_base_model
     from align.spec import parse_spec
-    from align.stages.common import StageContext, load_stage_data, micro_batch_indices
 
     job = parse_spec(spec)
     stage = job.stages[0]
     tokenizer = load_tokenizer(resolve_base_model(job.base_model))
-    ctx = StageContext(job=job, index=0, work_dir=work / "plan", artifact_root=str(work / "plan"))
-    loaded = load_stage_data(ctx, "preference", tokenizer)
+    loaded = load_stage_data(stage, "preference", tokenizer)
 
     raw = load.load_rows(stage.data.path)
     fmt = load.detect_format(raw, "preference", stage.data.path)
@@ -341,7 +341,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     model, folder = model_folder()
     spec = job_spec(model, preference_file(work), total, args.bf16, args.precompute)
-    plan = batch_plan(spec, work)
+    plan = batch_plan(spec)
     (work / "plan.json").write_text(json.dumps(plan))
     timed_tokens = sum(plan["step_tokens"][args.warmup :])
     timed_padded = sum(plan["step_padded_tokens"][args.warmup :])

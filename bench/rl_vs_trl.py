@@ -115,23 +115,23 @@ def job_spec(args: argparse.Namespace, total_steps: int) -> dict:
     }
 
 
-def prompt_plan(spec: dict, work: Path) -> dict:
+def prompt_plan(spec: dict) -> dict:
     """The prompts of every step in align's order, as conversations, with their token ids.
 
     align shuffles and tokenises the rows in ``load_stage_data`` and picks each step's rows with
     ``micro_batch_indices``; the same calls are made here. Each prompt's ids are also rendered
     directly with the chat template (as TRL renders them) and must match align's, uncut.
     """
+    from align.data.order import micro_batch_indices
+    from align.data.stage_data import load_stage_data
     from align.engine.dist import Rank
     from align.models.load import load_tokenizer, resolve_base_model
     from align.spec import parse_spec
-    from align.stages.common import StageContext, load_stage_data, micro_batch_indices
 
     job = parse_spec(spec)
     stage = job.stages[0]
     tokenizer = load_tokenizer(resolve_base_model(job.base_model))
-    ctx = StageContext(job=job, index=0, work_dir=work / "plan", artifact_root=str(work / "plan"))
-    train = load_stage_data(ctx, "prompt", tokenizer).train
+    train = load_stage_data(stage, "prompt", tokenizer).train
 
     rank = Rank(0, 1, 0)
     rows, expected_ids = [], []
@@ -356,7 +356,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.algo}-"))
     folder = Path(build_tiny())
     spec = job_spec(args, total)
-    plan = prompt_plan(spec, work)
+    plan = prompt_plan(spec)
     (work / "plan.json").write_text(json.dumps(plan))
     timed_samples = samples_per_step * args.steps
 
