@@ -254,8 +254,8 @@ def test_sft_data_in_a_dpo_stage_names_the_missing_columns(small_model, small_da
 
 
 def test_file_urls_read_as_paths_and_artifact_bases_are_refused(small_model, small_data):
-    from align.models.load import ModelError, resolve_base_model
     from align.data.stage_data import resolve_data_path
+    from align.models.load import ModelError, resolve_base_model
 
     assert resolve_data_path(f"file://{small_data['sft']}") == small_data["sft"]
     assert resolve_base_model(f"file://{small_model}") == small_model
