@@ -110,7 +110,7 @@ def job_errors(
 
 
 def _as_written(location: str) -> str:
-    """The local path the stages read for a location (:func:`align.stages.common.resolve_data_path`)."""
+    """The local path the stages read for a location (:func:`align.data.stage_data.resolve_data_path`)."""
     return location.removeprefix("file://")
 
 
@@ -145,7 +145,7 @@ def check_stage_data(stage, tokenizer=None) -> dict[str, int]:
 
     With ``tokenizer``, a sample of each file's rows is rendered with its chat template
     (:func:`check_chat_template`)."""
-    from align.stages.common import resolve_data_path
+    from align.data.stage_data import resolve_data_path
 
     kind = DATA_KIND[stage.type]
     counts = {}
@@ -165,7 +165,7 @@ def planned_steps(stage, world_size: int, tokenizer=None) -> int:
     """Check the stage's data (:func:`check_stage_data`) and return the optimizer steps it will take: its
     ``max_steps``, else what its training rows give; rows the stage later drops as too long can make it
     end a little earlier."""
-    from align.stages.common import total_steps
+    from align.data.order import total_steps
 
     counts = check_stage_data(stage, tokenizer)
     if stage.max_steps is not None:

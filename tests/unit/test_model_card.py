@@ -20,9 +20,11 @@ from align.model_card import (
     stage_hyperparameters,
 )
 from align.models.load import load_artifact
+from align.models.policy import load_policy, load_reward_model_for
 from align.precision import resolve
 from align.spec import parse_spec
-from align.stages import common
+from align.stages.artifact import publish
+from align.stages.context import StageContext
 
 FINGERPRINT = "sha256:" + "ab" * 32
 SECTIONS = ["Base model", "Stages", "Data fingerprints", "Final metrics", "Lineage", "Precision"]
@@ -41,7 +43,7 @@ def job_spec(base_model: str, stages: list[dict] | None = None, **overrides):
 
 
 def stage_context(job, index: int, tmp_path: Path, start_policy: Path | None = None, parents=()):
-    ctx = common.StageContext(
+    ctx = StageContext(
         job=job, index=index, work_dir=tmp_path / "work" / job.stage_names()[index],
         artifact_root=str(tmp_path / "artifacts"), start_policy=start_policy, parents=list(parents), job_id="job-1",
     )
@@ -52,13 +54,13 @@ def stage_context(job, index: int, tmp_path: Path, start_policy: Path | None = N
 
 def publish_trained_adapter(ctx):
     """The stage's own publish path, on a policy whose LoRA B matrices are non-zero (so loading is visible)."""
-    tokenizer, model = common.load_policy(ctx)
+    tokenizer, model = load_policy(ctx)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    result = common.publish(ctx, model, tokenizer, Rank(0, 1, 0), kind="adapter",
+    result = publish(ctx, model, tokenizer, Rank(0, 1, 0), kind="adapter",
                             metrics={"loss": 0.5, "steps": 6}, fingerprints={"train": FINGERPRINT})
     return model.eval(), Path(result.artifact.uri), result.artifact
 
@@ -178,7 +180,7 @@ def test_published_adapter_names_builtin_tiny_and_loads_back_on_it(tmp_path):
         torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=1e-6)
 
     # The next stage continues the policy: same outputs before it trains.
-    _, next_policy = common.load_policy(stage_context(job, 1, tmp_path, start_policy=folder,
+    _, next_policy = load_policy(stage_context(job, 1, tmp_path, start_policy=folder,
                                                       parents=[artifact.artifact_id]))
     torch.testing.assert_close(logits(next_policy.eval()), expected, rtol=0, atol=1e-6)
 
@@ -201,13 +203,13 @@ def test_a_relative_base_model_path_is_recorded_absolute_and_loads_from_elsewher
 def test_a_published_reward_model_loads_back_with_its_head(small_model, tmp_path):
     job = job_spec(str(small_model), stages=[{"type": "rm", "data": {"path": "/data/prefs.jsonl"}, "max_steps": 2}])
     ctx = stage_context(job, 0, tmp_path)
-    tokenizer, model = common.load_reward_model_for(ctx)
+    tokenizer, model = load_reward_model_for(ctx)
     generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.requires_grad:  # the LoRA matrices and the score head
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    result = common.publish(ctx, model, tokenizer, Rank(0, 1, 0), kind="reward_model", metrics={},
+    result = publish(ctx, model, tokenizer, Rank(0, 1, 0), kind="reward_model", metrics={},
                             fingerprints={"train": FINGERPRINT})
     folder = Path(result.artifact.uri)
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(small_model)
