@@ -1,4 +1,5 @@
-"""Free TCP ports on this host, kept out of heavy modules: the service's local Ray and the training launchers both pick them."""
+"""Free TCP ports on this host, kept out of heavy modules: the service's local Ray and the training
+launchers both pick them."""
 
 import socket
 

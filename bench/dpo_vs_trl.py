@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import harness
 
 REPO = Path(__file__).resolve().parent.parent
 THREADS = 2
@@ -384,12 +384,14 @@ def main() -> int:
         speed = results["align"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
         memory = results["align"]["peak_rss_mib"] / results["trl"]["peak_rss_mib"]
         print(f"{'align/TRL':<12}{speed:>9.2f}x{memory:>13.2f}x")
-        print(f"{'goal':<12}{'>=' + format(GOAL['speed'], '.1f') + 'x':>10}{'<=' + format(GOAL['memory'], '.1f') + 'x':>14}")
+        speed, memory = f">={GOAL['speed']:.1f}x", f"<={GOAL['memory']:.1f}x"
+        print(f"{'goal':<12}{speed:>10}{memory:>14}")
     if "trl" in results and results["trl"]["rows_tokenised_differently"]:
         print(f"\nwarning: TRL tokenised {results['trl']['rows_tokenised_differently']} rows differently from align")
     if "align" in results:
         own = results["align"]["own_tokens_per_s"]
-        print(f"\nalign's own tokens_per_s over the timed steps (mean of per-step readings): {sum(own) / len(own):,.0f}")
+        mean = sum(own) / len(own)
+        print(f"\nalign's own tokens_per_s over the timed steps (mean of per-step readings): {mean:,.0f}")
     earlier = TRL_REFERENCE["tokens_per_s_precomputed" if args.precompute else "tokens_per_s"]
     print(f"TRL measured earlier on this machine (fp32): {earlier:,} tokens/s, ~{TRL_REFERENCE['peak_rss_mib']} MiB")
     if args.keep:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import harness
 
 REPO = harness.REPO
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -9,9 +9,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from databases import create_postgres_database, drop_postgres_database
 
 REPO = Path(__file__).resolve().parent.parent
-# Built-in model, built-in data and DeepSpeed's compiled ops (under <cache>/torch_extensions) are built once per checkout.
+# Built-in model, built-in data and DeepSpeed's compiled ops (under <cache>/torch_extensions) are built once
+# per checkout.
 os.environ.setdefault("ALIGN_CACHE_DIR", str(REPO / ".align" / "cache"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -106,8 +108,6 @@ def job_factory():
 # SQLite: a copy of a file migrated once per session. Postgres: one database per session, created with a
 # random name on the local server, migrated once, emptied before each test and dropped at the end.
 # ---------------------------------------------------------------------------------------------------------
-
-from databases import create_postgres_database, drop_postgres_database
 
 DB_TABLES = ("events", "artifacts", "stage_runs", "jobs", "api_keys", "tenants")
 

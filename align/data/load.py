@@ -7,8 +7,10 @@ Column conventions follow TRL, so files prepared for TRL work unchanged:
 | ``messages`` | sft | ``messages``: a list of ``{"role", "content"}`` ending with an assistant turn |
 | ``prompt_completion`` | sft | ``prompt`` and ``completion``: strings, or lists of messages |
 | ``preference`` | preference | ``prompt``, ``chosen``, ``rejected``: strings |
-| ``preference_conversational`` | preference | ``chosen``, ``rejected``: lists of messages; ``prompt`` (a list of messages) is optional, without it the shared leading turns of ``chosen`` and ``rejected`` are the prompt |
+| ``preference_conversational`` | preference | ``chosen``, ``rejected``: lists of messages; ``prompt`` (optional) |
 | ``prompt`` | prompt | ``prompt``: a string or a list of messages |
+
+Without a ``prompt``, the shared leading turns of ``chosen`` and ``rejected`` are the prompt.
 
 A prompt-kind dataset (generation, evaluation) may also be in any of the other formats; the prompt is
 taken from it and the completion or chosen answer kept as a reference.

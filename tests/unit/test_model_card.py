@@ -118,7 +118,8 @@ def test_card_of_a_later_stage_lists_the_chain_with_parents_and_key_hyperparamet
     }
     assert re.findall(r"^## (.+)$", text, flags=re.MULTILINE) == SECTIONS
     assert "| 0 | sft | sft | lr=0.001, lr_scheduler=cosine, warmup_ratio=0, batch_size=8, " \
-           "gradient_accumulation_steps=1, max_steps=6, max_length=512, seed=7 | `artifact:card.sft-v3-0123456789ab` |" in text
+           "gradient_accumulation_steps=1, max_steps=6, max_length=512, seed=7 | " \
+           "`artifact:card.sft-v3-0123456789ab` |" in text
     assert "| 1 | rm | rm | lr=5e-05, lr_scheduler=cosine, warmup_ratio=0, batch_size=8, " \
            "gradient_accumulation_steps=1, epochs=2, max_length=512, seed=42, init=policy | - |" in text
     assert "| 2 | align | dpo | lr=5e-05, lr_scheduler=cosine, warmup_ratio=0.1, batch_size=8, " \
@@ -206,7 +207,7 @@ def test_a_published_reward_model_loads_back_with_its_head(small_model, tmp_path
     tokenizer, model = load_reward_model_for(ctx)
     generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:  # the LoRA matrices and the score head
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
     result = publish(ctx, model, tokenizer, Rank(0, 1, 0), kind="reward_model", metrics={},
@@ -223,7 +224,8 @@ def test_a_published_reward_model_loads_back_with_its_head(small_model, tmp_path
 def test_load_artifact_names_a_missing_folder_and_a_missing_base_model(tmp_path):
     from align.models.load import ModelError
 
-    with pytest.raises(ModelError, match="artifact '.*nowhere' is not a folder; give artifact:<id> or an artifact's folder"):
+    expected = "artifact '.*nowhere' is not a folder; give artifact:<id> or an artifact's folder"
+    with pytest.raises(ModelError, match=expected):
         load_artifact(tmp_path / "nowhere")
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone/llama"}))

@@ -20,7 +20,8 @@ AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def test_bf16_is_native_only_with_the_instructions_and_no_cap():
-    assert cpu_bf16(BF16_CPU, "AVX512", None) == (True, "the CPU has amx_bf16/avx512_bf16 and torch uses AVX512 kernels")
+    reason = "the CPU has amx_bf16/avx512_bf16 and torch uses AVX512 kernels"
+    assert cpu_bf16(BF16_CPU, "AVX512", None) == (True, reason)
     assert cpu_bf16(frozenset({"avx512_bf16"}), "AVX512", "AVX512_CORE_AMX")[0]
 
     native, why = cpu_bf16(AVX2_CPU, "AVX2", None)

@@ -51,7 +51,7 @@ def test_each_template_style_masks_exactly_the_replies_and_their_end_token(style
     assert input_ids == list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
     runs = masked_runs(tokenizer, input_ids, mask)
     end_id = tokenizer.convert_tokens_to_ids(end)
-    assert runs == [tokenizer.encode(lead + reply, add_special_tokens=False) + [end_id] for reply in REPLIES]
+    assert runs == [[*tokenizer.encode(lead + reply, add_special_tokens=False), end_id] for reply in REPLIES]
     assert [tokenizer.decode(run) for run in runs] == [f"{lead}{reply}{end}" for reply in REPLIES]
     rendered = marked_sample(tokenizer, input_ids, mask)
     if has_system:
@@ -135,7 +135,8 @@ def test_template_that_drops_the_system_turn_is_refused_with_the_rendered_sample
     assert "does not isolate assistant turn 2" in str(error)
     # The reply's span would have started inside the user turn, and the system turn is gone.
     assert error.sample.endswith(
-        "<s>[INST] ⟦What is two plus two?[/INST] Four, thanks.</s>⟧[INST] And the sky?[/INST] The sky is blue today.</s>"
+        "<s>[INST] ⟦What is two plus two?[/INST] Four, thanks.</s>⟧"
+        "[INST] And the sky?[/INST] The sky is blue today.</s>"
     )
 
 
@@ -203,7 +204,8 @@ def test_data_and_template_errors_survive_pickling_with_their_type(tmp_path):
                                       "retryable": False}
     data_error = DataError("/d.jsonl", 7, "messages", "expected a list of messages", "give a list")
     back = pickle.loads(pickle.dumps(data_error))
-    assert type(back) is DataError and str(back) == "/d.jsonl row 7 column 'messages': expected a list of messages; give a list"
+    assert type(back) is DataError
+    assert str(back) == "/d.jsonl row 7 column 'messages': expected a list of messages; give a list"
     assert (back.path, back.row, back.column, back.problem, back.fix) == (
         "/d.jsonl", 7, "messages", "expected a list of messages", "give a list")
     assert classify(back, ticket) == {"code": "bad_data", "message": str(data_error),
@@ -213,7 +215,9 @@ def test_data_and_template_errors_survive_pickling_with_their_type(tmp_path):
 def test_template_names():
     assert template_name(DEFAULT_CHAT_TEMPLATE).startswith("align's default chat template (sha256 ")
     names = {style: template_name(style_tokenizer(style).chat_template).split(" chat template")[0] for style in STYLES}
-    assert names == {"chatml": "ChatML", "llama3": "Llama-3 headers", "mistral": "Mistral [INST]", "gemma": "Gemma turns"}
+    assert names == {
+        "chatml": "ChatML", "llama3": "Llama-3 headers", "mistral": "Mistral [INST]", "gemma": "Gemma turns",
+    }
 
 
 # Plain-text rows, token for token as TRL tokenises them.
@@ -267,7 +271,8 @@ def test_text_rows_tokenise_as_trl_does(bos):
     tokenizer = build_tokenizer(bos=bos)
     for row, (input_ids, prompt_length) in zip(SFT_TEXT_ROWS, TRL_SFT[bos]):
         features = tokenize_sft(row, "prompt_completion", tokenizer, max_length=512)
-        assert features == {"input_ids": input_ids, "loss_mask": [0] * prompt_length + [1] * (len(input_ids) - prompt_length)}
+        reply_length = len(input_ids) - prompt_length
+        assert features == {"input_ids": input_ids, "loss_mask": [0] * prompt_length + [1] * reply_length}
     for row, (prompt, chosen, rejected) in zip(PREFERENCE_TEXT_ROWS, TRL_DPO[bos]):
         features = tokenize_preference(row, "preference", tokenizer, max_length=512)
         assert features == {
@@ -278,7 +283,8 @@ def test_text_rows_tokenise_as_trl_does(bos):
             "prompt_length": len(prompt),
         }
     # A text prompt for generation is tokenizer(prompt), as GRPOTrainer encodes a plain-text prompt.
-    assert tokenize_prompt({"prompt": "Count"}, "prompt", tokenizer)["prompt_input_ids"] == tokenizer("Count")["input_ids"]
+    features = tokenize_prompt({"prompt": "Count"}, "prompt", tokenizer)
+    assert features["prompt_input_ids"] == tokenizer("Count")["input_ids"]
 
 
 def test_text_rows_use_no_template_and_end_with_eos():
