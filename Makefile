@@ -1,5 +1,5 @@
-# Two commands do all the set-up: `make demo` and `make test`. Each creates .venv and installs
-# what is missing on first use.
+# Two commands do all the set-up: `make demo` and `make test` (lint, then the tests). Each creates .venv
+# and installs what is missing on first use.
 VENV   ?= .venv
 PYTHON ?= python3
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/python examples/service_demo.py
 
-test: $(STAMP)
+test: lint
 	$(VENV)/bin/pytest
 
 bench: $(STAMP)
@@ -29,5 +29,8 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/rl_vs_trl.py --algo rloo
 	$(VENV)/bin/python bench/precision.py
 
+# ruff with the rule set in pyproject.toml, and the import contracts (align imports no service, database or
+# Ray code; services and workers stay apart). `make test` runs it first.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check align services workers tests bench
+	$(VENV)/bin/lint-imports

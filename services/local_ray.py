@@ -13,6 +13,7 @@ after the last attempt :class:`LocalRayError` says in one line what happened and
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -77,10 +78,8 @@ class LocalRay:
         self.stopped = True
         group = self.process.pid  # start_new_session: the leader's pid is the group's id
         _signal_group(group, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
         _signal_group(group, signal.SIGKILL)
         self.process.wait()
 
@@ -149,10 +148,8 @@ def _cluster_file(temp_dir: Path) -> Path:
 
 
 def _signal_group(group: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # nothing of the group is left
         os.killpg(group, signum)
-    except ProcessLookupError:  # nothing of the group is left
-        pass
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None

@@ -138,7 +138,8 @@ def test_killed_stage_is_retried_and_resumes_from_its_checkpoint(service, small_
     first = [r["step"] for r in records if r.get("attempt") == 1 and "loss" in r]
     second = [r["step"] for r in records if r.get("attempt") == 2 and "loss" in r]
     resumed_from = second[0] - 1
-    assert resumed_from % 5 == 0 and 5 <= resumed_from <= first[-1], f"attempt 2 resumed at {second[0]}, not after a checkpoint"
+    assert resumed_from % 5 == 0 and 5 <= resumed_from <= first[-1], \
+        f"attempt 2 resumed at {second[0]}, not after a checkpoint"
     assert second == list(range(second[0], 41))
 
 
@@ -217,4 +218,5 @@ def test_sft_rm_ppo_on_the_builtin_model_with_two_workers(service):
                  if e["payload"]["text"].startswith("ranks placed: ") and e.get("stage_run_id") == ppo_run["id"]]
     assert placement and sorted(p["rank"] for p in placement[-1]) == [0, 1]
     samples = client.events(job["id"], type="samples", limit=1000)["data"]
-    assert samples and all({"prompt", "completion", "score"} <= set(s) for e in samples for s in e["payload"]["samples"])
+    assert samples
+    assert all({"prompt", "completion", "score"} <= set(s) for e in samples for s in e["payload"]["samples"])

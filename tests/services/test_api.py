@@ -23,11 +23,13 @@ SECRET = "test-report-secret"
 def data_dir(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
-    sft = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(4)]
+    sft = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+           for i in range(4)]
     prefs = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(4)]
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
     (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
-    (root / "no-rejected.jsonl").write_text("".join(json.dumps({"prompt": "q", "chosen": "a"}) + "\n" for _ in range(2)))
+    no_rejected = json.dumps({"prompt": "q", "chosen": "a"}) + "\n"
+    (root / "no-rejected.jsonl").write_text(no_rejected * 2)
     return root
 
 
@@ -269,7 +271,8 @@ def test_events_pages(client, alice, data_dir, session_factory):
     job = submit(client, alice, make_spec(data_dir))
     stage_run_id, attempt = claim_first_stage(session_factory)
     for i in range(3):
-        assert report(client, stage_run_id, attempt, "message", {"level": "info", "text": f"hello {i}"}).status_code == 200
+        sent = report(client, stage_run_id, attempt, "message", {"level": "info", "text": f"hello {i}"})
+        assert sent.status_code == 200
     everything = client.get(f"/jobs/{job['id']}/events", headers=alice).json()["data"]
     assert [e["id"] for e in everything] == sorted(e["id"] for e in everything)
     messages = client.get(f"/jobs/{job['id']}/events", params={"type": "message"}, headers=alice).json()

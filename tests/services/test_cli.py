@@ -145,7 +145,8 @@ def test_submit_prints_a_refusal_with_brackets_as_it_is(service, tmp_path, monke
 
 def test_validate_prints_a_pattern_whole(tmp_path):
     spec = tmp_path / "job.yaml"
-    spec.write_text("name: Bad Name\nbase_model: builtin:tiny\nstages: [{type: sft, data: {path: builtin:parity/sft}}]\n")
+    spec.write_text("name: Bad Name\nbase_model: builtin:tiny\n"
+                    "stages: [{type: sft, data: {path: builtin:parity/sft}}]\n")
     result = runner.invoke(app, ["validate", str(spec)])
     assert result.exit_code == 2
     assert result.output == (f"{spec}: invalid job spec\n"
@@ -396,7 +397,8 @@ def test_stage_progress_as_align_train_drives_it():
         bars.add("dpo", "dpo", "waiting")
         bars.start("sft", total=12, started=time.time() - 65)
         bars.note("sft", "builtin:tiny: pretraining step 40/400 (10%) [cached]")  # before its first step: shown
-        assert bars.progress.tasks[bars.bars["sft"]].fields["info"] == "builtin:tiny: pretraining step 40/400 (10%) [cached]"
+        info = bars.progress.tasks[bars.bars["sft"]].fields["info"]
+        assert info == "builtin:tiny: pretraining step 40/400 (10%) [cached]"
         bars.step("sft", {"step": 10, "loss": 1.5, "lr": 1e-3})
         bars.note("sft", "a message after the first step leaves the loss on the bar")
         bars.print("  [sft] step    10 held-out loss=[1.2]")

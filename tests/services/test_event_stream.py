@@ -43,7 +43,7 @@ def _writing(live: TestClient, job_id: str, write, bound: float = 30.0):
     def run() -> None:
         try:
             write()
-        except BaseException as error:  # noqa: BLE001 - raised again in the test's thread below
+        except BaseException as error:  # raised again in the test's thread below
             errors.append(error)
             cancel()
 
@@ -118,7 +118,8 @@ def test_the_client_stream_skips_keep_alives_and_ends_with_the_job(settings, ses
 
         def later() -> None:  # keep-alives go out in between, after an event with an id
             time.sleep(0.5)
-            assert report(live, stage_run_id, attempt, "message", {"level": "info", "text": "second"}).status_code == 200
+            sent = report(live, stage_run_id, attempt, "message", {"level": "info", "text": "second"})
+            assert sent.status_code == 200
             time.sleep(0.3)
             assert live.post(f"/jobs/{job['id']}/cancel", headers=BEARER).status_code == 200
 
@@ -130,4 +131,5 @@ def test_the_client_stream_skips_keep_alives_and_ends_with_the_job(settings, ses
     texts = [e["payload"]["text"] for e in events if e["type"] == "message"]
     assert texts[-2:] == ["first", "second"]
     assert all(e["job_id"] == job["id"] for e in events)
-    assert ("running", "cancelled") in [(e["payload"]["from"], e["payload"]["to"]) for e in events if e["type"] == "state"]
+    moves = [(e["payload"]["from"], e["payload"]["to"]) for e in events if e["type"] == "state"]
+    assert ("running", "cancelled") in moves
