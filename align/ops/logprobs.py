@@ -184,5 +184,6 @@ def masked_whiten(
     """
     mean = masked_mean(values, mask) if mean is None else mean
     var = masked_var(values, mask) if var is None else var
-    whitened = (values - mean) * torch.rsqrt(torch.as_tensor(var + eps, dtype=values.dtype, device=values.device))
+    # Given as floats, the square root is taken in double precision before the division.
+    whitened = (values - mean) / (var + eps) ** 0.5
     return whitened if shift_mean else whitened + mean
