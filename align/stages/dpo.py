@@ -20,7 +20,7 @@ from align.data.order import micro_batch_indices, total_steps
 from align.data.stage_data import StageData, load_stage_data
 from align.engine.build import build_engine
 from align.engine.dist import Rank, all_reduce_sum
-from align.engine.metrics import MetricsLog, Throughput
+from align.engine.metrics import MetricsLog, Throughput, means_over_ranks
 from align.evaluate import exact_match
 from align.losses.dpo import DPOOutput, chosen_nll, dpo_loss, implicit_reward_accuracy
 from align.models.policy import disable_dropout, load_policy
@@ -49,7 +49,7 @@ class DPOModels(StageModels):
 def run(ctx: StageContext[DPOStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
     rank = start(ctx)
-    tokenizer, model = load_policy(ctx)
+    tokenizer, model = load_policy(job, ctx.start_policy, ctx.dtype, ctx.message)
     disable_dropout(model)
     reference = Reference(model, ctx.start_policy) if job.adapter.type != "full" else None
     data = load_stage_data(stage, "preference", tokenizer)
@@ -86,7 +86,7 @@ def run(ctx: StageContext[DPOStage]) -> StageResult:
         after_step(
             ctx, rank, step + 1, steps, models=models, data=data, evaluate=evaluate, metrics=metrics,
             scheduler=scheduler, throughput=throughput,
-            record=partial(_pair_means, sums, step_pairs),
+            record=partial(means_over_ranks, METRIC_KEYS, sums, step_pairs),
         )
 
     held_out_keys = ["eval_loss", "eval_dpo_loss", "eval_nll_loss", "eval_rewards_accuracy", "eval_rewards_margin",
@@ -141,11 +141,6 @@ def preference_loss(
     return loss, out, nll
 
 
-def _pair_means(sums: torch.Tensor, step_pairs: float) -> dict:
-    """The step's sums (``METRIC_KEYS``) over every rank, per pair."""
-    return {key: value / step_pairs for key, value in zip(METRIC_KEYS, all_reduce_sum(sums.tolist()))}
-
-
 def _pair_sums(loss: torch.Tensor, out: DPOOutput, nll: torch.Tensor) -> torch.Tensor:
     """Sums over the pairs of a micro-batch, in the order of ``METRIC_KEYS``."""
     chosen, rejected = out.chosen_rewards, out.rejected_rewards
@@ -177,17 +172,16 @@ def precompute_reference(
     so without a frozen reference (full fine-tuning) the policy's starting weights compute them.
     """
     path = ctx.work_dir / "reference_logps.pt"
-    if path.exists():
-        tables = torch.load(path)
-    else:
+    tables = torch.load(path) if path.exists() else None
+    if not isinstance(tables, dict):  # none yet, or a train-only table from before held-out pairs were kept
         tables = {
             split: _reference_table(models, rows, ctx.stage.batch_size)
             for split, rows in (("train", data.train), ("eval", data.eval))
         }
         if rank.is_main:
-            partial = path.with_suffix(".partial")
-            torch.save(tables, partial)
-            partial.replace(path)
+            unfinished = path.with_suffix(".partial")
+            torch.save(tables, unfinished)
+            unfinished.replace(path)
     return {split: IndexedPairs(table) for split, table in tables.items()}
 
 
