@@ -70,6 +70,13 @@ class Throughput:
         return rates
 
 
+def means_over_ranks(keys: list[str], sums, count: float) -> dict:
+    """``{key: sum over every rank / count}`` for the step's per-rank ``sums`` (a tensor or list, in the
+    order of ``keys``)."""
+    totals = all_reduce_sum(sums.tolist() if hasattr(sums, "tolist") else list(sums))
+    return {key: value / count for key, value in zip(keys, totals)}
+
+
 def grad_norm(engine) -> float:
     """The global gradient norm of the last optimizer step (NaN before the first)."""
     norm = engine.get_global_grad_norm()

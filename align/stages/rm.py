@@ -13,7 +13,7 @@ from align.data.order import micro_batch_indices, total_steps
 from align.data.stage_data import StageData, load_stage_data
 from align.engine.build import build_engine
 from align.engine.dist import Rank, all_reduce_sum
-from align.engine.metrics import MetricsLog, Throughput
+from align.engine.metrics import MetricsLog, Throughput, means_over_ranks
 from align.losses.reward import pairwise_accuracy, pairwise_reward_loss
 from align.models.policy import load_reward_model_for
 from align.models.reward import BODY_DIR
@@ -29,7 +29,8 @@ METRIC_KEYS = ["loss", "accuracy", "margin", "reward_mean"]
 def run(ctx: StageContext[RewardModelStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
     rank = start(ctx)
-    tokenizer, model = load_reward_model_for(ctx)
+    start_from = ctx.start_policy if stage.init == "policy" else None
+    tokenizer, model = load_reward_model_for(job, start_from, ctx.dtype, ctx.message)
     data = load_stage_data(stage, "preference", tokenizer)
     steps = total_steps(stage, len(data.train), rank.world_size)
     engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=ctx.dtype)
@@ -58,7 +59,7 @@ def run(ctx: StageContext[RewardModelStage]) -> StageResult:
         after_step(
             ctx, rank, step + 1, steps, models=models, data=data, evaluate=evaluate, metrics=metrics,
             scheduler=scheduler, throughput=throughput,
-            record=partial(_pair_means, sums, step_pairs),
+            record=partial(means_over_ranks, METRIC_KEYS, sums, step_pairs),
         )
 
     final = artifact.final_metrics(metrics.records, [*METRIC_KEYS, "eval_loss", "eval_accuracy", "eval_margin"])
@@ -77,11 +78,6 @@ def run(ctx: StageContext[RewardModelStage]) -> StageResult:
 def rewards(engine, batch: dict) -> torch.Tensor:
     """Scalar reward per sequence, shape (2 * pairs,), read at the last non-padding token."""
     return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
-
-
-def _pair_means(sums: torch.Tensor, step_pairs: float) -> dict:
-    """The step's sums (``METRIC_KEYS``) over every rank, per pair."""
-    return {key: value / step_pairs for key, value in zip(METRIC_KEYS, all_reduce_sum(sums.tolist()))}
 
 
 def _pair_sums(losses, chosen, rejected) -> torch.Tensor:
