@@ -20,7 +20,8 @@ import fsspec
 
 ARTIFACT_SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-ARTIFACT_KINDS = ("adapter", "full", "reward_model")
+REWARD_MODEL_KIND = "reward_model"
+ARTIFACT_KINDS = ("adapter", "full", REWARD_MODEL_KIND)
 ARTIFACT_REF_PREFIX = "artifact:"
 CHUNK_BYTES = 1 << 20
 """Files are read, hashed and copied in pieces of this many bytes."""

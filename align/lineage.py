@@ -16,10 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from align.artifact_manifest import ARTIFACT_REF_PREFIX, REWARD_MODEL_KIND
 from align.spec import MODEL_REWARD, POLICY_STAGE_TYPES, JobSpec
-
-ARTIFACT_PREFIX = "artifact:"
-REWARD_MODEL_KIND = "reward_model"
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ def stage_inputs(
     if getattr(stage, "reward", None) == MODEL_REWARD:
         field = f"stages[{index}].reward_model"
         if stage.reward_model is not None:
-            artifact_id = stage.reward_model.removeprefix(ARTIFACT_PREFIX)
+            artifact_id = stage.reward_model.removeprefix(ARTIFACT_REF_PREFIX)
             reward_model = find_artifact(artifact_id)
             if reward_model is None:
                 raise MissingInput(field, f"no artifact '{stage.reward_model}' among the artifacts this job may use")
