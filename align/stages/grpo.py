@@ -50,7 +50,7 @@ TOKEN_SUMS = ["loss_sum", "kl_sum", "clipped_tokens", "ratio_sum"]
 def run(ctx: StageContext[GRPOStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
     rank = start(ctx)
-    tokenizer, model = load_policy(ctx)
+    tokenizer, model = load_policy(job, ctx.start_policy, ctx.dtype, ctx.message)
     disable_dropout(model)
     reference = Reference(model, ctx.start_policy)
     data = load_stage_data(stage, "prompt", tokenizer)

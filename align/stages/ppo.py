@@ -90,7 +90,7 @@ class PPOModels(StageModels):
 def run(ctx: StageContext[PPOStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
     rank = start(ctx)
-    tokenizer, policy = load_policy(ctx)
+    tokenizer, policy = load_policy(job, ctx.start_policy, ctx.dtype, ctx.message)
     disable_dropout(policy)
     reference = Reference(policy, ctx.start_policy)
     critic, scorer = load_critic(ctx, tokenizer)

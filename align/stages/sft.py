@@ -26,7 +26,7 @@ from align.stages.loop import after_step, resume, to_device
 def run(ctx: StageContext[SFTStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
     rank = start(ctx)
-    tokenizer, model = load_policy(ctx)
+    tokenizer, model = load_policy(job, ctx.start_policy, ctx.dtype, ctx.message)
     data = load_stage_data(stage, "sft", tokenizer)
     steps = total_steps(stage, len(data.train), rank.world_size)
     engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=ctx.dtype)

@@ -54,7 +54,7 @@ def stage_context(job, index: int, tmp_path: Path, start_policy: Path | None = N
 
 def publish_trained_adapter(ctx):
     """The stage's own publish path, on a policy whose LoRA B matrices are non-zero (so loading is visible)."""
-    tokenizer, model = load_policy(ctx)
+    tokenizer, model = load_policy(ctx.job, ctx.start_policy, ctx.dtype)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -181,8 +181,7 @@ def test_published_adapter_names_builtin_tiny_and_loads_back_on_it(tmp_path):
         torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=1e-6)
 
     # The next stage continues the policy: same outputs before it trains.
-    _, next_policy = load_policy(stage_context(job, 1, tmp_path, start_policy=folder,
-                                                      parents=[artifact.artifact_id]))
+    _, next_policy = load_policy(job, folder, torch.float32)
     torch.testing.assert_close(logits(next_policy.eval()), expected, rtol=0, atol=1e-6)
 
 
@@ -204,7 +203,7 @@ def test_a_relative_base_model_path_is_recorded_absolute_and_loads_from_elsewher
 def test_a_published_reward_model_loads_back_with_its_head(small_model, tmp_path):
     job = job_spec(str(small_model), stages=[{"type": "rm", "data": {"path": "/data/prefs.jsonl"}, "max_steps": 2}])
     ctx = stage_context(job, 0, tmp_path)
-    tokenizer, model = load_reward_model_for(ctx)
+    tokenizer, model = load_reward_model_for(ctx.job, None, ctx.dtype)
     generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for param in model.parameters():
