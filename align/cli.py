@@ -17,10 +17,8 @@ from rich.text import Text
 
 from align import paths
 from align.cli_output import console, fail, quiet_warnings, say
-from align.cli_service import artifacts_app, follow_job, jobs_app, print_artifact, submit
+from align.cli_service import artifacts_app, jobs_app, submit
 from align.progress import StageProgress, fmt
-
-__all__ = ["app", "console", "fail", "follow_job", "main", "print_artifact", "say", "train_job"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Preference-alignment training: SFT, reward models, DPO, PPO, GRPO and RLOO.")

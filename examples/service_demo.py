@@ -18,7 +18,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from align.cli import console, follow_job, print_artifact
+from align.cli_output import console
+from align.cli_service import follow_job, print_artifact
 from align.client import Client
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import typer
 
-from align.cli import app, console, fail
+from align.cli import app
+from align.cli_output import console, fail
 
 db_app = typer.Typer(no_args_is_help=True, help="Database schema migrations.")
 app.add_typer(db_app, name="db")

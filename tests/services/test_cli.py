@@ -331,7 +331,7 @@ def test_follow_shows_steps_loss_and_time_since_the_stage_started(service, tmp_p
     import httpx
     from sqlalchemy import update
 
-    from align.cli import follow_job
+    from align.cli_service import follow_job
     from align.client import Client
     from services.db import transitions
     from services.db.models import StageRun
