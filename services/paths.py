@@ -1,9 +1,12 @@
-"""Where a submitted job may read from, checked before the job is accepted.
+"""What a submitted job is checked for before it is accepted: where it may read from, its data, its
+base model and the reward models it names.
 
 ``check_locations`` refuses data and model locations outside the configured roots and schemes (no
 ``..``, no ``file:///etc``, no ``http://169.254.169.254``). ``check_data`` then opens each local
-dataset and checks it has the columns its stage needs, so a bad file fails the request, not a worker.
-Each returns a list of ``(field, message)`` pairs; an empty list means the job may run.
+dataset and checks it has the columns its stage needs, so a bad file fails the request, not a worker;
+``check_model`` checks a local base model's folder and ``check_reward_models`` the reward-model
+artifacts a stage names. ``check_job`` runs them all. Each returns a list of ``(field, message)``
+pairs; an empty list means the job may run.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reports from a stage attempt to the service: POST {report_url}, fenced by (stage_run_id, attempt).
+"""Reports from a stage attempt to the service: POST to the launch's ``report.url``, fenced by (stage_run_id, attempt).
 
 A report the service cannot take now (unreachable, 5xx) is retried with jittered exponential back-off
 (tenacity), then kept in order and sent again before the next report; :meth:`Reporter.close` makes a
