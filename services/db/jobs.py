@@ -6,8 +6,6 @@ A stage run's state changes live in :mod:`services.db.transitions`.
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from sqlalchemy import case, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -95,11 +93,6 @@ def job_status(job: Job) -> str:
     if states_now & {RUNNING, RETRYING, SUCCEEDED}:
         return RUNNING
     return QUEUED
-
-
-def job_updated_at(job: Job) -> datetime:
-    """Latest change to the job or any of its stage runs."""
-    return max([job.updated_at, *(run.updated_at for run in job.stage_runs)])
 
 
 def job_status_expression():

@@ -6,7 +6,7 @@ dispatcher while Ray prepares the job; a lease that runs out is rescued by the d
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -34,15 +34,6 @@ def release_cancelled(s: Session, stage_run_id: str, attempt: int) -> bool:
 
 def running_stage_runs(s: Session) -> list[StageRun]:
     return list(s.scalars(select(StageRun).where(StageRun.state == RUNNING).order_by(StageRun.started_at)))
-
-
-def running_owned_by(s: Session, owner: str) -> list[StageRun]:
-    return [run for run in running_stage_runs(s) if run.lease_owner == owner]
-
-
-def expired_leases(s: Session, now: datetime) -> list[StageRun]:
-    query = select(StageRun).where(StageRun.state == RUNNING, StageRun.lease_expires_at < now)
-    return list(s.scalars(query))
 
 
 def cancelled_with_live_submission(s: Session) -> list[StageRun]:
