@@ -54,7 +54,8 @@ def render_markdown() -> str:
     lines = [
         "# Job spec reference",
         "",
-        "Generated from `align/spec.py` (`align spec-docs`); a test keeps it in step with the code.",
+        "Generated from `align/spec.py`, `spec_parts.py` and `spec_stages.py` (`align spec-docs`); a test keeps "
+        "it in step with the code.",
         "Unknown fields are refused. YAML and JSON carry the same fields.",
         "",
     ]
