@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -33,7 +35,7 @@ def test_upgrade_downgrade_upgrade(empty_database_url):
             check_migrated(engine)
         upgrade(empty_database_url)
         assert tables(engine) == TABLES
-        assert current_revision(engine) == head_revision() == "0001_initial"
+        assert current_revision(engine) == head_revision() == "0002_stage_phase"
         check_migrated(engine)
         downgrade(empty_database_url, "base")
         assert tables(engine) == set() and current_revision(engine) is None
@@ -56,8 +58,11 @@ def test_migrated_schema_matches_the_models(database_url):
         engine.dispose()
 
 
-def test_migrations_ship_inside_the_services_package():
-    assert MIGRATIONS_DIR.parent.name == "services"
+def test_migrations_are_the_top_level_package():
+    import migrations
+
+    assert Path(migrations.__file__).resolve().parent == MIGRATIONS_DIR
+    assert MIGRATIONS_DIR.parent == Path(__file__).resolve().parents[2]
     assert (MIGRATIONS_DIR / "env.py").is_file() and (
         MIGRATIONS_DIR / "versions" / "0001_initial.py"
     ).is_file()

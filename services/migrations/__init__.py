@@ -1,1 +1,0 @@
-"""Alembic migrations, located by services.db.session (no alembic.ini)."""
