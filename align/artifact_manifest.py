@@ -36,6 +36,10 @@ class ArtifactError(Exception):
     """A stored artifact is missing, incomplete, or differs from its manifest."""
 
 
+class ArtifactNotFound(ArtifactError):
+    """The store holds no complete artifact by that name (no manifest there); not one that is damaged."""
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything needed to trust, reproduce and trace one artifact version (``manifest.json``)."""
@@ -51,7 +55,8 @@ class Manifest:
     kind: str
     """One of ``ARTIFACT_KINDS``: ``adapter`` (peft), ``full`` (all weights) or ``reward_model``."""
     stage: dict[str, Any]
-    """The stage that produced it: ``{"type", "index", "name"}``."""
+    """The stage that produced it: ``{"type", "index", "name"}``, and under the service its ``stage_run_id``
+    and ``attempt``."""
     job: dict[str, Any] | None
     """The job that produced it (``{"id", "name"}``), or None outside a job."""
     parents: list[str]
@@ -74,6 +79,9 @@ class Manifest:
     """``content_hash(files)``: the artifact's identity, independent of where and when it was stored."""
     precision: dict[str, Any] | None = None
     """How the stage chose its precision (:class:`align.precision.PrecisionChoice`); None outside a stage."""
+    tracking: dict[str, Any] | None = None
+    """Where the job's ``report_to`` sent the stage's metrics: ``{"tensorboard": "tb", "mlflow": {"tracking_uri",
+    "experiment_id", "run_id"}}``, each key only when named; None when it names nothing."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -37,6 +37,7 @@ from align.artifact_manifest import (
     CHUNK_BYTES,
     MANIFEST,
     ArtifactError,
+    ArtifactNotFound,
     Manifest,
     PublishedArtifact,
     check_local_copy,
@@ -60,6 +61,7 @@ __all__ = [
     "ARTIFACT_SCHEMA_VERSION",
     "MANIFEST",
     "ArtifactError",
+    "ArtifactNotFound",
     "ArtifactStore",
     "Manifest",
     "PublishedArtifact",
@@ -123,8 +125,13 @@ class ArtifactStore:
         metrics: dict[str, Any] | None = None,
         job: dict[str, Any] | None = None,
         precision: dict[str, Any] | None = None,
+        tracking: dict[str, Any] | None = None,
     ) -> PublishedArtifact:
-        """Copy every file under ``local_dir`` into the next version of ``lineage``; the manifest goes last."""
+        """Copy every file under ``local_dir`` into the next version of ``lineage``; the manifest goes last.
+
+        A ``stage`` that names its ``stage_run_id`` and ``attempt`` publishes once per attempt: when a
+        complete version of ``lineage`` already records the same pair (the attempt published, then its
+        report was lost and it ran again), that version is returned and nothing is copied."""
         check_name("lineage", lineage)
         if kind not in ARTIFACT_KINDS:
             raise ValueError(f"kind {kind!r} is not one of {list(ARTIFACT_KINDS)}")
@@ -135,10 +142,17 @@ class ArtifactStore:
         if isinstance(parents, str):
             raise TypeError(f"parents {parents!r} must be a list of artifact ids or URIs, not one string")
         sources = _list_local_files(Path(local_dir))
+        if "stage_run_id" in stage and "attempt" in stage:
+            earlier = self.published_by(lineage, stage["stage_run_id"], stage["attempt"])
+            if earlier is not None:
+                logger.info("reusing %s, already published by %s attempt %s", earlier.manifest.artifact_id,
+                            stage["stage_run_id"], stage["attempt"])
+                return earlier
         header = {
             "stage": dict(stage), "job": None if job is None else dict(job), "parents": list(parents),
             "data_fingerprints": dict(data_fingerprints or {}), "metrics": dict(metrics or {}),
             "precision": None if precision is None else dict(precision),
+            "tracking": None if tracking is None else dict(tracking),
         }
         # Fail on values JSON cannot hold before a version number is spent.
         json.dumps(header, default=json_default)
@@ -225,6 +239,15 @@ class ArtifactStore:
         numbers = sorted(version_numbers(self.fs, lineage_path))
         return [n for n in numbers if self.fs.exists(f"{lineage_path}/v{n}/{MANIFEST}")]
 
+    def published_by(self, lineage: str, stage_run_id: str, attempt: int) -> PublishedArtifact | None:
+        """The complete version of ``lineage`` whose manifest records this stage run and attempt, if any."""
+        for version in reversed(self.list_versions(lineage)):
+            artifact = self._load(lineage, version)
+            stage = artifact.manifest.stage or {}
+            if stage.get("stage_run_id") == stage_run_id and stage.get("attempt") == attempt:
+                return artifact
+        return None
+
     def latest(self, lineage: str) -> PublishedArtifact | None:
         """The highest complete version of ``lineage``, or None if it has none."""
         versions = self.list_versions(lineage)
@@ -243,10 +266,12 @@ class ArtifactStore:
         lineage, version = match["lineage"], int(match["version"])
         try:
             artifact = self._load(check_name("lineage", lineage), version)
-        except (ArtifactError, ValueError):
-            raise ArtifactError(f"no artifact {artifact_id!r} in {self.root_uri}") from None
+        except (ArtifactNotFound, ValueError):
+            raise ArtifactNotFound(f"no artifact {artifact_id!r} in {self.root_uri}") from None
+        except ArtifactError as error:  # there, but its manifest is damaged: say so rather than "no artifact"
+            raise ArtifactError(f"artifact {artifact_id!r} in {self.root_uri} is damaged: {error}") from None
         if artifact.manifest.artifact_id != artifact_id:
-            raise ArtifactError(
+            raise ArtifactNotFound(
                 f"no artifact {artifact_id!r} in {self.root_uri}: "
                 f"{lineage} v{version} is {artifact.manifest.artifact_id!r}"
             )
@@ -332,7 +357,7 @@ class ArtifactStore:
             with self.fs.open(f"{version_path}/{MANIFEST}", "rb") as reader:
                 data = json.load(reader)
         except FileNotFoundError:
-            raise ArtifactError(
+            raise ArtifactNotFound(
                 f"{self._uri(version_path)} is not a complete artifact: it has no {MANIFEST}"
             ) from None
         except json.JSONDecodeError as error:

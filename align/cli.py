@@ -1,5 +1,6 @@
 """The ``align`` command line: the training commands (``train``, ``validate``, ``spec-docs``) here, the
-service's client commands (``submit``, ``jobs``, ``artifacts``) from :mod:`align.cli_service`.
+service's client commands (``submit``, ``jobs``, ``artifacts``) from :mod:`align.cli_service`, and
+``export`` from :mod:`align.cli_export`.
 
 Output goes through :mod:`align.cli_output`: messages from the service, a spec or a data file print as
 they are, with rich markup off.
@@ -7,6 +8,7 @@ they are, with rich markup off.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from align import paths
+from align.cli_export import export
 from align.cli_output import console, fail, quiet_warnings, say
 from align.cli_service import artifacts_app, jobs_app, submit
 from align.progress import StageProgress, fmt
@@ -97,6 +100,10 @@ def train(
     from align.runner import run_job
 
     job = train_job(spec)
+    from align.tracking import MLFLOW_TRACKING_URI_ENV, tracking_problems
+
+    for field, message in tracking_problems(job, os.environ.get(MLFLOW_TRACKING_URI_ENV)):
+        raise fail(f"{spec}: {field}: {message}")
     work = work_dir or paths.home_dir() / "runs" / job.name
     if fresh and work.exists():
         import shutil
@@ -107,6 +114,7 @@ def train(
     _warn_precision(job)
 
     from align.data.load import DataError
+    from align.lineage import MissingInput
     from align.models.load import ModelError
 
     with StageProgress(console) as bars:
@@ -141,7 +149,7 @@ def train(
         try:
             results = run_job(job, work_root=work, artifact_root=root, on_metrics=on_metrics,
                               on_stage_end=on_stage_end, on_message=on_message, on_stage_start=on_stage_start)
-        except (DataError, ModelError) as exc:
+        except (DataError, ModelError, MissingInput) as exc:
             raise fail(str(exc)) from None
     say("artifacts", style="bold")
     for result in results:
@@ -149,12 +157,29 @@ def train(
 
 
 @app.command()
-def validate(spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")]) -> None:
+def validate(
+    spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")],
+    artifact_root: Annotated[
+        str | None, typer.Option(help="Artifact store a base_model: artifact:<id> is looked up in.")
+    ] = None,
+) -> None:
     """Check a job spec, its data files and a local base model, as POST /jobs does, without training.
 
-    Relative paths are taken from the spec's folder, as ``align submit`` sends them."""
+    Relative paths are taken from the spec's folder, as ``align submit`` sends them; a ``base_model:
+    artifact:<id>`` must be a policy in the local artifact store, as ``align train`` reads it."""
+    from align.lineage import start_artifact_check
+    from align.models.weights import artifact_weights_problem
+    from align.runner import store_finder
+
     job = _load(spec)
     problems = file_problems(job, spec.resolve().parent)
+    root = artifact_root or paths.artifact_root()
+    start_problem = start_artifact_check(job, store_finder(root))
+    if start_problem is None and job.base_model.startswith("artifact:"):
+        weights = artifact_weights_problem(root, job.base_model)
+        start_problem = weights and f"'{job.base_model}' {weights}"
+    if start_problem is not None:
+        problems.insert(0, ("base_model", start_problem))
     if problems:
         lines = "\n".join(f"  {field}: {message}" for field, message in problems)
         raise fail(f"{spec}: the spec is valid, but its files are not\n{lines}")
@@ -163,17 +188,19 @@ def validate(spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON."
 
 
 def file_problems(job, folder: Path) -> list[tuple[str, str]]:
-    """``(field, message)`` for a local base model that is not a model folder, for each data file that
-    is missing or does not fit its stage, and for a chat template that cannot mark a sample of its rows'
-    assistant tokens, built-in datasets' included (:func:`align.preflight.job_problems`, as POST checks
-    them); relative paths are taken from ``folder``, and remote locations are left to the worker."""
+    """``(field, message)`` for a ``report_to: [mlflow]`` without ``ALIGN_MLFLOW_TRACKING_URI`` here, a local
+    base model that is not a model folder, each data file that is missing or does not fit its stage, and a
+    chat template that cannot mark a sample of its rows' assistant tokens, built-in datasets' included
+    (:func:`align.preflight.job_problems`, as POST checks them); relative paths are taken from ``folder``, and
+    remote locations are left to the worker."""
     from align.preflight import job_problems
+    from align.tracking import MLFLOW_TRACKING_URI_ENV, tracking_problems
 
     def local(location: str) -> str | None:
         location = location.removeprefix("file://")
         return None if ":" in location.split("/", 1)[0] else paths.beside(location, folder)
 
-    return job_problems(job, local)
+    return tracking_problems(job, os.environ.get(MLFLOW_TRACKING_URI_ENV)) + job_problems(job, local)
 
 
 def _warn_precision(job) -> None:
@@ -182,6 +209,55 @@ def _warn_precision(job) -> None:
     warning = precision_warning(job)
     if warning:
         say(f"warning: {warning}", style="yellow")
+
+
+@app.command()
+def plan(
+    spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")],
+    model_config: Annotated[
+        Path | None, typer.Option(help="The base model's config.json, or a folder holding one (needed for "
+                                       "base_model: artifact:<id>; default: the spec's base model).")
+    ] = None,
+    gpu: Annotated[
+        str | None, typer.Option(help="Plan for h200, h100, a100 or cpu (this machine). Default: h100 when the "
+                                      "spec asks for GPUs, else cpu.")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the plans as JSON.")] = False,
+) -> None:
+    """Estimate each stage's peak memory per rank and its step time, and whether it fits the resources the
+    spec asks for, before training. Reads the base model's config.json only, never its weights."""
+    from align.plan import plan_job
+    from align.plan_memory import PlanError
+    from align.plan_report import as_json, assumptions, device_for, load_model_config, model_line, table
+
+    job = train_job(spec)
+    try:
+        config = load_model_config(job.base_model, model_config)
+        device = device_for(job, gpu)
+        plans = plan_job(job, config, device)
+    except PlanError as exc:
+        raise fail(f"{spec}: {exc}") from None
+    if json_output:
+        print(as_json(job, config, device, plans))
+        return
+    say(f"{job.name}: {' -> '.join(job.stage_names())} on {job.base_model}", style="bold")
+    say(model_line(config))
+    say(f"{job.resources.num_workers} rank(s), ZeRO-{job.deepspeed.zero_stage}, adapter {job.adapter.type}"
+        + (f" r={job.adapter.r}" if job.adapter.type != "full" else "")
+        + (f", {job.quantization.bits}-bit base" if job.quantization else "")
+        + (", gradient checkpointing" if job.deepspeed.gradient_checkpointing else ""))
+    console.print(table(plans))
+    shared = [note for note in plans[0].notes if all(note in stage_plan.notes for stage_plan in plans)]
+    for note in shared:
+        say(f"  {note}")
+    for stage_plan in plans:
+        for note in stage_plan.notes:
+            if note not in shared:
+                say(f"  {stage_plan.name}: {note}")
+    for line in assumptions(device, plans):
+        say(f"  {line}", style="dim")
+    if any(stage_plan.fits is False for stage_plan in plans):
+        raise typer.Exit(1)
 
 
 @app.command("spec-docs")
@@ -195,6 +271,7 @@ def spec_docs() -> None:
 app.command()(submit)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(artifacts_app, name="artifacts")
+app.command("export")(export)
 
 
 if __name__ == "__main__":

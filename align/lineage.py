@@ -3,11 +3,15 @@
 One rule for the local runner and the service alike:
 
 - the start policy is the artifact of the latest policy stage (sft, dpo, ppo, grpo, rloo) before the
-  stage that published one; none for a job's first policy stage;
+  stage that published one; before any, the policy another job published that ``base_model:
+  artifact:<id>`` names (an adapter is continued; full weights are the base a new adapter trains on), and
+  none for a job on a plain base model;
 - an online stage with ``reward: model`` scores with the artifact its ``reward_model: artifact:<id>``
   names, else with the artifact of the latest rm stage before it; that artifact must be a reward
-  model trained on the job's base model;
-- the parents recorded in the stage's manifest are the start policy's id, then the reward model's.
+  model trained on the job's base model (on both sides, the one under ``artifact:<id>`` of an adapter;
+  full weights named so are a base model of their own);
+- the parents recorded in the stage's manifest are the start policy's id, then the reward model's, so
+  lineage crosses jobs: a job's first stage names the artifact its ``base_model`` gave.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from typing import NamedTuple
 
 from align.artifact_manifest import ARTIFACT_REF_PREFIX, REWARD_MODEL_KIND
 from align.spec import MODEL_REWARD, POLICY_STAGE_TYPES, JobSpec
+
+POLICY_KINDS = ("adapter", "full")
+"""Artifact kinds a job may start from (``base_model: artifact:<id>``): policies, not reward models."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,39 @@ def reward_model_problem(artifact_id: str, kind: str, trained_on: str | None, ba
     return None
 
 
+def root_base_model(
+    base_model: str, find_artifact: Callable[[str], object | None], base_model_of: Callable[[object], str | None]
+) -> str:
+    """The weights under a chain of ``artifact:<id>`` base models. An adapter stands on the base model its
+    job trained (``base_model_of(artifact)``), so the chain goes on through adapters; full weights are
+    themselves the base model a job on them loads, so the chain ends at them, as it does at an artifact
+    ``find_artifact`` cannot find or whose base is unknown (None). A job continued from another job's
+    adapter and a reward model that job trained thus compare equal, and a reward model trained on the
+    weights under full weights does not pass for one trained on the full weights."""
+    seen: set[str] = set()
+    while base_model.startswith(ARTIFACT_REF_PREFIX) and base_model not in seen:
+        seen.add(base_model)
+        artifact = find_artifact(base_model.removeprefix(ARTIFACT_REF_PREFIX))
+        parent = base_model_of(artifact) if artifact is not None and artifact.kind == "adapter" else None
+        if parent is None:
+            break
+        base_model = parent
+    return base_model
+
+
+def start_artifact_problem(artifact_id: str, kind: str, adapter_type: str) -> str | None:
+    """Why the artifact ``artifact_id``, of ``kind``, cannot be the ``base_model`` of a job whose adapter is
+    ``adapter_type``; None when it can."""
+    if kind not in POLICY_KINDS:
+        return (f"'{artifact_id}' is an artifact of kind '{kind}', not a policy; give artifact:<id> of an "
+                f"artifact an sft, dpo, ppo, grpo or rloo stage published (kind {' or '.join(POLICY_KINDS)})")
+    if kind == "adapter" and adapter_type == "full":
+        return (f"'{artifact_id}' is an adapter and this job sets adapter.type 'full'; set adapter.type to "
+                "'lora' or 'dora' to continue the adapter, or export the merged model (align export --merge) "
+                "and give its folder as base_model")
+    return None
+
+
 def stage_inputs(
     job: JobSpec,
     index: int,
@@ -71,11 +111,18 @@ def stage_inputs(
     """The inputs of stage ``index`` of ``job``.
 
     ``published`` maps the index of each earlier stage that succeeded to the artifact it published;
-    ``find_artifact`` looks up the id of a ``reward_model: artifact:<id>`` (None: no such artifact).
+    ``find_artifact`` looks up the id of a ``reward_model: artifact:<id>`` or a ``base_model:
+    artifact:<id>`` (None: no such artifact).
     Raises :class:`MissingInput` on ``stages[index].reward_model`` when the reward model is needed and
-    cannot be found, is not a reward model, or was trained on another base model.
+    cannot be found, is not a reward model, or was trained on another base model, and on ``base_model``
+    when the artifact it names cannot be found or is not a policy this job can continue.
     """
     policy = _latest(job, index, published, POLICY_STAGE_TYPES)
+    start_policy = policy.uri if policy else None
+    if policy is None and job.base_model.startswith(ARTIFACT_REF_PREFIX):
+        policy = _start_artifact(job, find_artifact)
+        # Full weights are the job's base model itself (align.models.load.resolve_base_model), not an adapter.
+        start_policy = policy.uri if policy.kind == "adapter" else None
     parents = [policy.artifact_id] if policy else []
     stage = job.stages[index]
     reward_model = None
@@ -86,7 +133,9 @@ def stage_inputs(
             reward_model = find_artifact(artifact_id)
             if reward_model is None:
                 raise MissingInput(field, f"no artifact '{stage.reward_model}' among the artifacts this job may use")
-            problem = reward_model_problem(artifact_id, reward_model.kind, reward_model.base_model, job.base_model)
+            problem = reward_model_problem(artifact_id, reward_model.kind,
+                                           _root(reward_model.base_model, find_artifact),
+                                           _root(job.base_model, find_artifact))
             if problem is not None:
                 raise MissingInput(field, problem)
         else:
@@ -94,7 +143,36 @@ def stage_inputs(
             if reward_model is None:
                 raise MissingInput(field, "no rm stage before this one has published a reward model")
         parents.append(reward_model.artifact_id)
-    return StageInputs(policy.uri if policy else None, parents, reward_model.uri if reward_model else None)
+    return StageInputs(start_policy, parents, reward_model.uri if reward_model else None)
+
+
+def start_artifact_check(job: JobSpec, find_artifact: Callable[[str], object | None]) -> str | None:
+    """Why the artifact ``base_model: artifact:<id>`` names cannot start ``job``; None when it can, or when
+    the base model is no artifact. ``find_artifact`` returns an object with the artifact's ``kind``, or None
+    when the caller has no such artifact (another tenant's is missing too)."""
+    if not job.base_model.startswith(ARTIFACT_REF_PREFIX):
+        return None
+    artifact_id = job.base_model.removeprefix(ARTIFACT_REF_PREFIX)
+    artifact = find_artifact(artifact_id)
+    if artifact is None:
+        return (f"no artifact '{artifact_id}'; give artifact:<id> of a policy that a stage of one of your jobs "
+                "published")
+    return start_artifact_problem(artifact_id, artifact.kind, job.adapter.type)
+
+
+def _root(base_model: str | None, find_artifact: Callable[[str], InputArtifact | None]) -> str | None:
+    """:func:`root_base_model` over the artifacts ``find_artifact`` finds; None stays None (unknown)."""
+    if base_model is None:
+        return None
+    return root_base_model(base_model, find_artifact, lambda artifact: artifact.base_model)
+
+
+def _start_artifact(job: JobSpec, find_artifact: Callable[[str], InputArtifact | None]) -> InputArtifact:
+    """The artifact ``base_model: artifact:<id>`` names, checked to be a policy the job can continue."""
+    problem = start_artifact_check(job, find_artifact)
+    if problem is not None:
+        raise MissingInput("base_model", problem)
+    return find_artifact(job.base_model.removeprefix(ARTIFACT_REF_PREFIX))
 
 
 def _latest(job: JobSpec, index: int, published: Mapping[int, InputArtifact],

@@ -9,6 +9,7 @@ hashes the folder, so the manifest's sha256 covers the card as stored.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -89,13 +90,15 @@ def stage_hyperparameters(stage: Any) -> dict[str, Any]:
 
 
 def front_matter(
-    job: JobSpec, index: int, *, kind: str, data_fingerprints: dict[str, str], license: dict[str, str]
+    job: JobSpec, index: int, *, kind: str, data_fingerprints: dict[str, str], license: dict[str, str],
+    base_model: str | None = None,
 ) -> dict[str, Any]:
-    """The card's metadata, keys in the order they are written."""
+    """The card's metadata, keys in the order they are written; ``base_model`` overrides the spec's (a job
+    started from an artifact names the weights under it, as its ``adapter_config.json`` does)."""
     stage = job.stages[index]
     tags = ["align", stage.type, job.adapter.type] + (["reward-model"] if kind == "reward_model" else [])
     return {
-        "base_model": base_model_reference(job.base_model),
+        "base_model": base_model or base_model_reference(job.base_model),
         "library_name": "transformers" if job.adapter.type == "full" else "peft",
         **license,
         "pipeline_tag": "text-classification" if kind == "reward_model" else "text-generation",
@@ -116,12 +119,18 @@ def render_model_card(
     precision: dict[str, Any] | None,
     license: dict[str, str] | None = None,
     job_id: str | None = None,
+    base_model: str | None = None,
+    adapter_config: dict[str, Any] | None = None,
 ) -> str:
-    """The text of ``README.md`` for the artifact stage ``index`` of ``job`` publishes."""
+    """The text of ``README.md`` for the artifact stage ``index`` of ``job`` publishes; ``base_model`` as in
+    :func:`front_matter`. ``adapter_config`` is the saved adapter's ``adapter_config.json`` where it is not the
+    spec's ``adapter`` (a job continuing the adapter of ``base_model: artifact:<id>``): the card describes it."""
     license = license or {"license": LICENSE_UNKNOWN}
-    meta = front_matter(job, index, kind=kind, data_fingerprints=data_fingerprints, license=license)
+    meta = front_matter(job, index, kind=kind, data_fingerprints=data_fingerprints, license=license,
+                        base_model=base_model)
     stage, name, base = job.stages[index], job.stage_names()[index], meta["base_model"]
-    what = _ADAPTER_NAMES[job.adapter.type]
+    adapter_type = ("dora" if adapter_config.get("use_dora") else "lora") if adapter_config else job.adapter.type
+    what = _ADAPTER_NAMES[adapter_type]
     if kind == "reward_model":
         what = f"reward model ({what})"
     if job.adapter.type == "full":
@@ -136,9 +145,11 @@ def render_model_card(
         f"A {what} on `{base}`, trained by align in stage `{name}` ({stage.type}) of job `{job.name}`.", "",
         "## Base model", "",
         f"`{base}`. {weights}", "",
-        f"- adapter: {_adapter_text(job)}",
+        f"- adapter: {_continued_adapter_text(adapter_config, job) if adapter_config else _adapter_text(job)}",
         f"- quantization: {_quantization_text(job)}",
         f"- licence: {_license_text(license)}",
+        *([f"- started from: `{job.base_model}`, the job's base_model"]
+          if job.base_model.startswith("artifact:") and job.base_model != base else []),
         "", "## Stages", "",
         "| # | stage | type | key hyperparameters | artifact |",
         "|---|---|---|---|---|",
@@ -178,8 +189,18 @@ def render_model_card(
 
 
 def write_model_card(folder: Path, job: JobSpec, index: int, **details: Any) -> Path:
-    """Write :func:`render_model_card` to ``folder/README.md``, replacing peft's template; return its path."""
+    """Write :func:`render_model_card` to ``folder/README.md``, replacing peft's template; return its path.
+
+    A policy stage of a job on ``base_model: artifact:<id>`` of an adapter continues that adapter with its
+    own settings, not the spec's: the card then describes the ``adapter_config.json`` in ``folder``, which
+    names the base under that adapter (full weights named so are the base itself: a new adapter on them).
+    """
     path = Path(folder) / CARD_FILE
+    config_file = Path(folder) / "adapter_config.json"
+    if job.base_model.startswith("artifact:") and details.get("kind") == "adapter" and config_file.is_file():
+        config = json.loads(config_file.read_text())
+        if config.get("base_model_name_or_path") != job.base_model:
+            details.setdefault("adapter_config", config)
     path.write_text(render_model_card(job, index, **details), encoding="utf-8")
     return path
 
@@ -200,6 +221,15 @@ def _adapter_text(job: JobSpec) -> str:
     text = f"{adapter.type} r={adapter.r} alpha={_value(adapter.alpha)} dropout={_value(adapter.dropout)}"
     text += f" targets={targets}"
     return text + (f" lora_plus_ratio={_value(adapter.lora_plus_ratio)}" if adapter.lora_plus_ratio else "")
+
+
+def _continued_adapter_text(config: dict[str, Any], job: JobSpec) -> str:
+    targets = config.get("target_modules") or []
+    if not isinstance(targets, str):
+        targets = ", ".join(sorted(targets))
+    kind = "dora" if config.get("use_dora") else "lora"
+    return (f"{kind} r={config.get('r')} alpha={_value(config.get('lora_alpha'))} "
+            f"dropout={_value(config.get('lora_dropout'))} targets={targets}, continued from `{job.base_model}`")
 
 
 def _quantization_text(job: JobSpec) -> str:

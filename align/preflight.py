@@ -8,7 +8,9 @@ assistant's tokens fails here, naming the template and showing the rendered row.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,9 +58,11 @@ def job_errors(
     rendered with its chat template: the first template error is reported on ``base_model``. Messages name
     a file as the spec wrote it, unless ``local`` read it elsewhere (a relative path taken from the
     spec's folder), where they name the file read."""
-    from align.models.load import ModelError, resolve_base_model
-
     model_path = None if job.base_model.startswith(("builtin:", "artifact:")) else local(job.base_model)
+    if model_path is not None:
+        # Imports torch and transformers (seconds, the first time): only for a local base model, so that a
+        # job on a built-in or artifact model is checked without them.
+        from align.models.load import ModelError, resolve_base_model
     if model and model_path is not None:
         try:
             resolve_base_model(_named(job.base_model, model_path))
@@ -89,24 +93,53 @@ def job_errors(
                     continue
                 named = _named(location, path)
             if not tokenizer:
-                try:
-                    tokenizer.append(chat_tokenizer(job.base_model, model_path) if model_path else None)
-                except ModelError as error:
-                    tokenizer.append(None)
-                    yield "base_model", str(error).removeprefix("base_model: "), error
+                tokenizer.append(None)
+                if model_path is not None:
+                    try:
+                        tokenizer[0] = chat_tokenizer(job.base_model, model_path)
+                    except ModelError as error:
+                        yield "base_model", str(error).removeprefix("base_model: "), error
             if builtin and tokenizer[0] is None:
                 continue  # built-in rows fit their stage; only a local model's template is worth rendering
+            passed = None if builtin or tokenizer[0] is not None else _file_version(path, kind)
+            if passed is not None and passed in _PASSED_FILES:
+                continue
             try:
                 rows = _builtin_sample(location) if builtin else load.load_rows(path)
                 fmt = load.detect_format(rows, kind, path)
                 load.validate_rows(rows, fmt, path, kind=kind)
                 if tokenizer[0] is not None and not template_refused:
                     check_chat_template(rows, fmt, kind, tokenizer[0], path)
+                if passed is not None:
+                    _remember_passed(passed)
             except load.TemplateError as error:
                 template_refused = True
                 yield "base_model", str(error).replace(path, named, 1), error
             except load.DataError as error:
                 yield field, str(error).replace(path, named, 1), error
+
+
+PASSED_FILES_KEPT = 1024
+_PASSED_FILES: dict[tuple, None] = {}
+"""Files (by path, stage kind and the file's size, modification time and inode) that loaded and fitted their
+stage without a template check: a sweep submits many jobs on one dataset, and reading it again with
+``datasets`` costs tens of milliseconds per file. A file changed since reads as a new key."""
+
+
+def _file_version(path: str, kind: str) -> tuple | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISDIR(found.st_mode):
+        return None  # a save_to_disk folder: its files change without the folder's own times changing
+    return (os.path.realpath(path), kind, found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino)
+
+
+def _remember_passed(version: tuple) -> None:
+    if len(_PASSED_FILES) >= PASSED_FILES_KEPT:
+        _PASSED_FILES.clear()
+    _PASSED_FILES[version] = None
 
 
 def _as_written(location: str) -> str:

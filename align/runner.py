@@ -16,12 +16,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from align.artifacts import ARTIFACT_REF_PREFIX, ArtifactStore, PublishedArtifact
+from align.artifacts import ARTIFACT_REF_PREFIX, ArtifactError, ArtifactStore, PublishedArtifact
 from align.engine.dist import free_port
-from align.lineage import InputArtifact, stage_inputs
+from align.lineage import InputArtifact, MissingInput, stage_inputs, start_artifact_check
 from align.spec import JobSpec
 from align.stage_launch import StageLaunch
 from align.stages.context import StageContext, StageResult
+from align.tracking import MLFLOW_TRACKING_URI_ENV
 
 
 def run_stage(ctx: StageContext) -> StageResult:
@@ -29,7 +30,12 @@ def run_stage(ctx: StageContext) -> StageResult:
     from align.stages import dpo, grpo, ppo, rm, sft
 
     runs = {"sft": sft.run, "rm": rm.run, "dpo": dpo.run, "ppo": ppo.run, "grpo": grpo.run, "rloo": grpo.run}
-    return runs[ctx.stage.type](ctx)
+    try:
+        return runs[ctx.stage.type](ctx)
+    except BaseException:
+        if ctx.tracker is not None:  # the MLflow run of a failed attempt reads FAILED (a retry may resume it)
+            ctx.tracker.end(failed=True)
+        raise
 
 
 def stage_context(
@@ -39,6 +45,7 @@ def stage_context(
     on_samples: Callable[[list[dict]], None] | None = None,
     on_checkpoint: Callable[[int, str], None] | None = None,
     on_message: Callable[[str, str], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> StageContext:
     """The context this process runs ``launch`` in; the callbacks are the stage's (see StageContext).
 
@@ -62,7 +69,11 @@ def stage_context(
         on_samples=on_samples,
         on_checkpoint=on_checkpoint,
         on_message=on_message,
+        on_phase=on_phase,
         job_id=launch.job_id,
+        stage_run_id=launch.stage_run_id,
+        attempt=launch.attempt,
+        mlflow_tracking_uri=launch.mlflow_tracking_uri,
     )
 
 
@@ -70,6 +81,19 @@ def input_artifact(artifact: PublishedArtifact) -> InputArtifact:
     """A published artifact as :func:`align.lineage.stage_inputs` sees it."""
     manifest = artifact.manifest
     return InputArtifact(artifact.artifact_id, artifact.uri, manifest.kind, manifest.base_model)
+
+
+def store_finder(artifact_root: str) -> Callable[[str], InputArtifact | None]:
+    """Looks up an artifact id in the store at ``artifact_root``: None when it holds no such artifact."""
+    store = ArtifactStore(artifact_root)
+
+    def find(artifact_id: str) -> InputArtifact | None:
+        try:
+            return input_artifact(store.get(ARTIFACT_REF_PREFIX + artifact_id))
+        except ArtifactError:
+            return None
+
+    return find
 
 
 def run_job(
@@ -87,16 +111,19 @@ def run_job(
     planned_steps)``, ``on_metrics(stage, record)``, ``on_message(stage, text, level)`` (from torchrun ranks
     too) and ``on_stage_end(stage, result)``.
 
-    A named ``reward_model: artifact:<id>`` is looked up in ``artifact_root``."""
+    A named ``reward_model: artifact:<id>`` and a ``base_model: artifact:<id>`` are looked up in
+    ``artifact_root``; a missing or unfit one raises :class:`align.lineage.MissingInput` before any stage."""
     from align.preflight import check_job, planned_steps
 
     check_job(job)
-    store = ArtifactStore(artifact_root)
+    find = store_finder(artifact_root)
+    problem = start_artifact_check(job, find)
+    if problem is not None:
+        raise MissingInput("base_model", problem)
     published: dict[int, InputArtifact] = {}
     results = []
     for index, name in enumerate(job.stage_names()):
-        inputs = stage_inputs(job, index, published,
-                              lambda artifact_id: input_artifact(store.get(ARTIFACT_REF_PREFIX + artifact_id)))
+        inputs = stage_inputs(job, index, published, find)
         launch = StageLaunch(
             spec=job,
             index=index,
@@ -106,6 +133,7 @@ def run_job(
             reward_model=inputs.reward_model,
             parents=inputs.parents,
             resume=resume,
+            mlflow_tracking_uri=os.environ.get(MLFLOW_TRACKING_URI_ENV) if "mlflow" in job.report_to else None,
         )
         stage_metrics = (lambda record, name=name: on_metrics(name, record)) if on_metrics else None
         stage_message = (lambda text, level, name=name: on_message(name, text, level)) if on_message else None

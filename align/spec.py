@@ -1,8 +1,9 @@
 """The job spec: one schema for the CLI, the API, the workers and the docs.
 
 A job trains one base model through a chain of stages. Each stage starts from the policy the latest
-policy stage before it left (the adapter of an SFT, DPO, PPO, GRPO or RLOO stage); a reward-model stage
-leaves a reward model beside the chain.
+policy stage before it left (the adapter of an SFT, DPO, PPO, GRPO or RLOO stage), the first from the
+base model or from the policy another job published (``base_model: artifact:<id>``); a reward-model
+stage leaves a reward model beside the chain.
 Unknown fields are refused, every field carries its own documentation, and the rules that tie
 fields together are checked here so a bad job fails before it reaches a worker.
 
@@ -15,11 +16,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from align.json_values import unsafe_strings
 from align.spec_parts import AdapterSpec, DataSpec, DeepSpeedSpec, QuantizationSpec, ResourcesSpec, SpecModel
 from align.spec_stages import (
     MODEL_REWARD,
@@ -41,6 +43,7 @@ __all__ = [
     "ONLINE_STAGE_TYPES",
     "POLICY_STAGE_TYPES",
     "PRECISION_SUMMARY_PREFIX",
+    "REPORT_TARGETS",
     "STAGE_TYPES",
     "AdapterSpec",
     "DPOStage",
@@ -61,6 +64,14 @@ __all__ = [
     "parse_spec",
 ]
 
+REPORT_TARGETS = ("tensorboard", "mlflow")
+"""What ``report_to`` may name."""
+HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"report_to": []}
+"""Job fields :meth:`JobSpec.hash` leaves out while they hold this default (their JSON form)."""
+STAGE_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"padding_free": True}
+"""Stage fields :meth:`JobSpec.hash` leaves out while they hold this default."""
+MAX_REPORTED_ERRORS = 50
+"""Most problems a :class:`SpecError` lists; a spec with more gets a count of the rest."""
 PRECISION_SUMMARY_PREFIX = "precision "
 """How a stage's first message begins: the precision it trains in and why (``align.precision``)."""
 
@@ -69,8 +80,12 @@ class JobSpec(SpecModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
     """Job name: lower-case letters, digits, `.`, `_`, `-`. Names the artifact lineages."""
     base_model: str
-    """`builtin:tiny` or a local Hugging Face model folder (safetensors).
-    `artifact:<id>` is reserved for a later release."""
+    """`builtin:tiny`, a local Hugging Face model folder (safetensors), or `artifact:<id>`: a policy another
+    of your jobs published (an sft, dpo, ppo, grpo or rloo stage's artifact, not a reward model). The first
+    stage then starts from that policy: an adapter is continued (on the base model it names, with its own
+    rank and targets; `adapter.type` must not be `full`), full weights become the base a new adapter or
+    full fine-tuning trains. DPO's reference is that policy, and the first stage's artifact lists it as
+    its parent. `align train` and `align validate` look the id up in the local artifact store."""
     adapter: AdapterSpec = AdapterSpec()
     """How the policy trains: LoRA, DoRA or full fine-tuning."""
     quantization: QuantizationSpec | None = None
@@ -79,6 +94,11 @@ class JobSpec(SpecModel):
     """DeepSpeed engine settings shared by every stage."""
     resources: ResourcesSpec = ResourcesSpec()
     """Workers per stage and what each one gets."""
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(default=[])
+    """Where each stage's training and evaluation metrics go besides `metrics.jsonl`, as Hugging Face's
+    `report_to`: `tensorboard` (event files in the artifact's `tb/`), `mlflow` (a run per stage on the MLflow
+    tracking server of `ALIGN_MLFLOW_TRACKING_URI`, its id in the manifest). A name or a list; `all` is
+    both, `none` (or `[]`) neither."""
     stages: list[StageSpec] = Field(min_length=1, max_length=16)
     """The stages, run in order."""
 
@@ -148,11 +168,39 @@ class JobSpec(SpecModel):
         counts = {t: sum(s.type == t for s in self.stages) for t in STAGE_TYPES}
         return [s.name or (s.type if counts[s.type] == 1 else f"{s.type}-{i}") for i, s in enumerate(self.stages)]
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_names(cls, value: Any) -> Any:
+        """``tensorboard``, ``[mlflow, tensorboard]``, ``all``, ``none``: as a list without repeats."""
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            return value  # pydantic names the wrong type
+        if names in (["none"], []):
+            return []
+        if names == ["all"]:
+            return list(REPORT_TARGETS)
+        for name in names:
+            if name in ("all", "none"):
+                raise ValueError(f"report_to: '{name}' stands alone; give it as report_to: {name}")
+            if name not in REPORT_TARGETS:
+                raise ValueError(f"report_to: '{name}' is not supported; use {', '.join(REPORT_TARGETS)}, a list "
+                                 "of them, all or none")
+        return list(dict.fromkeys(names))
+
     def hash(self) -> str:
-        """Content hash of the spec (canonical JSON)."""
+        """Content hash of the spec (canonical JSON, defaults filled). Fields added after specs were first
+        stored (:data:`HASH_OMITS_AT_DEFAULT`, :data:`STAGE_HASH_OMITS_AT_DEFAULT`) are left out while at their
+        default, so a spec that does not use them keeps the hash it had before they existed (stored jobs'
+        ``spec_hash`` and idempotency keys)."""
         import hashlib
 
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        for fields, defaults in [(data, HASH_OMITS_AT_DEFAULT), *((stage, STAGE_HASH_OMITS_AT_DEFAULT)
+                                                                   for stage in data["stages"])]:
+            for name, default in defaults.items():
+                if name in fields and fields[name] == default:
+                    del fields[name]
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -186,18 +234,25 @@ def _message(error: dict) -> str:
         return f"unknown stage type {error.get('input', {}).get('type')!r}; use one of {', '.join(STAGE_TYPES)}"
     if error["type"] == "missing":
         return "required field is missing"
+    if error["type"] == "int_parsing_size":
+        return f"{error['input']!r} is far too large; docs/spec.md gives each field's range"
     if error["type"] != "value_error" and "input" in error and not isinstance(error["input"], (dict, list)):
         return f"{msg} (got {error['input']!r})"
     return msg
 
 
 def parse_spec(data: Any, source: str | None = None) -> JobSpec:
-    """Validate a parsed spec, turning pydantic's errors into a :class:`SpecError` that names each field."""
+    """Validate a parsed spec, turning pydantic's errors into a :class:`SpecError` that names each field
+    (the first :data:`MAX_REPORTED_ERRORS` of them)."""
+    unsafe = unsafe_strings(data)
+    if unsafe:
+        raise SpecError(unsafe[:MAX_REPORTED_ERRORS], source)
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
         errors = []
-        for e in exc.errors():
+        found = exc.errors()
+        for e in found[:MAX_REPORTED_ERRORS]:
             msg = _message(e)
             where = _field_path(e["loc"])
             # Rules across fields name their field at the start of the message.
@@ -207,6 +262,8 @@ def parse_spec(data: Any, source: str | None = None) -> JobSpec:
                 errors.append(((prefix + "." if prefix else "") + m.group(1), m.group(2)))
             else:
                 errors.append((where, msg))
+        if len(found) > MAX_REPORTED_ERRORS:
+            errors.append(("(spec)", f"{len(found) - MAX_REPORTED_ERRORS} more problems not listed; fix these first"))
         raise SpecError(errors, source) from None
 
 

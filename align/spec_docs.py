@@ -41,6 +41,17 @@ def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+_BOUND_SIGNS = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+
+
+def _bounds(field) -> str:
+    """``, ≥ 1, ≤ 10000000`` for a field with bounds; empty for one without."""
+    signs = [f"{sign} {getattr(item, name):g}" if isinstance(getattr(item, name), float)
+             else f"{sign} {getattr(item, name)}"
+             for item in field.metadata for name, sign in _BOUND_SIGNS.items() if hasattr(item, name)]
+    return "".join(f", {sign}" for sign in signs)
+
+
 def _default(field) -> str:
     if field.default is PydanticUndefined:
         return "required"
@@ -56,7 +67,8 @@ def render_markdown() -> str:
         "",
         "Generated from `align/spec.py`, `spec_parts.py` and `spec_stages.py` (`align spec-docs`); a test keeps "
         "it in step with the code.",
-        "Unknown fields are refused. YAML and JSON carry the same fields.",
+        "Unknown fields are refused. YAML and JSON carry the same fields. Numbers must lie in the range the type "
+        "column gives, and floats must be finite (no `NaN` or `Infinity`).",
         "",
     ]
     for title, model in SECTIONS:
@@ -66,7 +78,7 @@ def render_markdown() -> str:
         lines += ["| field | type | default | meaning |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
             meaning = (field.description or "").replace("|", "\\|").replace("\n", " ")
-            kind = _type_name(field.annotation)
+            kind = _type_name(field.annotation) + _bounds(field)
             lines.append(f"| `{name}` | {kind} | {_default(field)} | {meaning} |")
         lines.append("")
     return "\n".join(lines)

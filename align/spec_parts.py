@@ -14,8 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field
 class SpecModel(BaseModel):
     """Base of every spec model: unknown fields refused, field docstrings as descriptions, values frozen."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
 
+
+MAX_STEPS = 10_000_000
+"""Upper bound of every step count and step interval in a spec."""
+MAX_TOKENS = 1 << 20
+"""Upper bound of every token length in a spec."""
 
 
 class AdapterSpec(SpecModel):
@@ -23,13 +28,13 @@ class AdapterSpec(SpecModel):
     """`lora` (low-rank adapter), `dora` (weight-decomposed LoRA) or `full` (every weight trains)."""
     r: int = Field(16, ge=1, le=1024)
     """LoRA rank."""
-    alpha: float = Field(32.0, gt=0)
+    alpha: float = Field(32.0, gt=0, le=1e6)
     """LoRA scaling numerator: the update is scaled by alpha / r."""
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     """Dropout on the LoRA input. DPO stages switch dropout off so the policy and reference agree at step 0."""
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     """Modules that get an adapter: `all-linear` (every linear layer but the output head) or a list of names."""
-    lora_plus_ratio: float | None = Field(None, gt=0)
+    lora_plus_ratio: float | None = Field(None, gt=0, le=1e6)
     """LoRA+ (Hayou et al. 2024): the B matrices learn this many times faster than the A matrices. Off if unset."""
 
 
@@ -52,7 +57,7 @@ class DeepSpeedSpec(SpecModel):
     that support it, CPUs with AVX512-BF16 or AMX) and in fp32 elsewhere; each stage logs what it chose and
     why, and its manifest records it. An explicit `bf16` on hardware that emulates it runs many times
     slower (a warning gives the measured factor). bf16 keeps fp32 master weights in the optimizer."""
-    gradient_clipping: float = Field(1.0, ge=0.0)
+    gradient_clipping: float = Field(1.0, ge=0.0, le=1e6)
     """Clip the global gradient norm to this value; 0 switches clipping off."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
@@ -61,9 +66,9 @@ class DeepSpeedSpec(SpecModel):
 class ResourcesSpec(SpecModel):
     num_workers: int = Field(1, ge=1, le=1024)
     """Data-parallel training processes (ranks)."""
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024)
     """CPU cores per rank; also sets the rank's torch thread count."""
-    gpus_per_worker: float = Field(0.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0, le=64)
     """GPUs per rank (0 trains on CPU)."""
 
 
@@ -74,5 +79,5 @@ class DataSpec(SpecModel):
     """Held-out data in the same format. Takes precedence over `eval_fraction`."""
     eval_fraction: float = Field(0.0, ge=0.0, le=0.5)
     """Fraction of the training rows held out for evaluation when `eval_path` is not set."""
-    max_rows: int | None = Field(None, ge=1)
+    max_rows: int | None = Field(None, ge=1, le=10**12)
     """Use at most this many training rows (after shuffling with the stage seed)."""

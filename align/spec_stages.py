@@ -10,7 +10,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import Field, model_validator
 
-from align.spec_parts import DataSpec, SpecModel
+from align.spec_parts import MAX_STEPS, MAX_TOKENS, DataSpec, SpecModel
 
 STAGE_TYPES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
 POLICY_STAGE_TYPES = ("sft", "dpo", "ppo", "grpo", "rloo")
@@ -32,9 +32,9 @@ class _StageBase(SpecModel):
     """Stage name, unique in the job (default `<type>` or `<type>-<index>` when a type repeats)."""
     data: DataSpec
     """Where the stage's rows come from."""
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, le=10_000)
     """Passes over the training rows. Ignored when `max_steps` is set."""
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     """Optimizer steps to train for; overrides `epochs`."""
     lr: float = Field(2e-4, gt=0, le=1.0)
     """Peak learning rate."""
@@ -42,25 +42,25 @@ class _StageBase(SpecModel):
     """Decay after warm-up: cosine or linear to zero, or constant."""
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     """Fraction of the steps spent warming the learning rate up linearly from zero."""
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
     """AdamW decoupled weight decay."""
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=65_536)
     """Rows per micro-batch on each worker (pairs for rm and dpo)."""
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=65_536)
     """Micro-batches per optimizer step. Global batch = batch_size x gradient_accumulation_steps x num_workers."""
-    max_length: int = Field(512, ge=8)
+    max_length: int = Field(512, ge=8, le=MAX_TOKENS)
     """Longest tokenised sequence (prompt plus response)."""
     truncation: Literal["right", "left", "drop"] = "right"
     """Over-long rows: `right` cuts the end, `left` cuts the start of the prompt, `drop` skips the row."""
-    eval_every: int | None = Field(None, ge=1)
+    eval_every: int | None = Field(None, ge=1, le=MAX_STEPS)
     """Evaluate on the held-out rows every this many steps (always once at the end)."""
     eval_exact_match: bool = False
     """Also generate greedy answers for held-out prompts and report exact-match accuracy against the reference."""
-    checkpoint_every: int | None = Field(50, ge=1)
+    checkpoint_every: int | None = Field(50, ge=1, le=MAX_STEPS)
     """Save a resumable checkpoint every this many steps (unset: only at the end)."""
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, le=MAX_STEPS)
     """Write step metrics every this many steps."""
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**31 - 1)
     """Seeds data order, adapter initialisation and dropout."""
 
 
@@ -69,6 +69,11 @@ class SFTStage(_StageBase):
 
     type: Literal["sft"]
     """`sft`."""
+    padding_free: bool = True
+    """Pack each micro-batch's sequences end to end in one row, with no padding: attention stays within
+    each sequence and only the scored positions are projected to the vocabulary. `false` pads every
+    sequence to the longest of its micro-batch. Models whose attention cannot switch (anything not on
+    transformers' `sdpa`) are padded either way, with a message."""
 
 
 class RewardModelStage(_StageBase):
@@ -76,7 +81,7 @@ class RewardModelStage(_StageBase):
 
     type: Literal["rm"]
     """`rm`."""
-    max_prompt_length: int | None = Field(None, ge=1)
+    max_prompt_length: int | None = Field(None, ge=1, le=MAX_TOKENS)
     """Longest prompt; longer prompts lose their start."""
     init: Literal["policy", "base"] = "policy"
     """Start from the current policy (the SFT model, as in InstructGPT) or from the base model."""
@@ -89,7 +94,7 @@ class DPOStage(_StageBase):
 
     type: Literal["dpo"]
     """`dpo`."""
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0, le=1e6)
     """Strength of the implicit KL penalty to the reference."""
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """`sigmoid` (DPO; with label smoothing: conservative DPO), `ipo`, `hinge` (SLiC) or `robust` (rDPO).
@@ -102,7 +107,7 @@ class DPOStage(_StageBase):
     chosen-minus-rejected margin of log-ratios to the reference. TRL 1.16's `sigmoid` leaves it
     unused (TRL applies it in `robust`, `exo_pair` and `aot` only), so the same setting there trains
     plain DPO."""
-    sft_weight: float = Field(0.0, ge=0.0)
+    sft_weight: float = Field(0.0, ge=0.0, le=1e6)
     """Weight α of an added NLL on the chosen responses (RPO, Pang et al. 2024). Each pair's NLL is
     divided by its chosen response's token count and the batch term is the mean over pairs, as for
     the DPO term: every pair weighs the same whatever its length, and the step's loss does not depend
@@ -110,10 +115,16 @@ class DPOStage(_StageBase):
     over all chosen tokens of a batch instead, so longer responses weigh more and batch values differ."""
     reference: Literal["live", "precomputed"] = "live"
     """Reference log-probs computed beside each step (`live`) or once before training (`precomputed`)."""
-    max_prompt_length: int | None = Field(None, ge=1)
+    max_prompt_length: int | None = Field(None, ge=1, le=MAX_TOKENS)
     """Longest prompt; longer prompts lose their start."""
     lr: float = Field(5e-5, gt=0, le=1.0)
     """Peak learning rate."""
+    padding_free: bool = True
+    """Pack each micro-batch's sequences end to end in one row, with no padding: attention stays within
+    each sequence and only the scored positions are projected to the vocabulary. A pair's prompt is
+    encoded once for both replies (prefix sharing). `false` pads every sequence to the longest of its
+    micro-batch. Models whose attention cannot switch (anything not on transformers' `sdpa`) are
+    padded either way, with a message."""
 
     @model_validator(mode="after")
     def _smoothing_fits_loss(self) -> DPOStage:
@@ -134,7 +145,7 @@ class _OnlineStage(_StageBase):
     reward_model: str | None = Field(None, pattern=r"^artifact:[A-Za-z0-9][A-Za-z0-9._-]*$")
     """With `reward: model`, the reward model to score with, as `artifact:<id>` of an `rm` stage's
     artifact. Unset: the artifact of the latest `rm` stage before this one in the job."""
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     """Most tokens sampled per completion (EOS included). Prompts are cut from the left to
     `max_length - max_new_tokens` tokens."""
     temperature: float = Field(1.0, gt=0, le=4.0)
@@ -143,7 +154,7 @@ class _OnlineStage(_StageBase):
     """Nucleus sampling mass; 1 samples from the whole distribution."""
     clip_eps: float = Field(0.2, gt=0, lt=1.0)
     """PPO ratio clip range: the ratio to the sampling policy is clipped to [1 - clip_eps, 1 + clip_eps]."""
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=65_536)
     """Prompts per micro-batch on each worker."""
     lr: float = Field(1e-5, gt=0, le=1.0)
     """Peak learning rate."""
@@ -177,13 +188,13 @@ class GRPOStage(_OnlineStage):
     parity task, else 0)."""
     group_size: int = Field(8, ge=2, le=256)
     """Completions sampled per prompt; the group is each sample's baseline."""
-    kl_coef: float = Field(0.04, ge=0)
+    kl_coef: float = Field(0.04, ge=0, le=1e6)
     """Weight of the KL to the starting policy (see `kl_penalty`); 0 drops it."""
     kl_penalty: Literal["loss", "reward"] = "loss"
     """Where the KL goes: `loss` adds `kl_coef` times the per-token k3 estimate to the loss (GRPO);
     `reward` subtracts `kl_coef` times the completion's summed k1 estimate from its reward before the
     group advantages are taken (the RLOO paper's form)."""
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=65_536)
     """Prompts per micro-batch on each worker (each brings `group_size` completions)."""
     eval_exact_match: bool = True
     """Generate greedy answers for the held-out prompts and report exact-match accuracy, before
@@ -211,13 +222,13 @@ class PPOStage(_OnlineStage):
     ppo_epochs: int = Field(4, ge=1, le=64)
     """Optimisation passes over each batch of samples; each pass is one optimizer step of the
     policy and one of the critic."""
-    kl_coef: float = Field(0.05, ge=0)
+    kl_coef: float = Field(0.05, ge=0, le=1e6)
     """Weight β of the per-token KL penalty to the starting policy in the reward (its start value
     when `kl_target` is set)."""
-    kl_target: float | None = Field(None, gt=0)
+    kl_target: float | None = Field(None, gt=0, le=1e6)
     """Adapt β towards this KL per completion (nats, summed over its tokens), by at most ±20% per
     `kl_horizon` samples (Ziegler et al. 2019). Unset: β stays `kl_coef`."""
-    kl_horizon: int = Field(10000, ge=1)
+    kl_horizon: int = Field(10000, ge=1, le=10**12)
     """Samples over which the adaptive β may change by the full ±20%."""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """Per-token KL estimate in the reward: `k1` (log-ratio, unbiased, can be negative) or `k3`
@@ -226,14 +237,14 @@ class PPOStage(_OnlineStage):
     """GAE discount."""
     lam: float = Field(0.95, ge=0.0, le=1.0)
     """GAE λ: 1 gives Monte-Carlo returns, 0 one-step TD."""
-    value_clip_eps: float = Field(0.2, gt=0)
+    value_clip_eps: float = Field(0.2, gt=0, le=1e6)
     """The value estimate may move at most this far from its sampling-time value before the
     clipped value loss stops pulling it."""
-    entropy_coef: float = Field(0.0, ge=0.0)
+    entropy_coef: float = Field(0.0, ge=0.0, le=1e6)
     """Weight of an entropy bonus in the policy loss; 0 switches it off."""
     whiten_advantages: bool = True
     """Normalise the batch's advantages to mean 0 and variance 1 (over all workers)."""
-    missing_eos_penalty: float | None = Field(None, ge=0.0)
+    missing_eos_penalty: float | None = Field(None, ge=0.0, le=1e6)
     """Subtract this from the score of completions cut at `max_new_tokens` before they ended."""
     eval_samples: int = Field(1, ge=1, le=64)
     """Completions sampled per held-out prompt when evaluating the mean reward."""

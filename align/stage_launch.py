@@ -24,6 +24,10 @@ class ReportEndpoint(BaseModel):
     """The service's report endpoint (``POST /internal/reports``)."""
     token: str
     """The attempt's bearer token: ``<stage_run_id>:<attempt>`` signed with the time it was issued."""
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    """How often the attempt's processes send a heartbeat, whatever they are doing (well inside the lease)."""
+    schedule_timeout_seconds: float = Field(1800.0, gt=0)
+    """How long the attempt may wait for the CPUs/GPUs it asks for before it fails with ``unschedulable``."""
 
 
 class StageLaunch(BaseModel):
@@ -57,6 +61,9 @@ class StageLaunch(BaseModel):
     """The service's stage run; None for the local runner."""
     report: ReportEndpoint | None = None
     """Where to report; None for the local runner, which takes the stage's callbacks instead."""
+    mlflow_tracking_uri: str | None = None
+    """Where a job with ``report_to: [mlflow]`` logs (the service's or the local environment's
+    ``ALIGN_MLFLOW_TRACKING_URI``); None for other jobs."""
 
     @model_validator(mode="after")
     def _index_names_a_stage(self) -> StageLaunch:

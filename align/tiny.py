@@ -97,6 +97,24 @@ def build_key() -> str:
 
 
 BUILD_KEY = build_key()
+MODEL_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+)
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds every file a build writes."""
+    return all((folder / name).is_file() for name in MODEL_FILES)
+
+
+def _clear_leftovers(root: Path, target: Path) -> None:
+    """Remove what earlier builds left, under the build lock (so no build is running): staging folders of
+    builders that were killed, and a target folder without every file of a build."""
+    for staging in root.glob(f".tiny-{BUILD_KEY}-*"):
+        shutil.rmtree(staging, ignore_errors=True)
+    if target.exists():
+        logger.warning("%s: %s lacks some of %s; building it again", TINY_MODEL, target, ", ".join(MODEL_FILES))
+        shutil.rmtree(target)
 
 
 def build_tiny(cache_root: Path | None = None, progress: Callable[[str], None] | None = None) -> Path:
@@ -111,7 +129,7 @@ def build_tiny(cache_root: Path | None = None, progress: Callable[[str], None] |
     """
     root = Path(cache_root or cache_dir())
     target = root / f"tiny-{BUILD_KEY}"
-    if target.is_dir():
+    if is_complete(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
 
@@ -127,8 +145,9 @@ def build_tiny(cache_root: Path | None = None, progress: Callable[[str], None] |
         report(f"{TINY_MODEL}: waiting for another process that is building it under {target}")
         lock.acquire()
     try:
-        if target.is_dir():
+        if is_complete(target):
             return target
+        _clear_leftovers(root, target)
         staging = Path(tempfile.mkdtemp(prefix=f".tiny-{BUILD_KEY}-", dir=root))
         logger.warning("building the built-in model %s (a minute or two, once per machine) under %s",
                        TINY_MODEL, target)
@@ -137,6 +156,9 @@ def build_tiny(cache_root: Path | None = None, progress: Callable[[str], None] |
         started = time.perf_counter()
         try:
             _build_into(staging, log=lambda text: report(f"{TINY_MODEL}: {text}"))
+            missing = sorted(name for name in MODEL_FILES if not (staging / name).is_file())
+            if missing:
+                raise RuntimeError(f"building {TINY_MODEL} wrote no {', '.join(missing)} under {staging}")
             os.rename(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -301,5 +323,21 @@ def _build_into(folder: Path, log=None) -> None:
     model.generation_config = GenerationConfig(
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    model.save_pretrained(folder)
+    _save(model, tokenizer, folder)
+
+
+def _save(model, tokenizer, folder: Path) -> None:
+    """Write the folder as ``save_pretrained`` lays it out (the same bytes), on any process.
+
+    Whichever process takes the build lock first builds, and that may be a rank other than 0 of a
+    distributed stage; ``PreTrainedModel.save_pretrained`` writes neither weights nor config on such a
+    rank, which would leave a folder holding only the tokenizer.
+    """
+    from safetensors.torch import save_file
+
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save_pretrained(folder)

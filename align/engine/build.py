@@ -7,20 +7,21 @@ from typing import Any
 import torch
 
 from align.engine.dist import Rank
+from align.engine.op_locks import use_owned_batons
 from align.engine.schedule import make_scheduler
 from align.models.adapters import parameter_groups
 from align.spec import JobSpec
 
 
-def deepspeed_config(job: JobSpec, stage: Any, world_size: int, dtype: torch.dtype) -> dict:
-    """The DeepSpeed JSON config for one stage of ``job``, training in ``dtype`` (the resolved precision)."""
+def deepspeed_config(job: JobSpec, stage: Any, world_size: int, dtype: torch.dtype, hidden_size: int = 0) -> dict:
+    """The DeepSpeed JSON config for one stage of ``job``, training in ``dtype`` (the resolved precision), for
+    a model of ``hidden_size`` (0: unknown)."""
     ds = job.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.zero_stage == 3:
-        # Gather whole layers at once; the defaults are tuned for billion-parameter layers.
-        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=5e7)
+        zero.update(zero3_buckets(hidden_size))
     return {
         "train_micro_batch_size_per_gpu": stage.batch_size,
         "gradient_accumulation_steps": stage.gradient_accumulation_steps,
@@ -32,6 +33,21 @@ def deepspeed_config(job: JobSpec, stage: Any, world_size: int, dtype: torch.dty
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+    }
+
+
+def zero3_buckets(hidden_size: int) -> dict[str, int]:
+    """ZeRO-3 sizes for a model of ``hidden_size``, after transformers' DeepSpeed integration (``auto``):
+    tensors under ``10 x hidden`` elements (norms, biases, LoRA matrices) stay whole on every rank instead
+    of being gathered before each use, parameters are prefetched ``0.9 x hidden²`` elements ahead (about
+    one projection matrix), and gradients are reduced in ``hidden²`` buckets. A persistence threshold of 0
+    gathers every LoRA matrix and norm separately in every forward and backward: on one GPU that made a
+    LoRA DPO step three times slower than without ZeRO."""
+    hidden = hidden_size or 4096
+    return {
+        "stage3_param_persistence_threshold": 10 * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "reduce_bucket_size": hidden * hidden,
     }
 
 
@@ -50,6 +66,7 @@ def build_engine(
     the stage's peak learning rate (the PPO critic). ``engine.get_global_grad_norm()`` gives the norm of
     the last step's gradients before clipping in every precision and ZeRO stage.
     """
+    use_owned_batons()  # ops compiled on first use (CPU Adam) leave no lock behind if this process dies
     import deepspeed
 
     lr = stage.lr if lr is None else lr
@@ -64,7 +81,7 @@ def build_engine(
         model=model,
         optimizer=optimizer,
         lr_scheduler=lambda opt: make_scheduler(opt, total_steps, stage.warmup_ratio, stage.lr_scheduler),
-        config=deepspeed_config(job, stage, rank.world_size, dtype),
+        config=deepspeed_config(job, stage, rank.world_size, dtype, _hidden_size(model)),
     )
     if _bare_optimizer(job.deepspeed, dtype):
         clip_before_step(engine, optimizer, job.deepspeed.gradient_clipping)
@@ -86,3 +103,9 @@ def clip_before_step(engine, optimizer: torch.optim.Optimizer, max_norm: float) 
         engine._global_grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, limit))
 
     optimizer.register_step_pre_hook(before_step)
+
+
+def _hidden_size(model: torch.nn.Module) -> int:
+    """The model's hidden size from its config (a peft model's base config), 0 when it has none."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "hidden_size", 0) or 0)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from align.engine.op_locks import use_owned_batons
 from align.ports import free_port
 
 
@@ -44,6 +45,7 @@ def configure_environment(threads: int | None = None) -> None:
 def init_distributed(threads: int | None = None) -> Rank:
     """Join (or create) the process group: NCCL on GPUs, gloo on CPU. Safe to call twice."""
     configure_environment(threads)
+    use_owned_batons()  # DeepSpeed compiles its CPU communication op here
     import deepspeed
 
     # Also wraps a process group that a launcher (Ray Train, torchrun) already created.

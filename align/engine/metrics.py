@@ -8,19 +8,26 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from align.engine.dist import all_reduce_sum
+
+if TYPE_CHECKING:
+    from align.tracking import StageTracker
 
 MetricsCallback = Callable[[dict], None]
 
 
 class MetricsLog:
-    """Appends metric records to ``metrics.jsonl``; only the main rank writes."""
+    """Appends metric records to ``metrics.jsonl``; only the main rank writes, and hands each record to
+    ``on_record`` and to the ``tracker`` of the job's ``report_to`` (:mod:`align.tracking`)."""
 
-    def __init__(self, path: Path, write: bool, on_record: MetricsCallback | None = None):
+    def __init__(self, path: Path, write: bool, on_record: MetricsCallback | None = None,
+                 tracker: StageTracker | None = None):
         self.path = Path(path)
         self.write = write
         self.on_record = on_record
+        self.tracker = tracker
         self.records: list[dict] = []
         if write:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,9 +41,13 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
             if self.on_record is not None:
                 self.on_record(record)
+            if self.tracker is not None:
+                self.tracker.log(record)
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step``: a resumed run logs those steps again."""
+        if self.write and self.tracker is not None:
+            self.tracker.resumed_after(step)
         if not (self.write and self.path.exists()):
             return
         kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]

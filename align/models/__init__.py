@@ -1,20 +1,6 @@
-"""Base models, tokenizers, adapters, published artifacts, and the reference policy."""
+"""Base models, tokenizers, adapters, published artifacts, and the reference policy.
 
-from align.models.adapters import apply_adapter, trainable_state_dict
-from align.models.load import (
-    load_artifact,
-    load_causal_lm,
-    load_reward_model,
-    load_tokenizer,
-    resolve_base_model,
-)
-
-__all__ = [
-    "apply_adapter",
-    "load_artifact",
-    "load_causal_lm",
-    "load_reward_model",
-    "load_tokenizer",
-    "resolve_base_model",
-    "trainable_state_dict",
-]
+The modules are imported by name (``align.models.load``, ``align.models.adapters``, ...): the package
+itself imports none of them, so a process that only needs a tokenizer (the stage entrypoint's data
+check) does not pay for peft and bitsandbytes.
+"""

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from align.data.templates import DEFAULT_CHAT_TEMPLATE
+from align.models.weights import folder_weights_problem
 from align.spec import QuantizationSpec
 
 
@@ -25,28 +26,33 @@ class ModelError(ValueError):
     """A base model that cannot be used; the message says which and why."""
 
 
-def resolve_base_model(base_model: str, progress: Callable[[str], None] | None = None) -> Path:
+def resolve_base_model(
+    base_model: str, progress: Callable[[str], None] | None = None, artifact_root: str | None = None
+) -> Path:
     """Turn a spec's ``base_model`` into a local model folder. ``progress`` hears how building
-    ``builtin:tiny`` goes when it is not yet cached (a minute or two)."""
+    ``builtin:tiny`` goes when it is not yet cached (a minute or two).
+
+    ``artifact:<id>`` (a policy another job published, fetched and checked from the store at
+    ``artifact_root``, default ``align.paths.artifact_root()``) gives the weights under that policy: the
+    base model its adapter names, or the artifact's own folder after full fine-tuning. The adapter itself
+    is the stage's start policy (:func:`align.lineage.stage_inputs`)."""
     if base_model == "builtin:tiny":
         from align.tiny import build_tiny
 
         return build_tiny(progress=progress)
     if base_model.startswith("artifact:"):
-        raise ModelError(
-            f"base_model: '{base_model}': starting a job from an artifact is not supported yet; give the local "
-            "model folder (or builtin:tiny) and chain the stages in one job"
-        )
+        folder = _base_artifact_folder(base_model, artifact_root)
+        if (folder / "adapter_config.json").is_file():
+            return resolve_base_model(artifact_base_model(folder), progress, artifact_root)
+        return folder
     path = Path(base_model.removeprefix("file://")).expanduser()
     if not path.is_dir():
         raise ModelError(f"base_model: '{base_model}' is not a local model folder; give a folder with config.json")
     if not (path / "config.json").is_file():
         raise ModelError(f"base_model: '{base_model}' has no config.json; is it a Hugging Face model folder?")
-    if not any(path.glob("*.safetensors")):
-        raise ModelError(
-            f"base_model: '{base_model}' has no *.safetensors weights; align loads safetensors only "
-            "(convert .bin weights with `transformers` save_pretrained(safe_serialization=True))"
-        )
+    problem = folder_weights_problem(path)
+    if problem is not None:
+        raise ModelError(f"base_model: '{base_model}' {problem}")
     return path
 
 
@@ -62,6 +68,29 @@ def artifact_folder(reference: str | Path, artifact_root: str | None = None) -> 
     if not folder.is_dir():
         raise ModelError(f"artifact '{reference}' is not a folder; give artifact:<id> or an artifact's folder")
     return folder
+
+
+def _base_artifact_folder(base_model: str, artifact_root: str | None) -> Path:
+    from align.artifacts import ArtifactError
+
+    try:
+        return artifact_folder(base_model, artifact_root)
+    except ArtifactError as error:
+        raise ModelError(f"base_model: '{base_model}': {error}") from None
+
+
+def adapter_base_reference(base_model: str, artifact_root: str | None = None) -> str:
+    """How a stage's adapter names the weights it sits on (``base_model_name_or_path``, the card's
+    ``base_model``): the spec's base model (:func:`align.model_card.base_model_reference`); for
+    ``artifact:<id>`` of an adapter, the base model that adapter names, since the adapter a job continues
+    holds the whole policy on that base; for ``artifact:<id>`` of full weights, the artifact itself."""
+    from align.model_card import base_model_reference
+
+    if base_model.startswith("artifact:"):
+        folder = _base_artifact_folder(base_model, artifact_root)
+        if (folder / "adapter_config.json").is_file():
+            return artifact_base_model(folder)
+    return base_model_reference(base_model)
 
 
 def artifact_base_model(folder: Path) -> str:
@@ -96,11 +125,11 @@ def load_artifact(
     base = folder
     if adapter:
         try:
-            base = resolve_base_model(artifact_base_model(folder))
+            base = resolve_base_model(artifact_base_model(folder), artifact_root=artifact_root)
         except ModelError as error:
             raise ModelError(f"artifact {folder}: the base model its adapter_config.json names: {error}") from None
     tokenizer = load_tokenizer(folder)
-    if _artifact_kind(folder, adapter) == "reward_model":
+    if artifact_kind(folder) == "reward_model":
         model = load_frozen_reward_model(base, folder, dtype, tokenizer.pad_token_id, None)
     else:
         model = load_causal_lm(base, dtype)
@@ -110,13 +139,19 @@ def load_artifact(
     return model.eval(), tokenizer
 
 
-def _artifact_kind(folder: Path, adapter: bool) -> str:
+def artifact_kind(folder: Path) -> str:
+    """The artifact's kind (``adapter``, ``full``, ``reward_model``): its manifest's, else read from its files
+    (a folder not yet published): an adapter for sequence classification, or a model whose architecture
+    is one, is a reward model. Raises :class:`ModelError` for a folder with neither adapter nor model."""
     manifest = folder / "manifest.json"
     if manifest.is_file():
         return json.loads(manifest.read_text())["kind"]
-    if adapter:
+    if (folder / "adapter_config.json").is_file():
         task_type = json.loads((folder / "adapter_config.json").read_text()).get("task_type")
         return "reward_model" if task_type == "SEQ_CLS" else "adapter"
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} is not an artifact's folder: it holds no manifest.json, adapter_config.json "
+                         "or config.json")
     architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
     return "reward_model" if any(a.endswith("ForSequenceClassification") for a in architectures) else "full"
 

@@ -15,10 +15,12 @@ from align.spec import JobSpec
 Progress = Callable[[str], None] | None
 
 
-def load_policy(job: JobSpec, start_policy: Path | None, dtype: torch.dtype, progress: Progress = None):
+def load_policy(job: JobSpec, start_policy: Path | None, dtype: torch.dtype, progress: Progress = None,
+                artifact_root: str | None = None):
     """Tokenizer and trainable policy: the base model, continued from ``start_policy`` (an earlier stage's
-    artifact folder) when given. ``progress`` hears how the built-in model's build goes."""
-    base = resolve_base_model(job.base_model, progress=progress)
+    artifact folder) when given. ``progress`` hears how the built-in model's build goes; ``artifact_root``
+    is the store a ``base_model: artifact:<id>`` is read from."""
+    base = resolve_base_model(job.base_model, progress=progress, artifact_root=artifact_root)
     tokenizer = load_tokenizer(base)
     full_start = job.adapter.type == "full" and start_policy is not None
     model = load_causal_lm(start_policy if full_start else base, dtype, job.quantization)
@@ -33,10 +35,11 @@ def load_policy(job: JobSpec, start_policy: Path | None, dtype: torch.dtype, pro
     return tokenizer, model
 
 
-def load_reward_model_for(job: JobSpec, start_policy: Path | None, dtype: torch.dtype, progress: Progress = None):
+def load_reward_model_for(job: JobSpec, start_policy: Path | None, dtype: torch.dtype, progress: Progress = None,
+                          artifact_root: str | None = None):
     """Tokenizer and trainable reward model: a scalar head on ``start_policy`` when given (``init:
     policy``), else on the base."""
-    base = resolve_base_model(job.base_model, progress=progress)
+    base = resolve_base_model(job.base_model, progress=progress, artifact_root=artifact_root)
     tokenizer = load_tokenizer(base)
     full_start = start_policy is not None and job.adapter.type == "full"
     model = load_reward_model(start_policy if full_start else base, dtype, tokenizer.pad_token_id, job.quantization)

@@ -9,9 +9,9 @@ import torch
 
 from align.artifacts import ArtifactStore
 from align.engine.dist import Rank
-from align.model_card import base_model_license, base_model_reference, write_model_card
+from align.model_card import base_model_license, write_model_card
 from align.models.adapters import save_trainable
-from align.models.load import resolve_base_model
+from align.models.load import adapter_base_reference, resolve_base_model
 from align.stages.context import StageContext, StageResult
 
 
@@ -36,10 +36,13 @@ def publish(
     fingerprints: dict[str, str],
 ) -> StageResult:
     """Save what the stage trained with its model card and publish it as a versioned artifact (manifest
-    written last). ``adapter_config.json`` and the card name the base model as the spec did
-    (:func:`align.model_card.base_model_reference`), never the local folder it was loaded from."""
+    written last), with the event files and MLflow run of the job's ``report_to``. ``adapter_config.json``
+    and the card name the base model as the spec did (:func:`align.model_card.base_model_reference`), never
+    the local folder it was loaded from; after ``base_model: artifact:<id>``, the base that artifact's adapter
+    names (:func:`align.models.load.adapter_base_reference`)."""
+    ctx.phase("publishing")
     out_dir = ctx.work_dir / "artifact"
-    base_reference = base_model_reference(ctx.job.base_model)
+    base_reference = adapter_base_reference(ctx.job.base_model, ctx.artifact_root)
     save_trainable(model, out_dir, ctx.job.deepspeed.zero_stage, write=rank.is_main, base_model=base_reference)
     published = None
     if rank.is_main:
@@ -48,16 +51,18 @@ def publish(
             if (ctx.work_dir / log).exists():
                 (out_dir / log).write_bytes((ctx.work_dir / log).read_bytes())
         precision = ctx.precision.to_dict() if ctx.precision else None
+        tracking = ctx.tracker.close_files(out_dir) if ctx.tracker else None
         write_model_card(
             out_dir, ctx.job, ctx.index, kind=kind, lineage=ctx.lineage, parents=list(ctx.parents),
             data_fingerprints=fingerprints, metrics=metrics, precision=precision, job_id=ctx.job_id,
-            license=base_model_license(resolve_base_model(ctx.job.base_model)),
+            base_model=base_reference,
+            license=base_model_license(resolve_base_model(ctx.job.base_model, artifact_root=ctx.artifact_root)),
         )
         published = ArtifactStore(ctx.artifact_root).publish(
             out_dir,
             lineage=ctx.lineage,
             kind=kind,
-            stage={"type": ctx.stage.type, "index": ctx.index, "name": ctx.name},
+            stage=_stage_record(ctx),
             base_model=ctx.job.base_model,
             spec_hash=ctx.job.hash(),
             parents=list(ctx.parents),
@@ -65,9 +70,21 @@ def publish(
             metrics=metrics,
             job={"id": ctx.job_id, "name": ctx.job.name},
             precision=precision,
+            tracking=tracking,
         )
+        if ctx.tracker is not None:
+            ctx.tracker.end(published.artifact_id)
     published = _broadcast(published)
     return StageResult(published, metrics)
+
+
+def _stage_record(ctx: StageContext) -> dict:
+    """The manifest's ``stage``; under the service it names the stage run and attempt, so that an attempt
+    that runs again reuses what it published (:meth:`ArtifactStore.publish`)."""
+    stage = {"type": ctx.stage.type, "index": ctx.index, "name": ctx.name}
+    if ctx.stage_run_id is not None and ctx.attempt is not None:
+        stage.update(stage_run_id=ctx.stage_run_id, attempt=ctx.attempt)
+    return stage
 
 
 def _broadcast(obj):

@@ -15,6 +15,7 @@ from align.artifacts import PublishedArtifact
 from align.engine.dist import Rank, all_reduce_sum, init_distributed
 from align.precision import PrecisionChoice, resolve
 from align.spec import DPOStage, GRPOStage, JobSpec, PPOStage, RewardModelStage, SFTStage
+from align.tracking import StageTracker
 
 StageT = TypeVar("StageT", bound=SFTStage | RewardModelStage | DPOStage | PPOStage | GRPOStage)
 
@@ -49,9 +50,18 @@ class StageContext(Generic[StageT]):
     """Called on every rank with (step, folder) once the checkpoint after that step is complete."""
     on_message: Callable[[str, str], None] | None = None
     """Called on the main rank with (text, level) for what the stage reports in words (level info or warning)."""
+    on_phase: Callable[[str], None] | None = None
+    """Called on the main rank with what the stage does now: ``training``, ``evaluating`` or ``publishing``."""
     job_id: str | None = None
+    stage_run_id: str | None = None
+    """The service's stage run this attempt belongs to; with ``attempt`` it makes publishing idempotent."""
+    attempt: int | None = None
     precision: PrecisionChoice | None = None
     """What the stage trains in and why; set by :func:`start` from ``deepspeed.precision`` and the hardware."""
+    mlflow_tracking_uri: str | None = None
+    """Where a job with ``report_to: [mlflow]`` logs its runs."""
+    tracker: StageTracker | None = None
+    """The main rank's reporter to the job's ``report_to`` tools; opened by :func:`start`, ended by publishing."""
 
     @property
     def stage(self) -> StageT:
@@ -76,6 +86,11 @@ class StageContext(Generic[StageT]):
             raise RuntimeError("the stage's precision is chosen in align.stages.context.start(); call it first")
         return self.precision.dtype
 
+    def phase(self, phase: str) -> None:
+        """Say through ``on_phase`` what the stage does now (the service shows it); call on every rank."""
+        if self.on_phase is not None:
+            self.on_phase(phase)
+
     def message(self, text: str, level: str = "info") -> None:
         """Report ``text`` through ``on_message`` (a job event in the service); call on the main rank."""
         if self.on_message is not None:
@@ -95,10 +110,13 @@ class StageModels:
 
     engine: Any
     tokenizer: Any
+    packed: bool = field(default=False, kw_only=True)
+    """Micro-batches are packed padding-free (``align.stages.batches``), not padded."""
 
 
 def start(ctx: StageContext) -> Rank:
-    """Join the process group, choose the precision, and seed every generator from the stage seed.
+    """Join the process group, choose the precision, seed every generator from the stage seed, and on the main
+    rank open the tracker of the job's ``report_to``.
 
     The stage's first message says which precision it trains in and why (a warning when an explicit bf16
     runs on hardware that emulates it)."""
@@ -110,6 +128,10 @@ def start(ctx: StageContext) -> Rank:
             ctx.message(ctx.precision.warning, "warning")
     seed_everything(ctx.stage.seed)
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    if rank.is_main and ctx.job.report_to:
+        ctx.tracker = StageTracker(job=ctx.job, stage_index=ctx.index, stage_name=ctx.name, work_dir=ctx.work_dir,
+                                   job_id=ctx.job_id, mlflow_tracking_uri=ctx.mlflow_tracking_uri,
+                                   warn=lambda text: ctx.message(text, "warning"))
     return rank
 
 

@@ -15,7 +15,6 @@ from functools import partial
 
 import torch
 
-from align.data.collate import collate_preference
 from align.data.order import micro_batch_indices, total_steps
 from align.data.stage_data import StageData, load_stage_data
 from align.engine.build import build_engine
@@ -26,9 +25,9 @@ from align.losses.dpo import DPOOutput, chosen_nll, dpo_loss, implicit_reward_ac
 from align.models.policy import disable_dropout, load_policy
 from align.models.reference import Reference
 from align.ops.aggregate import accumulation_scale, global_count
-from align.ops.logprobs import sequence_logprobs
 from align.spec import DPOStage
 from align.stages import artifact
+from align.stages.batches import Batch, input_tokens, packs, preference_batch, response_lengths, sequence_logps
 from align.stages.context import StageContext, StageModels, StageResult, start
 from align.stages.loop import after_step, resume, to_device
 
@@ -49,16 +48,16 @@ class DPOModels(StageModels):
 def run(ctx: StageContext[DPOStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
     rank = start(ctx)
-    tokenizer, model = load_policy(job, ctx.start_policy, ctx.dtype, ctx.message)
+    tokenizer, model = load_policy(job, ctx.start_policy, ctx.dtype, ctx.message, ctx.artifact_root)
     disable_dropout(model)
     reference = Reference(model, ctx.start_policy) if job.adapter.type != "full" else None
     data = load_stage_data(stage, "preference", tokenizer)
     steps = total_steps(stage, len(data.train), rank.world_size)
     engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=ctx.dtype)
-    models = DPOModels(engine, tokenizer, reference)
+    models = DPOModels(engine, tokenizer, reference, packed=packs(stage, model, ctx.message))
     if stage.reference == "precomputed" or reference is None:
         models.precomputed = precompute_reference(ctx, rank, models, data)
-    metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
+    metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics, ctx.tracker)
     first_step = resume(ctx, engine, rank, metrics)["step"]
     if first_step == 0 and (held_out := evaluate(ctx, rank, models, data)):
         # The starting policy's numbers on the same held-out pairs, for comparison.
@@ -75,14 +74,14 @@ def run(ctx: StageContext[DPOStage]) -> StageResult:
         scale = accumulation_scale(step_pairs, stage.gradient_accumulation_steps, rank.world_size)
         sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
         for rows in micro_batches:
-            batch = to_device(collate_preference([data.train[i] for i in rows], pad), engine.device)
+            batch = to_device(preference_batch([data.train[i] for i in rows], pad, models.packed), engine.device)
             reference_logps = reference_logps_of(models, batch, "train", rows)
-            policy_logps = forward_logps(engine, batch)
-            loss, out, nll = preference_loss(stage, policy_logps, reference_logps, batch["loss_mask"])
+            policy_logps = sequence_logps(engine, batch)
+            loss, out, nll = preference_loss(stage, policy_logps, reference_logps, response_lengths(batch))
             engine.backward(loss * scale)
             engine.step()
             sums += _pair_sums(loss, out, nll)
-            throughput.add(int(batch["attention_mask"].sum()))
+            throughput.add(input_tokens(batch))
         after_step(
             ctx, rank, step + 1, steps, models=models, data=data, evaluate=evaluate, metrics=metrics,
             scheduler=scheduler, throughput=throughput,
@@ -99,28 +98,22 @@ def run(ctx: StageContext[DPOStage]) -> StageResult:
                             fingerprints=data.fingerprints)
 
 
-def forward_logps(engine, batch: dict) -> torch.Tensor:
-    """Summed response log-probs, shape (2 * pairs,): chosen rows first, then rejected."""
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
-
-
-def reference_logps_of(models: DPOModels, batch: dict, split: str, rows: list[int]) -> torch.Tensor:
+def reference_logps_of(models: DPOModels, batch: Batch, split: str, rows: list[int]) -> torch.Tensor:
     """The reference's (2 * pairs,) log-probs of ``batch``, rows ``rows`` of ``split``: looked up when
     precomputed, else a forward of the frozen reference."""
     if models.precomputed is not None:
         return models.precomputed[split][rows].to(models.engine.device)
     with models.reference.active():
-        return forward_logps(models.engine, batch)
+        return sequence_logps(models.engine, batch)
 
 
 def preference_loss(
-    stage: DPOStage, policy_logps: torch.Tensor, reference_logps: torch.Tensor, loss_mask: torch.Tensor
+    stage: DPOStage, policy_logps: torch.Tensor, reference_logps: torch.Tensor, lengths: torch.Tensor
 ) -> tuple[torch.Tensor, DPOOutput, torch.Tensor]:
     """A micro-batch's summed loss, ``dpo_loss + sft_weight · chosen NLL``, with the per-pair DPO output
-    and chosen NLL. Log-probs are (2 * pairs,), chosen first; ``loss_mask`` (2 * pairs, seq) gives each
-    response's scored token count, which IPO averages over and the NLL is normalised by."""
-    chosen_lengths, rejected_lengths = loss_mask[:, 1:].sum(-1).chunk(2)
+    and chosen NLL. Log-probs are (2 * pairs,), chosen first; ``lengths`` (2 * pairs,) are each
+    response's scored token counts, which IPO averages over and the NLL is normalised by."""
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
     policy_chosen, policy_rejected = policy_logps.chunk(2)
     reference_chosen, reference_rejected = reference_logps.chunk(2)
     out = dpo_loss(
@@ -191,13 +184,15 @@ def _reference_table(models: DPOModels, rows: list[dict], batch_size: int) -> to
     engine.eval()
     chunks = [torch.zeros(0, 2)]
     for begin in range(0, len(rows), batch_size):
-        batch = to_device(collate_preference(rows[begin : begin + batch_size], models.tokenizer.pad_token_id),
-                          engine.device)
+        batch = to_device(
+            preference_batch(rows[begin : begin + batch_size], models.tokenizer.pad_token_id, models.packed),
+            engine.device,
+        )
         if models.reference is not None:
             with models.reference.active():
-                logps = forward_logps(engine, batch)
+                logps = sequence_logps(engine, batch)
         else:
-            logps = forward_logps(engine, batch)
+            logps = sequence_logps(engine, batch)
         chosen, rejected = logps.float().cpu().chunk(2)
         chunks.append(torch.stack([chosen, rejected], dim=1))
     engine.train()
@@ -235,11 +230,13 @@ def evaluate(ctx: StageContext[DPOStage], rank: Rank, models: DPOModels, data: S
         # A rank out of pairs still takes part (under ZeRO-3 every forward is collective); it counts nothing.
         weight = 1.0 if indices else 0.0
         indices = indices or [0]
-        batch = to_device(collate_preference([data.eval[i] for i in indices], models.tokenizer.pad_token_id),
-                          engine.device)
+        batch = to_device(
+            preference_batch([data.eval[i] for i in indices], models.tokenizer.pad_token_id, models.packed),
+            engine.device,
+        )
         reference_logps = reference_logps_of(models, batch, "eval", indices)
-        policy_logps = forward_logps(engine, batch)
-        loss, out, nll = preference_loss(stage, policy_logps, reference_logps, batch["loss_mask"])
+        policy_logps = sequence_logps(engine, batch)
+        loss, out, nll = preference_loss(stage, policy_logps, reference_logps, response_lengths(batch))
         policy_chosen, policy_rejected = policy_logps.chunk(2)
         prefers_chosen = (policy_chosen > policy_rejected).sum().item()
         sums += weight * torch.cat([_pair_sums(loss, out, nll), torch.tensor([prefers_chosen], dtype=torch.float64)])

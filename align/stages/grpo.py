@@ -50,7 +50,7 @@ TOKEN_SUMS = ["loss_sum", "kl_sum", "clipped_tokens", "ratio_sum"]
 def run(ctx: StageContext[GRPOStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
     rank = start(ctx)
-    tokenizer, model = load_policy(job, ctx.start_policy, ctx.dtype, ctx.message)
+    tokenizer, model = load_policy(job, ctx.start_policy, ctx.dtype, ctx.message, ctx.artifact_root)
     disable_dropout(model)
     reference = Reference(model, ctx.start_policy)
     data = load_stage_data(stage, "prompt", tokenizer)
@@ -59,7 +59,7 @@ def run(ctx: StageContext[GRPOStage]) -> StageResult:
     steps = total_steps(stage, len(data.train), rank.world_size)
     engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=ctx.dtype)
     models = StageModels(engine, tokenizer)
-    metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
+    metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics, ctx.tracker)
     first_step = resume(ctx, engine, rank, metrics)["step"]
     if first_step == 0 and (held_out := evaluate(ctx, rank, models, data)):
         # The starting policy's held-out accuracy, for comparison with the end.
@@ -192,10 +192,8 @@ def reward_scorer(ctx: StageContext[GRPOStage], tokenizer) -> Scorer:
     stage, job = ctx.stage, ctx.job
     if stage.reward != MODEL_REWARD:
         return Scorer.named(tokenizer.pad_token_id, stage.reward)
-    model = load_frozen_reward_model(
-        resolve_base_model(job.base_model), ctx.reward_model, ctx.dtype, tokenizer.pad_token_id,
-        job.quantization,
-    )
+    base = resolve_base_model(job.base_model, artifact_root=ctx.artifact_root)
+    model = load_frozen_reward_model(base, ctx.reward_model, ctx.dtype, tokenizer.pad_token_id, job.quantization)
     return Scorer(tokenizer.pad_token_id, model=model)
 
 

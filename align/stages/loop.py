@@ -35,8 +35,11 @@ def resume(ctx: StageContext, engine, rank: Rank, metrics: MetricsLog, others: d
     return state
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors on ``device``; other values as they are."""
+def to_device(batch, device: torch.device):
+    """The batch's tensors on ``device``, other values as they are: a dict of them, or a batch that moves
+    itself (``align.ops.packing.PackedBatch``)."""
+    if not isinstance(batch, dict):
+        return batch.to(device)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -78,7 +81,9 @@ def after_step(
         if samples and rank.is_main:
             log_samples(ctx, done, samples)
     if (stage.eval_every and done % stage.eval_every == 0) or done == steps:
+        ctx.phase("evaluating")
         held_out = evaluate(ctx, rank, models, data)
+        ctx.phase("training")
         if held_out:
             metrics.log({"step": done, **held_out})
     if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < steps:

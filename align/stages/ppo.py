@@ -90,7 +90,7 @@ class PPOModels(StageModels):
 def run(ctx: StageContext[PPOStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
     rank = start(ctx)
-    tokenizer, policy = load_policy(job, ctx.start_policy, ctx.dtype, ctx.message)
+    tokenizer, policy = load_policy(job, ctx.start_policy, ctx.dtype, ctx.message, ctx.artifact_root)
     disable_dropout(policy)
     reference = Reference(policy, ctx.start_policy)
     critic, scorer = load_critic(ctx, tokenizer)
@@ -100,7 +100,7 @@ def run(ctx: StageContext[PPOStage]) -> StageResult:
     policy_engine, _, scheduler = build_engine(policy, job, stage, ppo_steps, rank, dtype=dtype)
     critic_engine, _, _ = build_engine(critic, job, stage, ppo_steps, rank, dtype=dtype, lr=stage.critic_lr)
     scorer.attach(critic_engine)
-    metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
+    metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics, ctx.tracker)
     resumed = resume(ctx, policy_engine, rank, metrics, others={"critic": critic_engine})
     first_step = resumed["step"]
     kl_control = (
@@ -278,7 +278,7 @@ def _step_record(
 def load_critic(ctx: StageContext[PPOStage], tokenizer) -> tuple[TokenValues, Scorer]:
     """The trainable critic (per-token values) and the scorer, as ``critic_init`` and ``reward`` ask."""
     job, stage = ctx.job, ctx.stage
-    base = resolve_base_model(job.base_model)
+    base = resolve_base_model(job.base_model, artifact_root=ctx.artifact_root)
     dtype, pad, quantization = ctx.dtype, tokenizer.pad_token_id, job.quantization
     adapter_options = {
         "task_type": "SEQ_CLS", "quantized": quantization is not None,

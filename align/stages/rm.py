@@ -30,12 +30,12 @@ def run(ctx: StageContext[RewardModelStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
     rank = start(ctx)
     start_from = ctx.start_policy if stage.init == "policy" else None
-    tokenizer, model = load_reward_model_for(job, start_from, ctx.dtype, ctx.message)
+    tokenizer, model = load_reward_model_for(job, start_from, ctx.dtype, ctx.message, ctx.artifact_root)
     data = load_stage_data(stage, "preference", tokenizer)
     steps = total_steps(stage, len(data.train), rank.world_size)
     engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=ctx.dtype)
     models = StageModels(engine, tokenizer)
-    metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
+    metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics, ctx.tracker)
     first_step = resume(ctx, engine, rank, metrics)["step"]
     pad = tokenizer.pad_token_id
     throughput = Throughput()

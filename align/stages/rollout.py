@@ -56,7 +56,8 @@ def completion_logps(model, batch: dict, group_size: int, shared_prefix: bool = 
             input_ids=torch.cat([prompt_ids.repeat_interleave(group_size, dim=0), completion_ids], dim=1),
             attention_mask=attention,
             position_ids=torch.cat([positions.repeat_interleave(group_size, dim=0), completion_positions], dim=1),
-        ).logits[:, prompt_ids.shape[1] - 1 : -1]
+            logits_to_keep=completion_ids.shape[1] + 1,  # the last prompt position and the completion's
+        ).logits[:, :-1]
         return token_logprobs(logits, completion_ids)
     from transformers import DynamicCache
 

@@ -6,19 +6,17 @@ from functools import partial
 
 import torch
 
-from align.data.collate import collate_sft
 from align.data.order import micro_batch_indices, total_steps
 from align.data.stage_data import StageData, load_stage_data
 from align.engine.build import build_engine
 from align.engine.dist import Rank, all_reduce_sum
 from align.engine.metrics import MetricsLog, Throughput
 from align.evaluate import exact_match
-from align.losses.sft import sft_loss
 from align.models.policy import load_policy
 from align.ops.aggregate import accumulation_scale, global_count
-from align.ops.logprobs import token_logprobs
 from align.spec import SFTStage
 from align.stages import artifact
+from align.stages.batches import input_tokens, packs, scored_nll, scored_tokens, sft_batch
 from align.stages.context import StageContext, StageModels, StageResult, start
 from align.stages.loop import after_step, resume, to_device
 
@@ -26,12 +24,12 @@ from align.stages.loop import after_step, resume, to_device
 def run(ctx: StageContext[SFTStage]) -> StageResult:
     stage, job = ctx.stage, ctx.job
     rank = start(ctx)
-    tokenizer, model = load_policy(job, ctx.start_policy, ctx.dtype, ctx.message)
+    tokenizer, model = load_policy(job, ctx.start_policy, ctx.dtype, ctx.message, ctx.artifact_root)
     data = load_stage_data(stage, "sft", tokenizer)
     steps = total_steps(stage, len(data.train), rank.world_size)
     engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=ctx.dtype)
-    models = StageModels(engine, tokenizer)
-    metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics)
+    models = StageModels(engine, tokenizer, packed=packs(stage, model, ctx.message))
+    metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics, ctx.tracker)
     first_step = resume(ctx, engine, rank, metrics)["step"]
     pad = tokenizer.pad_token_id
     throughput = Throughput()
@@ -41,20 +39,18 @@ def run(ctx: StageContext[SFTStage]) -> StageResult:
         micro_batches = micro_batch_indices(
             len(data.train), step, stage.batch_size, stage.gradient_accumulation_steps, rank, stage.seed
         )
-        batches = [collate_sft([data.train[i] for i in rows], pad) for rows in micro_batches]
+        batches = [sft_batch([data.train[i] for i in rows], pad, models.packed) for rows in micro_batches]
         # Token-weighted over the whole optimizer step, on every rank alike.
-        step_tokens = global_count(sum(int(b["loss_mask"][:, 1:].sum()) for b in batches))
+        step_tokens = global_count(sum(scored_tokens(b) for b in batches))
         scale = accumulation_scale(step_tokens, stage.gradient_accumulation_steps, rank.world_size)
         nll_sum = 0.0
         for batch in batches:
             batch = to_device(batch, engine.device)
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            token_logps = token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:])
-            loss_sum, _ = sft_loss(token_logps, batch["loss_mask"][:, 1:])
+            loss_sum = scored_nll(engine, batch)
             engine.backward(loss_sum * scale)
             engine.step()
             nll_sum += loss_sum.item()
-            throughput.add(int(batch["attention_mask"].sum()))
+            throughput.add(input_tokens(batch))
         after_step(
             ctx, rank, step + 1, steps, models=models, data=data, evaluate=evaluate, metrics=metrics,
             scheduler=scheduler, throughput=throughput,
@@ -90,11 +86,9 @@ def evaluate(ctx: StageContext[SFTStage], rank: Rank, models: StageModels, data:
         rows = shard[b * stage.batch_size : (b + 1) * stage.batch_size]
         weight = 1.0 if rows else 0.0
         rows = rows or data.eval[:1]
-        batch = to_device(collate_sft(rows, models.tokenizer.pad_token_id), engine.device)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum, count = sft_loss(token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:]), batch["loss_mask"][:, 1:])
-        nll += weight * loss_sum.item()
-        tokens += weight * count.item()
+        batch = to_device(sft_batch(rows, models.tokenizer.pad_token_id, models.packed), engine.device)
+        nll += weight * scored_nll(engine, batch).item()
+        tokens += weight * scored_tokens(batch)
     nll, tokens = all_reduce_sum([nll, tokens])
     result = {"eval_loss": nll / max(tokens, 1.0)}
     if stage.eval_exact_match:
