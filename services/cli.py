@@ -24,10 +24,22 @@ app.add_typer(db_app, name="db")
 
 
 def _settings(**overrides):
+    """The service's settings; settings that do not validate (overlapping roots, a bad value in an
+    ``ALIGN_*`` variable) end the command with one line each, naming the setting."""
+    from pydantic import ValidationError
+
     from services.settings import Settings
 
     values = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(**values)
+    try:
+        return Settings(**values)
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors():
+            name = ".".join(str(part) for part in problem["loc"])
+            where = f"{name} (ALIGN_{name.upper()}): " if name else ""
+            lines.append(where + problem["msg"].removeprefix("Value error, "))
+        raise fail("\n".join(lines)) from None
 
 
 def _embedded_sqlite(url: str) -> Path | None:
@@ -136,11 +148,25 @@ def serve(
             ray_client.close()
 
 
+def start_metrics_server(settings, metrics):
+    """Serve ``metrics`` (a :class:`services.metrics.ServiceMetrics`) at ``/metrics`` on ``ALIGN_METRICS_PORT``
+    from a daemon thread; returns the server, or None when no port is set."""
+    from prometheus_client import start_http_server
+
+    if not settings.metrics_port:
+        return None
+    server, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry)
+    return server
+
+
 @app.command("dispatcher")
 def run_dispatcher() -> None:
-    """Run a dispatcher alone (several may run against one database); needs ALIGN_RAY_ADDRESS."""
+    """Run a dispatcher alone (several may run against one database); needs ALIGN_RAY_ADDRESS. With
+    ALIGN_METRICS_PORT it serves its Prometheus metrics there. SIGTERM drains it: it claims nothing more,
+    submits what it had claimed, and exits, leaving its running attempts training for the other dispatchers."""
     from services.db.session import make_engine, make_sessionmaker
     from services.dispatcher import Dispatcher, RayJobs
+    from services.metrics import ServiceMetrics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings()
@@ -153,13 +179,24 @@ def run_dispatcher() -> None:
         raise typer.Exit(2)
     prepare_database(settings.database_url)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    worker = Dispatcher(settings, make_sessionmaker(make_engine(settings.database_url)), RayJobs(settings.ray_address))
+    metrics = ServiceMetrics()
+    worker = Dispatcher(settings, make_sessionmaker(make_engine(settings.database_url)), RayJobs(settings.ray_address),
+                        metrics=metrics.dispatcher)
+
+    def drain_on_sigterm(*_) -> None:  # the tick under way claims nothing more; run_forever returns after it
+        worker.draining = True
+        stop.set()
+
+    signal.signal(signal.SIGTERM, drain_on_sigterm)
     console.print(f"dispatcher {worker.owner_id} on {settings.ray_address}")
+    if start_metrics_server(settings, metrics) is not None:
+        console.print(f"metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics")
     try:
         worker.run_forever(stop)
     except KeyboardInterrupt:
         stop.set()
+    left = worker.drain()
+    console.print(f"dispatcher {worker.owner_id} stopped; {left} running attempts left to the other dispatchers")
 
 
 @db_app.command("upgrade")
@@ -183,6 +220,10 @@ def db_downgrade(revision: str = typer.Argument(..., help="Target revision, e.g.
     settings = _settings()
     downgrade(settings.database_url, revision)
     console.print(f"database at {revision}: {settings.database_url}")
+
+
+# `align tenants ...` and `align keys ...` register themselves on the same app.
+from services import cli_admin  # noqa: E402, F401
 
 
 def main() -> None:

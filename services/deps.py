@@ -79,3 +79,35 @@ def current_tenant(
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
+
+
+def refuse_unknown_query(request: Request) -> None:
+    """422 for a query parameter the route does not take, or one given twice: a misspelt filter (``?status=``
+    for ``?state=``) or a second ``?state=`` would otherwise be ignored silently."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    cached = _QUERY_NAMES.get(id(dependant))
+    if cached is None or cached[0] is not dependant:
+        cached = _QUERY_NAMES[id(dependant)] = (dependant, frozenset(_query_names(dependant)))
+    known = cached[1]
+    names = [name for name, _value in request.query_params.multi_items()]
+    takes = ", ".join(sorted(known)) or "none"
+    problems = [(name or "(query)", f"this operation takes no query parameter {name!r}; it takes: {takes}")
+                for name in dict.fromkeys(names) if name not in known]
+    problems += [(name, f"given {names.count(name)} times; give it once")
+                 for name in dict.fromkeys(names) if name in known and names.count(name) > 1]
+    if problems:
+        raise FieldErrors(problems)
+
+
+_QUERY_NAMES: dict[int, tuple[object, frozenset[str]]] = {}
+"""Each route's dependant (held, so that its ``id`` stays its own) and the query parameters it takes."""
+
+
+def _query_names(dependant) -> set[str]:
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names

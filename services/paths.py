@@ -1,24 +1,32 @@
 """What a submitted job is checked for before it is accepted: where it may read from, its data, its
 base model and the reward models it names.
 
-``check_locations`` refuses data and model locations outside the configured roots and schemes (no
-``..``, no ``file:///etc``, no ``http://169.254.169.254``). ``check_data`` then opens each local
+``check_locations`` refuses data and model locations outside the caller's roots (:mod:`services.roots`) and
+the allowed schemes (no ``..``, no ``file:///etc``, no ``http://169.254.169.254``); what lies outside the
+roots, in the artifact or work root, or nowhere gets one answer. ``check_data`` then opens each local
 dataset and checks it has the columns its stage needs, so a bad file fails the request, not a worker;
-``check_model`` checks a local base model's folder and ``check_reward_models`` the reward-model
-artifacts a stage names. ``check_job`` runs them all. Each returns a list of ``(field, message)``
-pairs; an empty list means the job may run.
+``check_model`` checks a local base model's folder, ``check_reward_models`` the reward-model
+artifacts a stage names, and a ``base_model: artifact:<id>`` must be one of the caller's policies
+(:func:`align.lineage.start_artifact_check`) whose weight files are safetensors
+(:func:`align.models.weights.artifact_weights_problem`). ``check_job`` runs them all. Each returns a list
+of ``(field, message)`` pairs; an empty list means the job may run.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
-from align.lineage import reward_model_problem
+from align.lineage import reward_model_problem, root_base_model, start_artifact_check
+from align.models.weights import artifact_weights_problem
 from align.preflight import job_problems
 from align.spec import JobSpec
+from align.tracking import tracking_problems
+from services.roots import TenantLike, local_folder, resolved, tenant_roots
 from services.settings import Settings
 
 Problem = tuple[str, str]
@@ -26,6 +34,7 @@ Problem = tuple[str, str]
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _ALWAYS_REFUSED_SCHEMES = ("http", "https")
 LOCAL_PREFIXES = ("builtin:", "artifact:")
+ROOTS_SETTING = {"data": "ALIGN_DATA_ROOTS", "model": "ALIGN_MODEL_ROOTS"}
 
 
 def check_job(
@@ -33,28 +42,34 @@ def check_job(
     settings: Settings,
     find_artifact: Callable[[str], object | None],
     base_model_of: Callable[[object], str | None] | None = None,
+    tenant: TenantLike | None = None,
 ) -> list[Problem]:
     """Every check a submitted job passes before it is queued, each problem naming its field.
 
-    Locations come first, so nothing outside the roots is ever opened; ``find_artifact`` looks up an
+    Locations come first, and a refused one is never opened; ``find_artifact`` looks up an
     ``artifact:<id>`` base model or reward model among the caller's artifacts, and ``base_model_of``
-    tells the base model a found artifact was trained on.
+    tells the base model a found artifact was trained on. ``tenant`` is the caller: roots that name
+    ``{tenant}`` are its own folders, and without it those roots hold nothing.
     """
     problems = check_locations(
-        spec, data_roots=settings.data_roots, model_roots=settings.model_roots, allowed_schemes=settings.allowed_schemes
+        spec,
+        data_roots=tenant_roots(settings.data_roots, tenant),
+        model_roots=tenant_roots(settings.model_roots, tenant),
+        allowed_schemes=settings.allowed_schemes,
+        hidden=[settings.artifact_root, settings.work_root],
     )
-    if problems:
-        return problems
-    if spec.base_model.startswith("artifact:"):
-        artifact_id = spec.base_model.removeprefix("artifact:")
-        if find_artifact(artifact_id) is None:
-            message = f"no artifact '{artifact_id}'; give the id of an artifact of one of your jobs"
-            problems.append(("base_model", message))
-        else:
-            problems.append(("base_model", ("starting a job from an artifact is not supported yet; give the local "
-                                            "model folder (or builtin:tiny) and chain the stages in one job")))
+    refused = {location for field, kind, location in spec_locations(spec) if field in dict(problems)}
+    problems += tracking_problems(spec, settings.mlflow_tracking_uri)
+    # The data first: reading it takes seconds, and a look-up begins a transaction (on SQLite, the write lock).
+    data_problems = job_problems(spec, lambda location: None if location in refused else local_path(location))
+    start_problem = start_artifact_check(spec, find_artifact)
+    if start_problem is None and spec.base_model.startswith("artifact:"):
+        weights = artifact_weights_problem(settings.artifact_root, spec.base_model)
+        start_problem = weights and f"'{spec.base_model}' {weights}"
+    if start_problem is not None:
+        problems.append(("base_model", start_problem))
     problems += check_reward_models(spec, find_artifact, base_model_of)
-    return problems + job_problems(spec, local_path)
+    return problems + data_problems
 
 
 def check_reward_models(
@@ -63,7 +78,11 @@ def check_reward_models(
     base_model_of: Callable[[object], str | None] | None = None,
 ) -> list[Problem]:
     """Each stage's ``reward_model: artifact:<id>`` must be one of the caller's reward-model artifacts,
-    trained on the job's base model (:func:`align.lineage.reward_model_problem`)."""
+    trained on the job's base model (:func:`align.lineage.reward_model_problem`; both followed through
+    ``artifact:<id>`` base models, :func:`align.lineage.root_base_model`)."""
+    def root(base_model: str) -> str:
+        return root_base_model(base_model, find_artifact, base_model_of or (lambda artifact: None))
+
     problems = []
     for index, stage in enumerate(spec.stages):
         reference = getattr(stage, "reward_model", None)
@@ -79,7 +98,8 @@ def check_reward_models(
                        "of one of your jobs published")
         else:
             trained_on = base_model_of(artifact) if base_model_of is not None else None
-            problem = reward_model_problem(artifact_id, artifact.kind, trained_on, spec.base_model)
+            problem = reward_model_problem(artifact_id, artifact.kind, trained_on and root(trained_on),
+                                           root(spec.base_model))
         if problem is not None:
             problems.append((field, problem + fallback))
     return problems
@@ -100,13 +120,16 @@ def check_locations(
     data_roots: Sequence[str | Path],
     model_roots: Sequence[str | Path],
     allowed_schemes: Sequence[str],
+    hidden: Sequence[str] = (),
 ) -> list[Problem]:
-    """Every data path and local base model must lie under its roots and use an allowed scheme."""
+    """Every data path and local base model must lie under its roots (the caller's, with ``{tenant}``
+    expanded: :func:`services.roots.tenant_roots`), exist, and use an allowed scheme; nothing under
+    ``hidden`` (the artifact and work roots) is ever named."""
     problems = []
     for field, kind, location in spec_locations(spec):
         roots = data_roots if kind == "data" else model_roots
-        setting = "ALIGN_DATA_ROOTS" if kind == "data" else "ALIGN_MODEL_ROOTS"
-        message = location_problem(location, roots, allowed_schemes, allow_artifact=kind == "model", setting=setting)
+        message = location_problem(location, roots, allowed_schemes, allow_artifact=kind == "model", kind=kind,
+                                   hidden=hidden)
         if message is not None:
             problems.append((field, message))
     return problems
@@ -118,16 +141,20 @@ def location_problem(
     allowed_schemes: Sequence[str],
     *,
     allow_artifact: bool = False,
-    setting: str = "ALIGN_DATA_ROOTS",
+    kind: str = "data",
+    hidden: Sequence[str] = (),
 ) -> str | None:
-    """Why ``location`` may not be read, or None when it may; a refusal by the roots names ``setting``,
-    the service setting that lists them."""
+    """Why ``location`` may not be read, or None when it may.
+
+    A local path that resolves (``..``, symlinks) outside ``roots`` or into ``hidden``, or names nothing,
+    gets one answer, :func:`not_found`, so that it tells nobody what lies outside their folders."""
     if "\0" in location:
         return "contains a NUL character"
     if location.startswith("builtin:") or (allow_artifact and location.startswith("artifact:")):
         return None
     match = _SCHEME_RE.match(location)
     scheme = match.group(1).lower() if match else "file"
+    setting = ROOTS_SETTING[kind]
     if scheme in _ALWAYS_REFUSED_SCHEMES:
         return (f"'{location}' is a web address; {scheme}:// locations are never read, give a path under "
                 f"{_roots(roots)} (the service's {setting})")
@@ -138,18 +165,45 @@ def location_problem(
     if ".." in PurePosixPath(path).parts:
         return f"'{location}' contains '..'; give a path without parent-directory steps"
     if scheme != "file":
-        return None
+        return not_found(location, roots, kind) if remote_problem(location, hidden) else None
     if not os.path.isabs(path):
         return (
             f"'{location}' is not an absolute path; the service and its workers do not share your working "
             "folder, so give the full path (align submit makes paths in a spec file absolute)"
         )
-    resolved = Path(os.path.realpath(path))
-    for root in roots:
-        if resolved.is_relative_to(os.path.realpath(root)):
-            return None
-    return (f"'{location}' is outside the allowed folders {_roots(roots)}; move it under one of them, or add "
-            f"its folder to the service's {setting} (a JSON list of folders) and restart it")
+    target = resolved(path)
+    inside = any(target.is_relative_to(resolved(str(root))) for root in roots)
+    hidden_folders = [resolved(folder) for folder in map(local_folder, hidden) if folder is not None]
+    if (not inside or any(target.is_relative_to(folder) for folder in hidden_folders)
+            or not (target.is_file() or target.is_dir())):  # a FIFO or device would hang the reader
+        return not_found(location, roots, kind)
+    return None
+
+
+def not_found(location: str, roots: Sequence[str | Path], kind: str) -> str:
+    """The one answer to a location that names nothing the caller may read, whether or not it exists."""
+    what = "file or folder" if kind == "data" else "model folder"
+    return (f"'{location}': no such {what} in your {kind} folders {_roots(roots)}; give the full path of one "
+            f"under them (the service's {ROOTS_SETTING[kind]})")
+
+
+def remote_problem(location: str, hidden: Sequence[str]) -> bool:
+    """Whether a location with an allowed remote scheme (``s3://...``) must not be read: it lies in the
+    artifact or work store, chains filesystems (fsspec's ``::``), or names a host by address or a metadata
+    service rather than a bucket."""
+    if "::" in location or any(_within_url(location, store) for store in hidden):
+        return True
+    host = (urlsplit(location).hostname or "").strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return host in ("localhost", "metadata", "metadata.google.internal") or host.endswith(".internal")
+
+
+def _within_url(location: str, store: str) -> bool:
+    store = store.rstrip("/")
+    return _SCHEME_RE.match(store) is not None and (location == store or location.startswith(store + "/"))
 
 
 def _roots(roots: Sequence[str | Path]) -> str:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from align.json_values import unsafe_strings
 from align.spec import JobSpec
 
 JobCreate = JobSpec
@@ -21,6 +22,8 @@ StageState = Literal["pending", "queued", "running", "retrying", "succeeded", "f
 ReportType = Literal["heartbeat", "metrics", "checkpoint", "message", "samples", "artifact", "failed"]
 
 T = TypeVar("T")
+MAX_INT32 = 2**31 - 1
+"""Largest step, attempt or event id: the database stores them as 32-bit integers."""
 
 
 class _Public(BaseModel):
@@ -53,6 +56,10 @@ class Progress(_Public):
     """Steps the stage will run in all."""
 
 
+Phase = Literal["starting", "waiting_for_resources", "training", "evaluating", "publishing"]
+"""What a running attempt is doing (:data:`services.db.models.PHASES`)."""
+
+
 class StageError(_Public):
     code: str | None = None
     """Machine-readable error code, e.g. `data_error`, `worker_lost`."""
@@ -74,6 +81,12 @@ class StageRunPublic(_Public):
     """Attempts started so far (0 until the stage is first claimed)."""
     max_attempts: int
     progress: Progress
+    phase: Phase | None = None
+    """What the running attempt is doing, as its workers last said: `starting` (Ray starts the worker
+    group), `waiting_for_resources` (the cluster has not yet the CPUs/GPUs the stage asks for; see
+    `ALIGN_SCHEDULE_TIMEOUT_SECONDS`), `training`, `evaluating` or `publishing`; null before the first report."""
+    phase_since: datetime | None = None
+    """When the attempt entered `phase`: how long it has waited for resources, for instance."""
     error: StageError | None
     checkpoint_step: int | None = None
     """Step of the last checkpoint a worker reported."""
@@ -99,6 +112,8 @@ class StageRunPublic(_Public):
             attempt=run.attempt,
             max_attempts=run.max_attempts,
             progress=Progress(step=run.progress_step, total_steps=run.total_steps),
+            phase=run.phase,
+            phase_since=run.phase_since,
             error=error,
             checkpoint_step=run.checkpoint_step,
             artifact_id=artifact_id,
@@ -111,6 +126,8 @@ class StageRunPublic(_Public):
 class JobPublic(_Public):
     id: str
     name: str
+    tenant: str
+    """The name of the tenant that owns the job (the caller's: a key sees only its tenant's jobs)."""
     status: JobStatus
     """Derived from the stages: queued, running, succeeded, failed or cancelled."""
     spec: dict[str, Any]
@@ -120,6 +137,14 @@ class JobPublic(_Public):
     stages: list[StageRunPublic]
     created_at: datetime
     updated_at: datetime
+
+
+class SpecCheck(BaseModel):
+    """A spec that passed every check of `POST /jobs`."""
+
+    spec: dict[str, Any]
+    """The spec as `POST /jobs` would store it, every default filled in."""
+    spec_hash: str
 
 
 class EventPublic(_Public):
@@ -172,9 +197,86 @@ class ReportIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stage_run_id: str = Field(min_length=1, max_length=64)
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=MAX_INT32)
     type: ReportType
     payload: dict[str, Any] = Field(default_factory=dict)
+    """Its fields by type are checked by :func:`payload_problems`; other fields are kept as they are."""
+
+
+_Step = Field(None, ge=0, le=MAX_INT32)
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Progress(_Payload):
+    step: int | None = _Step
+    total_steps: int | None = _Step
+    phase: Phase | None = None
+
+
+class _Metrics(_Payload):
+    step: int | float | str | None = None
+
+    def problems(self) -> list[tuple[str, str]]:
+        if isinstance(self.step, int) and not 0 <= self.step <= MAX_INT32:
+            return [("payload.step", f"{self.step} is out of range; a step lies in 0..{MAX_INT32}")]
+        return []
+
+
+class _Checkpoint(_Payload):
+    uri: str = Field(min_length=1)
+    step: int | None = _Step
+
+
+class _Message(_Payload):
+    level: str = Field("info", max_length=20)
+    text: str | None = None
+
+
+class _Artifact(_Payload):
+    artifact_id: str = Field(min_length=1, max_length=200)
+    uri: str = Field(min_length=1)
+    lineage: str = Field(min_length=1, max_length=200)
+    version: int = Field(ge=1, le=MAX_INT32)
+    kind: str = Field(min_length=1, max_length=50)
+    manifest_hash: str = Field(min_length=1, max_length=80)
+    parents: list[str] = Field(default_factory=list)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class _Failed(_Payload):
+    code: str = Field("error", max_length=100)
+    message: str | None = None
+    field: str | None = Field(None, max_length=200)
+    retryable: bool = True
+
+
+class _Samples(_Payload):
+    samples: list[dict[str, Any]]
+
+
+_PAYLOADS: dict[str, type[_Payload]] = {
+    "heartbeat": _Progress, "metrics": _Metrics, "checkpoint": _Checkpoint, "message": _Message,
+    "samples": _Samples, "artifact": _Artifact, "failed": _Failed,
+}
+
+
+def payload_problems(report: ReportIn) -> list[tuple[str, str]]:
+    """(field, problem) for each payload field of ``report`` that its type needs and that is missing, of the
+    wrong type or out of range, and for strings no database can store; empty when the payload is fine."""
+    unsafe = unsafe_strings(report.payload, "payload")
+    if unsafe:
+        return unsafe
+    try:
+        payload = _PAYLOADS[report.type].model_validate(report.payload)
+    except ValidationError as error:
+        return [(f"payload.{e['loc'][0]}",
+                 f"required for a {report.type} report" if e["type"] == "missing"
+                 else f"{e['msg']} (got {e['input']!r:.80})")
+                for e in error.errors()]
+    return payload.problems() if isinstance(payload, _Metrics) else []
 
 
 class Ok(BaseModel):

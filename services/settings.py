@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import time
 from functools import lru_cache
 from pathlib import Path
 
 from itsdangerous import BadSignature, SignatureExpired, TimestampSigner
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from align.paths import home_dir
+from services.roots import overlap_problems
 
 
 def _under_cwd(*parts: str) -> str:
@@ -26,16 +31,19 @@ class Settings(BaseSettings):
     """Artifact store root: a local path or an fsspec URL (`s3://bucket/prefix`)."""
     work_root: str = Field(default_factory=lambda: _under_cwd(".align", "work"))
     """Checkpoints and logs per stage run, `<work_root>/<job_id>/<stage_run_id>`; shared on clusters."""
-    data_roots: list[str] = Field(default_factory=lambda: [str(Path.cwd())])
-    """Local folders a job's data may be read from."""
-    model_roots: list[str] = Field(default_factory=lambda: [str(Path.cwd())])
-    """Local folders a job's base model may be read from."""
+    data_roots: list[str] = Field(default_factory=lambda: [_under_cwd("data", "{tenant}")])
+    """Local folders a job's data may be read from; `{tenant}` in one stands for the tenant's name (`{tenant_id}`:
+    its id), so each tenant reads its own folder. None may overlap `artifact_root` or `work_root`."""
+    model_roots: list[str] = Field(default_factory=lambda: [_under_cwd("models", "{tenant}")])
+    """Local folders a job's base model may be read from; `{tenant}` and `{tenant_id}` as in `data_roots`."""
     allowed_schemes: list[str] = Field(default_factory=lambda: ["file"])
     """URL schemes allowed for data and model locations."""
     bootstrap_api_key: str | None = None
     """An API key created for tenant `default` at start-up, if set."""
-    report_secret: str = Field(default_factory=lambda: secrets.token_hex(32))
-    """Secret that signs worker report tokens. Set it when more than one API process runs."""
+    report_secret: str | None = None
+    """Secret that signs worker report tokens. Unset: made once, when a token is first signed or checked, and
+    kept in `<state folder>/report_secret` (`$ALIGN_HOME`, else `./.align`; mode 0600), so that a restarted
+    service takes the reports of attempts still running. Set it when API processes do not share that folder."""
     report_token_seconds: float = Field(7 * 24 * 3600.0, gt=0)
     """A report token is refused (401) this long after the dispatcher issued it; a stage attempt that
     runs longer needs a larger value."""
@@ -48,9 +56,17 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     """Attempts per stage run before a retryable failure becomes final."""
     lease_seconds: float = Field(300.0, gt=0)
-    """A running stage run with no report for this long is rescued (Ray job stopped, stage requeued)."""
+    """A running stage run with no report for this long is rescued (Ray job stopped, stage requeued). Workers
+    send heartbeats every `min(5, lease_seconds / 3)` seconds for the whole attempt (starting, waiting for
+    resources, training, evaluating, publishing); the dispatcher renews the lease while Ray prepares the job."""
+    schedule_timeout_seconds: float = Field(1800.0, gt=0)
+    """A stage attempt whose workers wait this long for the CPUs/GPUs it asks for (`resources`) fails for good
+    with `unschedulable`, naming what it asked for and what the cluster has."""
     dispatcher_poll_seconds: float = Field(1.0, gt=0)
     """Pause between dispatcher passes."""
+    dispatcher_max_backoff_seconds: float = Field(30.0, gt=0)
+    """Longest pause between dispatcher passes while the database cannot be reached: the pause doubles from
+    `dispatcher_poll_seconds` up to this, and is back to `dispatcher_poll_seconds` after the first pass that works."""
     worker_python: str | None = None
     """Python interpreter the Ray job runs the worker with (default: `python` on a cluster's PATH, this
     interpreter for a local Ray)."""
@@ -61,6 +77,24 @@ class Settings(BaseSettings):
     (SQLite, or while the LISTEN connection is down)."""
     ready_probe_seconds: float = Field(30.0, ge=0)
     """`/readyz` submits a no-op Ray job to check that jobs can start; a success stands for this long."""
+    max_request_bytes: int = Field(1 << 20, ge=1024)
+    """Largest request body the API reads; a larger one gets 413."""
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    """`align dispatcher` serves its Prometheus metrics on this port (`/metrics`); unset: not served. The API
+    serves its own, the dispatcher's included when it runs one, at `GET /metrics` on `port`."""
+    metrics_host: str = "127.0.0.1"
+    """Address `align dispatcher` serves its metrics on (`0.0.0.0` in a container that Prometheus scrapes)."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI for jobs whose spec has `report_to: [mlflow]` (`http://mlflow:5000`, `databricks`,
+    `sqlite:///...`, `file:///...`); handed to the workers in each attempt's ticket."""
+
+    @model_validator(mode="after")
+    def _roots_apart(self) -> Settings:
+        problems = overlap_problems(self.artifact_root, self.work_root, self.data_roots, self.model_roots)
+        if problems:
+            raise ValueError("the service refuses to start: " + "; ".join(problems) + " (by default jobs read "
+                             "./data/{tenant} and ./models/{tenant}, and artifacts go to ./.align/artifacts)")
+        return self
 
     @model_validator(mode="after")
     def _default_public_url(self) -> Settings:
@@ -69,6 +103,8 @@ class Settings(BaseSettings):
         return self
 
     def _report_signer(self) -> TimestampSigner:
+        if self.report_secret is None:  # read or made here, not at start-up: `align db upgrade` signs nothing
+            self.report_secret = stored_report_secret(home_dir())
         return TimestampSigner(self.report_secret, salt="align.report-token")
 
     def report_token(self, stage_run_id: str, attempt: int) -> str:
@@ -90,6 +126,33 @@ class Settings(BaseSettings):
         if value.decode() != f"{stage_run_id}:{attempt}":
             return "bad report token for this stage run and attempt"
         return None
+
+
+REPORT_SECRET_FILE = "report_secret"
+
+
+def stored_report_secret(state_dir: Path) -> str:
+    """The report secret kept in ``state_dir/report_secret``, made (random, mode 0600) by the first caller.
+
+    The file is created with ``O_EXCL``, so two processes starting together agree on one secret."""
+    path = state_dir / REPORT_SECRET_FILE
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # another process may be between creating the file and writing it
+            secret = path.read_text().strip()
+            if secret:
+                return secret
+            time.sleep(0.01)
+        raise RuntimeError(f"{path} is empty: delete it to make a new report secret, or set "
+                           "ALIGN_REPORT_SECRET") from None
+    secret = secrets.token_hex(32)
+    with os.fdopen(descriptor, "w") as writer:
+        writer.write(secret + "\n")
+        writer.flush()
+        os.fsync(writer.fileno())
+    return secret
 
 
 @lru_cache

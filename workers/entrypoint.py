@@ -3,7 +3,9 @@
 The ticket is the attempt's :class:`~align.stage_launch.StageLaunch` as JSON, read once here.
 
 The dispatcher submits this as a Ray job. It checks the stage's spec and data, tells the service it
-started (a 409 here stops it before any compute), runs the stage on a Ray Train ``TorchTrainer``
+started (a 409 here stops it before any compute), sends heartbeats from a thread for the whole attempt
+(:mod:`workers.liveness`; a worker group that waits for resources past the schedule deadline fails the
+attempt with ``unschedulable``), runs the stage on a Ray Train ``TorchTrainer``
 (one rank per worker, see :mod:`workers.train_func`) and exits 0 once rank 0 has reported the artifact.
 On an error it sends a "failed" report and exits 1; fenced off by the service (or its report token
 expired) it exits 3 silently.
@@ -22,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from align.stage_launch import StageLaunch
+from workers.liveness import Liveness, PlacementWatch
 from workers.report import Fenced, Reporter
 
 logger = logging.getLogger("workers.entrypoint")
@@ -35,6 +38,12 @@ PASSED_ENV = (
     "ALIGN_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "HF_HOME",
     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
 )
+# Ray Train settings this entrypoint starts with unless its environment sets them (Ray Train passes them on
+# from here to its controller and workers). The controller polls the ranks every 0.5 s instead of 2 s, so
+# an attempt ends soon after its ranks do. The preemption watcher, one more actor process per attempt,
+# only logs node drains and records them for ``ray.train.get_preemption_info``, which align never reads:
+# a preempted rank fails the attempt, and the dispatcher retries it from its last checkpoint.
+RAY_TRAIN_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def run_name(launch: StageLaunch) -> str:
@@ -98,12 +107,32 @@ def refuse_ticket(text: str, error: ValidationError) -> int:
 
 
 def run_attempt(launch: StageLaunch, reporter: Reporter) -> None:
-    planned = check_stage(launch.spec, launch.index)
-    reporter.heartbeat(0, planned, force=True)
-    trainer = build_trainer(launch, planned)
-    started = time.perf_counter()
-    trainer.fit()
-    logger.info("%s finished in %.1fs of Ray Train", run_name(launch), time.perf_counter() - started)
+    """Check the stage, then run it on Ray Train; heartbeats go out all along (:mod:`workers.liveness`)."""
+    watch = PlacementWatch(launch, on_timeout=lambda message: unschedulable(launch, message))
+    with Liveness(launch, "starting", watch=watch):
+        planned = check_stage(launch.spec, launch.index)
+        reporter.heartbeat(0, planned, force=True)
+        trainer = build_trainer(launch, planned)
+        started = time.perf_counter()
+        watch.begin()
+        trainer.fit()
+        logger.info("%s finished in %.1fs of Ray Train", run_name(launch), time.perf_counter() - started)
+
+
+def unschedulable(launch: StageLaunch, message: str) -> None:
+    """The worker group waited past the schedule deadline: fail the attempt for good and end this process
+    (and with it the Ray job, its worker group and its placement group)."""
+    assert launch.report is not None and launch.stage_run_id is not None
+    reporter = Reporter(launch.report.url, launch.report.token, launch.stage_run_id, launch.attempt, deadline=30)
+    code = report_failure(reporter, {"code": "unschedulable", "message": message, "field": "resources",
+                                     "retryable": False})
+    reporter.close()
+    # From this (heartbeat) thread, with trainer.fit() still waiting in the main one: no ray.shutdown() here;
+    # Ray ends the job's actors and placement group when it sees its driver gone.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def check_stage(job, index: int) -> int:
@@ -122,6 +151,8 @@ def build_trainer(launch: StageLaunch, planned_steps: int):
 
     from workers.train_func import train_func
 
+    for name, value in RAY_TRAIN_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     if not ray.is_initialized():
         started = time.perf_counter()
         # The cluster the dispatcher pinned (its own local Ray), else RAY_ADDRESS from the job submission.
@@ -166,13 +197,14 @@ def causes(error: BaseException) -> Iterator[BaseException]:
 
 
 def classify(error: BaseException, launch: StageLaunch | None) -> dict[str, Any]:
-    """The "failed" payload: errors in the user's spec, data, model (its chat template included) or
-    checkpoints are not retryable. ``launch`` names a data error's field; None when the ticket's spec
-    did not validate."""
+    """The "failed" payload: errors in the user's spec, data, model (its chat template included), checkpoints
+    or the workers' means to honour ``report_to`` are not retryable. ``launch`` names a data error's field;
+    None when the ticket's spec did not validate."""
     from align.data.load import DataError, TemplateError
     from align.models.load import ModelError
     from align.spec import SpecError
     from align.stages.loop import MissingCheckpoint
+    from align.tracking import TrackingError
 
     found = list(causes(error))
     for cause in found:
@@ -186,6 +218,8 @@ def classify(error: BaseException, launch: StageLaunch | None) -> dict[str, Any]
             return _failure("bad_model", cause, "base_model")
         if isinstance(cause, MissingCheckpoint):
             return _failure("missing_checkpoint", cause, None)
+        if isinstance(cause, TrackingError):
+            return _failure("bad_tracking", cause, "report_to")
     # The worker's own exception says more than the Ray Train errors wrapped around it.
     wrappers = ("worker_failures", "_base_exc", "controller_failure")
     origin = next((c for c in found if not any(hasattr(c, name) for name in wrappers)), error)
@@ -214,5 +248,22 @@ def _data_field(launch: StageLaunch, path: str) -> str:
     return f"stages[{launch.index}].data.{'eval_path' if is_eval else 'path'}"
 
 
+def exit_now(code: int) -> None:
+    """End the process with ``code``: leave Ray as its exit handler would, flush the output, and skip the
+    interpreter's teardown.
+
+    :func:`main` has delivered (or logged) every report by then. Tearing down torch, transformers and
+    Ray's modules took about 2 s more on a 2-core machine, and the attempt counts as ended only when
+    this process has.
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # the cluster learns that the job's driver is gone, as on a normal exit
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

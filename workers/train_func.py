@@ -3,7 +3,8 @@
 Ray Train has already set RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR and
 MASTER_PORT and created the process group; align's ``init_distributed`` wraps that group for
 DeepSpeed. Rank 0 alone talks to the service: metrics, heartbeats, checkpoints, sampled completions
-and the artifact.
+and the artifact, with heartbeats from a thread of its own that say whether it trains, evaluates or
+publishes (:class:`workers.liveness.Liveness`).
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ def train_func(config: dict) -> None:
 
     from align.artifacts import ArtifactStore
     from align.runner import run_stage, stage_context
+    from workers.liveness import Liveness
     from workers.report import Reporter
 
     world_rank = ray.train.get_context().get_world_rank()
     placement = _gather_placement()
-    reporter = None
+    reporter = liveness = None
     if world_rank == 0:
         reporter = Reporter(launch.report.url, launch.report.token, launch.stage_run_id, launch.attempt)
+        liveness = Liveness(launch, "training").start()  # heartbeats while it evaluates and publishes too
     try:
         if reporter is None:
             ctx = stage_context(launch)
@@ -49,11 +52,14 @@ def train_func(config: dict) -> None:
                 reporter.heartbeat(step, total_steps, force=step >= total_steps)
 
             ctx = stage_context(launch, on_metrics=on_metrics, on_samples=reporter.samples,
-                                on_checkpoint=reporter.checkpoint, on_message=reporter.message)
+                                on_checkpoint=reporter.checkpoint, on_message=reporter.message,
+                                on_phase=liveness.set_phase)
         result = run_stage(ctx)
         if reporter is not None:
             reporter.artifact(ArtifactStore(launch.artifact_root), result.artifact)
     finally:
+        if liveness is not None:
+            liveness.stop()
         if reporter is not None:
             reporter.close()  # on an error too: held reports are logged and the HTTP client closed
 

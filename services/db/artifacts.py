@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -11,25 +13,48 @@ from align.spec import JobSpec
 from services.db.events import record_event
 from services.db.models import SUCCEEDED, Artifact, Job, StageRun
 
+logger = logging.getLogger(__name__)
 
-def record_artifact(s: Session, job_id: str, stage_run_id: str, attempt: int, payload: dict) -> None:
-    """Store the artifact an attempt reported (once: a repeated report adds only its message event)."""
-    if s.get(Artifact, payload["artifact_id"]) is None:
+
+def record_artifact(s: Session, job_id: str, stage_run_id: str, attempt: int, payload: dict) -> Artifact:
+    """Store the artifact an attempt reported, once per (stage run, attempt): a repeated report, or a second
+    publish by the same attempt, returns the row already there and adds only its message event."""
+    artifact = artifact_for(s, stage_run_id, attempt) or s.get(Artifact, payload["artifact_id"])
+    if artifact is None:
         tenant_id = s.scalar(select(Job.tenant_id).where(Job.id == job_id))
-        s.add(Artifact(
+        artifact = Artifact(
             id=payload["artifact_id"], tenant_id=tenant_id, job_id=job_id, stage_run_id=stage_run_id,
             attempt=attempt, lineage=payload["lineage"], version=payload["version"], uri=payload["uri"],
             kind=payload["kind"], manifest_hash=payload["manifest_hash"],
             parents=list(payload.get("parents", [])), metrics=dict(payload.get("metrics") or {}),
-        ))
-    text = f"published artifact {payload['artifact_id']}"
-    record_event(s, job_id, "message", {"level": "info", "text": text, "artifact_id": payload["artifact_id"]},
+        )
+        s.add(artifact)
+    elif artifact.id != payload["artifact_id"]:
+        logger.warning("%s attempt %d reported artifact %s after %s; keeping the first", stage_run_id, attempt,
+                       payload["artifact_id"], artifact.id)
+    text = f"published artifact {artifact.id}"
+    record_event(s, job_id, "message", {"level": "info", "text": text, "artifact_id": artifact.id},
                  stage_run_id, attempt)
+    return artifact
 
 
 def artifact_for(s: Session, stage_run_id: str, attempt: int) -> Artifact | None:
     query = select(Artifact).where(Artifact.stage_run_id == stage_run_id, Artifact.attempt == attempt)
     return s.scalars(query.order_by(Artifact.created_at.desc())).first()
+
+
+def artifacts_for(s: Session, runs: list[StageRun]) -> dict[tuple[str, int], Artifact]:
+    """``{(stage run id, attempt): artifact}`` for the current attempt of each run, as :func:`artifact_for`
+    finds them (the newest of an attempt), in one statement."""
+    wanted = {(run.id, run.attempt) for run in runs if run.attempt}
+    if not wanted:
+        return {}
+    query = select(Artifact).where(Artifact.stage_run_id.in_({run_id for run_id, _ in wanted}))
+    found: dict[tuple[str, int], Artifact] = {}
+    for artifact in s.scalars(query.order_by(Artifact.created_at)):
+        if (artifact.stage_run_id, artifact.attempt) in wanted:
+            found[artifact.stage_run_id, artifact.attempt] = artifact  # a newer one replaces an older
+    return found
 
 
 def get_artifact(s: Session, tenant_id: str, artifact_id: str) -> Artifact | None:

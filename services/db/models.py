@@ -24,6 +24,9 @@ PENDING, QUEUED, RUNNING, RETRYING = "pending", "queued", "running", "retrying"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 TERMINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
 STAGE_STATES = (PENDING, QUEUED, RUNNING, RETRYING, *TERMINAL_STATES)
+WAITING_FOR_RESOURCES = "waiting_for_resources"
+PHASES = ("starting", WAITING_FOR_RESOURCES, "training", "evaluating", "publishing")
+"""Phases of a running attempt, reported with its heartbeats."""
 
 
 def utcnow() -> datetime:
@@ -134,6 +137,10 @@ class StageRun(Base):
     checkpoint_step: Mapped[int | None]
     progress_step: Mapped[int | None]
     total_steps: Mapped[int | None]
+    phase: Mapped[str | None] = mapped_column(String(40))
+    """What the running attempt is doing, as its workers last said (:data:`PHASES`); None until one says."""
+    phase_since: Mapped[datetime | None]
+    """When the attempt entered ``phase``."""
     error_code: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_field: Mapped[str | None] = mapped_column(String(200))

@@ -23,9 +23,24 @@ RECONNECT_SECONDS = 5.0
 
 
 def notify_event(s: Session, job_id: str) -> None:
-    """Tell the listeners, when this transaction commits, that ``job_id`` has new events (Postgres only)."""
-    if s.get_bind().dialect.name == "postgresql":
+    """Tell the listeners, when this transaction commits, that ``job_id`` has new events (Postgres only).
+
+    Once per job and transaction (a savepoint counts as its own): Postgres delivers one notification for
+    identical ones sent in a transaction anyway, and each costs a round trip (a new job sends one per stage).
+    """
+    if s.get_bind().dialect.name != "postgresql":
+        return
+    transaction = s.get_nested_transaction() or s.get_transaction()
+    sent = s.info.get(_SENT)
+    if sent is None or sent[0] is not transaction:
+        sent = s.info[_SENT] = (transaction, set())
+    if job_id not in sent[1]:
         s.execute(text("SELECT pg_notify(:channel, :job_id)"), {"channel": CHANNEL, "job_id": job_id})
+        sent[1].add(job_id)
+
+
+_SENT = "align_notified_jobs"
+"""``Session.info`` key: (the transaction, the jobs it has notified)."""
 
 
 def listen_url(engine: Engine) -> str | None:

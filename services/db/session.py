@@ -9,10 +9,14 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+import migrations
+
+MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+"""The top-level ``migrations`` package (Alembic's script location), shipped in the wheel beside ``services``."""
 
 
 class NotMigrated(RuntimeError):
@@ -29,10 +33,49 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def database_unavailable(error: BaseException) -> bool:
+    """True when ``error``, or an error it was raised from, says the database cannot be reached now.
+
+    That is a failed or lost connection, a pool with no connection to give, or an operational error (the
+    server shutting down, SQLite's lock not taken in time): SQLAlchemy's ``OperationalError``,
+    ``InterfaceError``, pool ``TimeoutError``, any ``DBAPIError`` that invalidated its connection, and
+    psycopg's own ``OperationalError`` and ``InterfaceError`` (the LISTEN connection uses psycopg directly).
+    A bad statement or bad data (``ProgrammingError``, ``DataError``, ``IntegrityError``) is not.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
+            return True
+        if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+            return True
+        if type(error).__module__.startswith("psycopg") and isinstance(error, _psycopg_unavailable()):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def error_line(error: BaseException) -> str:
+    """A database error in one line for a log: the driver's message without SQLAlchemy's statement and link."""
+    text = " ".join(str(getattr(error, "orig", None) or error).split())
+    return f"{type(error).__name__}: {text}"[:300]
+
+
+def _psycopg_unavailable() -> tuple[type[BaseException], ...]:
+    import psycopg
+
+    return (psycopg.OperationalError, psycopg.InterfaceError)
+
+
 def make_engine(url: str, **kwargs) -> Engine:
-    """An engine for ``url``. SQLite gets WAL, a busy timeout, foreign keys and write-locking transactions."""
+    """An engine for ``url``. Postgres gets read committed transactions; SQLite WAL, a busy timeout, foreign keys
+    and write-locking transactions."""
     url = normalize_url(url)
     if not url.startswith("sqlite"):
+        # Read committed whatever the server's default_transaction_isolation: the guarded updates and the
+        # idempotent insert read rows other transactions committed after theirs began; under repeatable read
+        # or serializable a race between them would end in a serialization error (a 500) instead.
+        kwargs.setdefault("isolation_level", "READ COMMITTED")
         return create_engine(url, pool_pre_ping=True, **kwargs)
     database = make_url(url).database
     if database and database != ":memory:":

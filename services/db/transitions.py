@@ -65,13 +65,13 @@ def claim_next(s: Session, owner: str, lease_seconds: float) -> StageRun | None:
 
 def claim(s: Session, stage_run_id: str, attempt: int, owner: str, lease_seconds: float) -> bool:
     """From queued to running: attempt + 1, leased to ``owner`` for ``lease_seconds``, with the new attempt's
-    submission id; the earlier attempt's error and progress are cleared (its checkpoint is kept)."""
+    submission id; the earlier attempt's error, progress and phase are cleared (its checkpoint is kept)."""
     now, new_attempt = utcnow(), attempt + 1
     return _move(
         s, stage_run_id, QUEUED, attempt, RUNNING, new_attempt=new_attempt, lease_owner=owner,
         lease_expires_at=now + timedelta(seconds=lease_seconds), started_at=now, finished_at=None,
         submission_id=submission_id_for(stage_run_id, new_attempt), error_code=None, error_message=None,
-        error_field=None, retryable=None, progress_step=None, total_steps=None,
+        error_field=None, retryable=None, progress_step=None, total_steps=None, phase=None, phase_since=None,
     ) is not None
 
 

@@ -12,13 +12,19 @@ from sqlalchemy.exc import SQLAlchemyError
 from services.schemas import Health
 
 router = APIRouter(tags=["health"])
+NOT_READY = {503: {"model": Health, "description": "Not ready"}}
 
+# Load balancers probe with GET or HEAD; a HEAD answer has the status and headers of the GET one, no body.
+
+
+@router.head("/healthz", response_model=Health)
 @router.get("/healthz", response_model=Health)
 def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health, "description": "Not ready"}})
+@router.head("/readyz", response_model=Health, responses=NOT_READY)
+@router.get("/readyz", response_model=Health, responses=NOT_READY)
 def readyz(request: Request) -> JSONResponse:
     """200 when every dependency answers, else 503 naming the one that does not and why."""
     checks = {"database": _check_database(request)}

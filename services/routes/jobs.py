@@ -5,36 +5,52 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, Security, status
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query, Request, Response, Security, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 
 from align.spec import JobSpec, SpecError, parse_spec
 from services import paths
 from services.db import artifacts, events, jobs
-from services.db.models import TERMINAL_STATES
-from services.deps import FieldErrors, SessionDep, SettingsDep, TenantDep
-from services.routes.openapi import API_KEY, NOT_FOUND, PROTECTED
-from services.schemas import JOB_STATUSES, EventPublic, JobPublic, Page, StageMetrics, StageRunPublic
+from services.db.models import TERMINAL_STATES, Tenant
+from services.db.session import database_unavailable
+from services.deps import FieldErrors, SessionDep, SettingsDep, TenantDep, refuse_unknown_query
+from services.routes.openapi import API_KEY, NOT_FOUND, PROTECTED, WITH_BODY
+from services.schemas import (
+    MAX_INT32,
+    EventPublic,
+    JobPublic,
+    JobStatus,
+    Page,
+    SpecCheck,
+    StageMetrics,
+    StageRunPublic,
+)
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Security(API_KEY)], responses=PROTECTED)
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Security(API_KEY), Depends(refuse_unknown_query)],
+                   responses=PROTECTED)
 
 SSE_KEEPALIVE_SECONDS = 15.0
 SSE_BATCH = 500
+JobId = Annotated[str, Path(min_length=1, description="A job id, as `POST /jobs` answered it")]
 _SPEC_SCHEMA = JobSpec.model_json_schema(
     ref_template="#/paths/~1jobs/post/requestBody/content/application~1json/schema/$defs/{model}"
 )
 
 
-def job_public(session, job) -> JobPublic:
-    """A job row with its stages, their artifact ids and the derived status."""
+def job_public(session, job, published: dict | None = None) -> JobPublic:
+    """A job row with its stages, their artifact ids and the derived status; ``published`` is
+    :func:`artifacts.artifacts_for` of its stage runs when the caller has read it already."""
+    if published is None:
+        published = artifacts.artifacts_for(session, job.stage_runs)
     stages = []
     for run in job.stage_runs:
-        artifact = artifacts.artifact_for(session, run.id, run.attempt) if run.attempt else None
+        artifact = published.get((run.id, run.attempt))
         stages.append(StageRunPublic.from_row(run, artifact.id if artifact else None))
     return JobPublic(
         id=job.id,
         name=job.name,
+        tenant=session.get(Tenant, job.tenant_id).name,
         status=jobs.job_status(job),
         spec=job.spec,
         spec_hash=job.spec_hash,
@@ -52,22 +68,8 @@ def _owned_job(session, tenant_id: str, job_id: str):
     return job
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_201_CREATED,
-    response_model=JobPublic,
-    responses={200: {"model": JobPublic, "description": "Replay of an earlier request with the same Idempotency-Key"}},
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _SPEC_SCHEMA}}}},
-)
-def create_job(
-    body: Annotated[dict[str, Any], Body()],
-    session: SessionDep,
-    settings: SettingsDep,
-    tenant: TenantDep,
-    response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-) -> JobPublic:
-    """Check the spec, its locations and its data, then queue the job (201); a replay answers 200."""
+def _checked_spec(body: dict[str, Any], session, settings, tenant) -> JobSpec:
+    """The parsed spec once it validates and its locations, data and artifacts pass; else FieldErrors."""
     try:
         spec = parse_spec(body)
     except SpecError as error:
@@ -77,9 +79,31 @@ def create_job(
         settings,
         lambda artifact_id: artifacts.get_artifact(session, tenant.id, artifact_id),
         base_model_of=lambda artifact: artifacts.artifact_base_model(session, artifact),
+        tenant=tenant,
     )
     if problems:
         raise FieldErrors(problems)
+    return spec
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    responses={200: {"model": JobPublic, "description": "Replay of an earlier request with the same Idempotency-Key"},
+               **WITH_BODY},
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _SPEC_SCHEMA}}}},
+)
+def create_job(
+    body: Annotated[dict[str, Any], Body()],
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
+) -> JobPublic:
+    """Check the spec, its locations and its data, then queue the job (201); a replay answers 200."""
+    spec = _checked_spec(body, session, settings, tenant)
     try:
         job, created = jobs.create_job(
             session, tenant.id, spec, idempotency_key, spec.hash(), max_attempts=settings.max_attempts
@@ -93,35 +117,50 @@ def create_job(
     return job_public(session, job)
 
 
+@router.post(
+    "/validate",
+    response_model=SpecCheck,
+    responses=WITH_BODY,
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _SPEC_SCHEMA}}}},
+)
+def validate_job(body: Annotated[dict[str, Any], Body()], session: SessionDep, settings: SettingsDep,
+                 tenant: TenantDep) -> SpecCheck:
+    """Run every check `POST /jobs` makes on a spec, without queuing a job: 200 with the spec as it would be
+    stored (defaults filled in), or the same 422 `POST /jobs` would answer."""
+    spec = _checked_spec(body, session, settings, tenant)
+    return SpecCheck(spec=spec.model_dump(mode="json"), spec_hash=spec.hash())
+
+
 @router.get("", response_model=Page[JobPublic])
 def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
-    state: Annotated[str | None, Query(description="One of " + ", ".join(JOB_STATUSES))] = None,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    state: Annotated[JobStatus | None, Query(description="Only jobs in this status")] = None,
+    cursor: Annotated[str | None, Query(min_length=1, max_length=40, pattern="^[A-Za-z0-9_]+$",
+                                        description="The `next_cursor` of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Page[JobPublic]:
     """The caller's jobs, newest first."""
-    if state is not None and state not in JOB_STATUSES:
-        raise FieldErrors([("state", f"'{state}' is not a job status; use one of {', '.join(JOB_STATUSES)}")])
     rows, next_cursor = jobs.list_jobs(session, tenant.id, state, cursor, limit)
-    return Page[JobPublic](data=[job_public(session, job) for job in rows], next_cursor=next_cursor)
+    # One read of the artifacts of every listed stage run, not one per run: the dashboard polls this list.
+    published = artifacts.artifacts_for(session, [run for job in rows for run in job.stage_runs])
+    return Page[JobPublic](data=[job_public(session, job, published) for job in rows], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+def get_job(job_id: JobId, session: SessionDep, tenant: TenantDep) -> JobPublic:
     return job_public(session, _owned_job(session, tenant.id, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=NOT_FOUND)
-def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+def cancel_job(job_id: JobId, session: SessionDep, tenant: TenantDep) -> JobPublic:
     """Cancel the job's unfinished stages; a running stage's Ray job is stopped by the dispatcher."""
     _owned_job(session, tenant.id, job_id)
     return job_public(session, jobs.cancel_job(session, tenant.id, job_id))
 
 
 @router.get("/{job_id}/metrics", response_model=list[StageMetrics], responses=NOT_FOUND)
-def job_metrics(job_id: str, session: SessionDep, tenant: TenantDep) -> list[StageMetrics]:
+def job_metrics(job_id: JobId, session: SessionDep, tenant: TenantDep) -> list[StageMetrics]:
     """Metrics records reported by each stage, in stage order."""
     job = _owned_job(session, tenant.id, job_id)
     records = events.metrics(session, job_id)
@@ -138,11 +177,11 @@ def job_metrics(job_id: str, session: SessionDep, tenant: TenantDep) -> list[Sta
                **NOT_FOUND},
 )
 def job_events(
-    job_id: str,
+    job_id: JobId,
     request: Request,
     session: SessionDep,
     tenant: TenantDep,
-    after: Annotated[int | None, Query(ge=0, description="Return events with a larger id")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_INT32, description="Return events with a larger id")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     type: Annotated[str | None, Query(pattern="^(state|message|metrics|samples)$")] = None,
     accept: Annotated[str | None, Header()] = None,
@@ -150,8 +189,7 @@ def job_events(
     """A page of the job's events; with ``Accept: text/event-stream``, a stream that ends with the job."""
     _owned_job(session, tenant.id, job_id)
     if accept and "text/event-stream" in accept:
-        last_event_id = request.headers.get("last-event-id")
-        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+        start = _last_event_id(request.headers.get("last-event-id"), after)
         factory = request.app.state.session_factory
         return EventSourceResponse(_event_stream(request, factory, tenant.id, job_id, start, type))
     rows = events.list_events(session, job_id, after or 0, limit, type)
@@ -159,11 +197,21 @@ def job_events(
     return Page[EventPublic](data=[EventPublic.model_validate(row) for row in rows], next_cursor=next_cursor)
 
 
+def _last_event_id(header: str | None, after: int | None) -> int | None:
+    """Where a resumed stream starts: the ``Last-Event-ID`` an EventSource sends back, else ``after``."""
+    if not header:
+        return after
+    if not (header.isascii() and header.isdigit() and int(header) <= MAX_INT32):
+        raise FieldErrors([("Last-Event-ID", f"{header[:40]!r} is not an event id; send an id this stream gave "
+                                             f"(0..{MAX_INT32}) or leave the header out")])
+    return int(header)
+
+
 async def _event_stream(request: Request, session_factory, tenant_id: str, job_id: str, after, type):
     """SSE frames for new events until the job is terminal and drained.
 
     The stream re-reads the database when Postgres notifies that the job has new events, else every
-    ``sse_poll_seconds`` (see :mod:`services.db.notify`).
+    ``sse_poll_seconds`` (see :mod:`services.db.notify`), also while the database cannot be reached.
     """
 
     def poll(after_id):
@@ -180,7 +228,12 @@ async def _event_stream(request: Request, session_factory, tenant_id: str, job_i
     try:
         while not await request.is_disconnected():
             wake.clear()  # before the read: a notification that comes during it wakes the next wait
-            batch, finished = await run_in_threadpool(poll, after)
+            try:
+                batch, finished = await run_in_threadpool(poll, after)
+            except Exception as error:
+                if not database_unavailable(error):
+                    raise
+                batch, finished = [], False  # the database is away: the stream stays open and reads again
             for event in batch:
                 yield format_sse_event(data_str=event.model_dump_json(), event=event.type, id=str(event.id))
                 after, last_sent = event.id, time.monotonic()

@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, status
 
+from align.json_values import finite_json
 from services.db import reports
 from services.deps import FieldErrors, SessionDep, SettingsDep, bearer_token
-from services.schemas import Ok, ReportIn
+from services.schemas import Ok, ReportIn, payload_problems
 
 # Workers call it with a per-attempt token from their ticket; it is not part of the public API.
 router = APIRouter(prefix="/internal", tags=["internal"], include_in_schema=False)
@@ -32,13 +33,13 @@ def post_report(
         report.stage_run_id, report.attempt, token)
     if refused:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, refused)
-    if report.type == "samples":
-        samples = report.payload.get("samples")
-        if not isinstance(samples, list) or not all(isinstance(sample, dict) for sample in samples):
-            message = "a samples report needs a list of objects (step, prompt, completion, score) here"
-            raise FieldErrors([("payload.samples", message)])
+    problems = payload_problems(report)
+    if problems:
+        raise FieldErrors(problems)
+    # NaN and Infinity (a diverged loss) are kept as the strings "NaN", "Infinity" and "-Infinity".
+    payload = finite_json(report.payload)
     if not reports.apply_report(
-        session, report.stage_run_id, report.attempt, report.type, report.payload, lease_seconds=settings.lease_seconds
+        session, report.stage_run_id, report.attempt, report.type, payload, lease_seconds=settings.lease_seconds
     ):
         raise HTTPException(
             status.HTTP_409_CONFLICT,
