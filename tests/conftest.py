@@ -22,6 +22,11 @@ os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="align-tests-config-")
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--trials", type=int, default=None,
+                     help="Trials of each repeated fault in tests/reliability (default: each test's CI size)")
+
+
 def pytest_report_header(config) -> list[str]:
     """What this machine computes with, at the top of every test log: CPUs differ across machines."""
     from align.precision import hardware_summary, measured_bf16_slowdown, resolve

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import threading
 import time
 
@@ -246,6 +247,8 @@ def test_list_newest_first_with_cursor_and_filter(client, alice, data_dir):
     assert len(client.get("/jobs", params={"state": "queued"}, headers=alice).json()["data"]) == 4
     assert "state" in fields(client.get("/jobs", params={"state": "bogus"}, headers=alice))
     assert "limit" in fields(client.get("/jobs", params={"limit": 0}, headers=alice))
+    for bad in ("job 1", "job/1", "é", "x" * 41):
+        assert "cursor" in fields(client.get("/jobs", params={"cursor": bad}, headers=alice)), bad
 
 
 def test_idempotency_key(client, alice, data_dir):
@@ -389,7 +392,9 @@ def publish_artifact(settings, tmp_path, job_id) -> tuple:
     folder.mkdir()
     (folder / "adapter_config.json").write_text('{"r": 4}')
     (folder / "weights").mkdir()
-    (folder / "weights" / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 64)
+    header = b'{"w": {"dtype": "U8", "shape": [16384], "data_offsets": [0, 16384]}}'
+    (folder / "weights" / "adapter_model.safetensors").write_bytes(
+        struct.pack("<Q", len(header)) + header + bytes(range(256)) * 64)
     store = ArtifactStore(settings.artifact_root)
     published = store.publish(
         folder, lineage="demo-sft", kind="adapter", stage={"type": "sft", "index": 0, "name": "sft"},
@@ -425,12 +430,14 @@ def test_artifacts(client, alice, bob, data_dir, session_factory, settings, tmp_
         assert client.get(f"/artifacts/{published.artifact_id}/files/{bad}", headers=alice).status_code == 404
     stage = client.get(f"/jobs/{job['id']}", headers=alice).json()["stages"][0]
     assert stage["artifact_id"] == published.artifact_id
+    listed = client.get("/jobs", headers=alice).json()["data"]
+    assert [j["stages"][0]["artifact_id"] for j in listed if j["id"] == job["id"]] == [published.artifact_id]
     assert client.get(f"/artifacts/{published.artifact_id}", headers=bob).status_code == 404
     assert client.get(f"/artifacts/{published.artifact_id}/files/adapter_config.json", headers=bob).status_code == 404
-    # Another tenant's artifact does not exist for bob; starting from one's own is refused until supported.
+    # Another tenant's artifact does not exist for bob; alice may start a job from her own policy.
     follow_up = make_spec(data_dir, name="next", base_model=f"artifact:{published.artifact_id}")
     assert "no artifact" in fields(client.post("/jobs", json=follow_up, headers=bob))["base_model"]
-    assert "not supported yet" in fields(client.post("/jobs", json=follow_up, headers=alice))["base_model"]
+    assert submit(client, alice, follow_up)["spec"]["base_model"] == f"artifact:{published.artifact_id}"
 
 
 def report_artifacts(client, session_factory, **kinds: str) -> None:
@@ -453,11 +460,11 @@ def ppo_spec(data_dir, reward_model: str, name: str = "rl") -> dict:
 def test_a_named_reward_model_must_be_one_of_the_callers_reward_models(
     client, alice, bob, data_dir, session_factory
 ):
+    # One artifact per stage attempt: the service keeps the first an attempt reports.
     submit(client, alice, make_spec(data_dir))
-    report_artifacts(
-        client, session_factory,
-        **{"demo.rm-v1-aaaaaaaaaaaa": "reward_model", "demo.sft-v1-bbbbbbbbbbbb": "adapter"},
-    )
+    report_artifacts(client, session_factory, **{"demo.rm-v1-aaaaaaaaaaaa": "reward_model"})
+    submit(client, alice, make_spec(data_dir))
+    report_artifacts(client, session_factory, **{"demo.sft-v1-bbbbbbbbbbbb": "adapter"})
     submit(client, bob, make_spec(data_dir, name="bobs"))
     report_artifacts(client, session_factory, **{"bobs.rm-v1-cccccccccccc": "reward_model"})
 
@@ -483,7 +490,7 @@ def test_a_named_reward_model_must_be_one_of_the_callers_reward_models(
     message = fields(client.post("/jobs", json=with_rm, headers=alice))["stages[2].reward_model"]
     assert message.endswith("or drop reward_model to score with the rm stage before this one")
     # Nothing was queued by the refused requests; the caller's own reward model is accepted.
-    assert [j["name"] for j in client.get("/jobs", headers=alice).json()["data"]] == ["demo"]
+    assert [j["name"] for j in client.get("/jobs", headers=alice).json()["data"]] == ["demo", "demo"]
     job = submit(client, alice, ppo_spec(data_dir, "artifact:demo.rm-v1-aaaaaaaaaaaa"))
     assert job["spec"]["stages"][1]["reward_model"] == "artifact:demo.rm-v1-aaaaaaaaaaaa"
     assert [s["type"] for s in job["stages"]] == ["sft", "ppo"]
@@ -540,7 +547,7 @@ def test_local_base_model_must_be_a_model_folder(client, alice, data_dir, tmp_pa
     spec = make_spec(data_dir, base_model=str(model))
     assert "config.json" in fields(client.post("/jobs", json=spec, headers=alice))["base_model"]
     (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"")
+    (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")  # safetensors: no tensors
     assert client.post("/jobs", json=spec, headers=alice).status_code == 201
 
 

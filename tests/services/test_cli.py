@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import sqlite3
-import threading
 import time
 import warnings
 from datetime import timedelta
@@ -89,9 +88,7 @@ def _own_key_places(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, _migrated_sqlite_template):
-    import socket
-
-    import uvicorn
+    from servers import served
 
     from services.app import create_app
     from services.settings import Settings
@@ -107,20 +104,8 @@ def service(tmp_path_factory, _migrated_sqlite_template):
         work_root=str(root / "work"), data_roots=[str(root / "data")], model_roots=[str(root / "models")],
         bootstrap_api_key=KEY, run_dispatcher=False, report_secret="cli-test-secret",
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the test service did not start"
-        time.sleep(0.05)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", root=root, data=root / "data", models=root / "models",
-                          settings=settings)
-    server.should_exit = True
-    thread.join(10)
+    with served(create_app(settings)) as url:
+        yield SimpleNamespace(url=url, root=root, data=root / "data", models=root / "models", settings=settings)
 
 
 def write_spec(path: Path, data_path: str, base_model: str = "builtin:tiny", name: str = "cli-job") -> Path:
@@ -135,12 +120,10 @@ def test_submit_prints_a_refusal_with_brackets_as_it_is(service, tmp_path, monke
     spec = write_spec(tmp_path / "job.yaml", str(outside / "sft.jsonl"), base_model=str(outside / "model"))
     result = runner.invoke(app, ["submit", str(spec), "--url", service.url])
     assert result.exit_code == 2, result.output
-    assert f"  base_model: '{outside}/model' is outside the allowed folders [{service.models}]; move it under one " \
-           "of them, or add its folder to the service's ALIGN_MODEL_ROOTS (a JSON list of folders) and restart it\n" \
-           in result.output
-    assert f"  stages[0].data.path: '{outside}/sft.jsonl' is outside the allowed folders [{service.data}]; move " \
-           "it under one of them, or add its folder to the service's ALIGN_DATA_ROOTS (a JSON list of folders) " \
-           "and restart it\n" in result.output
+    assert f"  base_model: '{outside}/model': no such model folder in your model folders [{service.models}]; give " \
+           "the full path of one under them (the service's ALIGN_MODEL_ROOTS)\n" in result.output
+    assert f"  stages[0].data.path: '{outside}/sft.jsonl': no such file or folder in your data folders " \
+           f"[{service.data}]; give the full path of one under them (the service's ALIGN_DATA_ROOTS)\n" in result.output
 
 
 def test_validate_prints_a_pattern_whole(tmp_path):
@@ -181,7 +164,7 @@ def test_train_takes_relative_paths_from_the_specs_folder_as_validate_does(tmp_p
     (folder / "data").mkdir(parents=True)
     (folder / "model").mkdir()
     (folder / "model" / "config.json").write_text("{}")
-    (folder / "model" / "model.safetensors").write_bytes(b"")
+    (folder / "model" / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     for name in ("sft.jsonl", "held-out.jsonl"):
         (folder / "data" / name).write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
     spec = folder / "job.yaml"
@@ -204,7 +187,7 @@ def test_validate_renders_the_data_with_the_base_models_chat_template(tmp_path):
     model = tmp_path / "mistral-v0.3"
     style_tokenizer("mistral_v3").save_pretrained(model)  # drops the system turn of a finished conversation
     (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"")
+    (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")  # safetensors: no tensors
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two plus two?"},
                     {"role": "assistant", "content": "Four."}]
     (tmp_path / "sft.jsonl").write_text(json.dumps({"messages": conversation}) + "\n")
@@ -228,7 +211,7 @@ def test_validate_renders_built_in_data_with_a_local_models_template_and_names_u
     tokenizer.chat_template = "{{ raise_exception('this template takes no conversations') }}"
     tokenizer.save_pretrained(model)
     (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"")
+    (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")  # safetensors: no tensors
     spec = write_spec(tmp_path / "job.yaml", "builtin:parity/sft", str(model))
     result = runner.invoke(app, ["validate", str(spec)])
     assert result.exit_code == 2, result.output

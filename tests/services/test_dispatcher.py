@@ -12,9 +12,9 @@ from sqlalchemy import select, update
 
 from align.spec import parse_spec
 from align.stage_launch import StageLaunch
-from services.db import auth, events, jobs, reports, transitions
+from services.db import artifacts, auth, events, jobs, reports, transitions
 from services.db.models import Job, StageRun, utcnow
-from services.dispatcher import REPO_ROOT, Dispatcher, RayJobs
+from services.dispatcher import REPO_ROOT, START_GRACE_SECONDS, Dispatcher, RayJobs
 from services.settings import Settings
 
 STAGES = [
@@ -177,7 +177,9 @@ def test_submits_one_ray_job_per_attempt_with_its_ticket(
         "work_dir": f"/work-root/{job_id}/{run.id}",
         "resume": True,
         "require_checkpoint": False,
-        "report": {"url": "http://127.0.0.1:8321/internal/reports", "token": ticket["report"]["token"]},
+        "report": {"url": "http://127.0.0.1:8321/internal/reports", "token": ticket["report"]["token"],
+                   "heartbeat_seconds": 5.0, "schedule_timeout_seconds": 1800.0},
+        "mlflow_tracking_uri": None,
     }
     assert settings.check_report_token(run.id, 1, ticket["report"]["token"]) is None
     assert settings.check_report_token(run.id, 2, ticket["report"]["token"]) is not None
@@ -306,6 +308,21 @@ def test_ray_success_without_an_artifact_is_retried(dispatcher, session_factory,
     assert [(p["error_code"], p["attempt"]) for p in retry] == [("no_artifact", 1)]
 
 
+def test_an_artifact_recorded_before_the_ray_job_failed_stands(dispatcher, session_factory, tenant_id, ray):
+    """The worker published and reported, then was killed while it shut down: the stage succeeds at attempt 1,
+    with no retry that would publish the same result again."""
+    job_id = new_job(session_factory, tenant_id, STAGES[:1])
+    dispatcher.tick()
+    ticket = ray.ticket()
+    artifact_id = publish(session_factory, ticket, "sft")
+    ray.status[f"align-{ticket['stage_run_id']}-a1"] = "FAILED"
+    dispatcher.tick()
+    assert states(session_factory, job_id) == [("succeeded", 1)]
+    with session_factory() as s:
+        assert artifacts.artifact_for(s, ticket["stage_run_id"], 1).id == artifact_id
+    assert len(ray.submissions) == 1
+
+
 def test_retryable_failure_resumes_from_the_checkpoint(dispatcher, session_factory, tenant_id, ray, settings):
     job_id = new_job(session_factory, tenant_id)
     dispatcher.tick()
@@ -425,12 +442,103 @@ def test_dispatcher_renews_the_lease_while_ray_prepares_the_job(dispatcher, sess
         s.execute(update(StageRun).where(StageRun.id == run_id).values(lease_expires_at=soon))
     dispatcher.tick()
     assert stage_runs(session_factory, job_id)[0].lease_expires_at > utcnow() + timedelta(seconds=50)
+    # Running, but its entrypoint has not reported yet (its imports): still the dispatcher's to renew.
     ray.status[ray.submissions[0]["submission_id"]] = "RUNNING"
     with session_factory.begin() as s:
         s.execute(update(StageRun).where(StageRun.id == run_id).values(lease_expires_at=soon))
     dispatcher.tick()
+    assert stage_runs(session_factory, job_id)[0].lease_expires_at > utcnow() + timedelta(seconds=50)
+    # Once its heartbeats come, they alone renew it.
+    assert report(session_factory, run_id, 1, "heartbeat", {"phase": "starting"})
+    with session_factory.begin() as s:
+        s.execute(update(StageRun).where(StageRun.id == run_id).values(lease_expires_at=soon))
+    dispatcher.tick()
+    assert stage_runs(session_factory, job_id)[0].lease_expires_at == soon
+    # An entrypoint that never reports gets START_GRACE_SECONDS after the claim, no more.
+    with session_factory.begin() as s:
+        s.execute(update(StageRun).where(StageRun.id == run_id).values(
+            phase=None, lease_expires_at=soon, started_at=utcnow() - timedelta(seconds=START_GRACE_SECONDS + 1)))
+    dispatcher.tick()
     assert stage_runs(session_factory, job_id)[0].lease_expires_at == soon
     assert ray.stopped == []
+
+
+def test_heartbeats_set_the_phase_and_say_each_change_once(dispatcher, session_factory, tenant_id, ray):
+    job_id = new_job(session_factory, tenant_id, STAGES[:1])
+    dispatcher.tick()
+    run_id = ray.ticket()["stage_run_id"]
+    assert report(session_factory, run_id, 1, "heartbeat", {"step": 0, "total_steps": 8})
+    assert report(session_factory, run_id, 1, "heartbeat", {"phase": "waiting_for_resources", "detail": "1 GPU"})
+    since = stage_runs(session_factory, job_id)[0].phase_since
+    assert report(session_factory, run_id, 1, "heartbeat", {"phase": "waiting_for_resources"})
+    run = stage_runs(session_factory, job_id)[0]
+    assert (run.phase, run.phase_since, run.progress_step, run.total_steps) == ("waiting_for_resources", since, 0, 8)
+    assert report(session_factory, run_id, 1, "heartbeat", {"phase": "training"})
+    assert report(session_factory, run_id, 1, "heartbeat", {"step": 3, "total_steps": 8})
+    run = stage_runs(session_factory, job_id)[0]
+    assert (run.phase, run.progress_step) == ("training", 3) and run.phase_since > since
+    with session_factory() as s:
+        texts = [e.payload["text"] for e in events.list_events(s, job_id, type="message")]
+    assert texts == ["phase: waiting_for_resources (1 GPU)", "phase: training"]
+
+
+def running_attempt(dispatcher, session_factory, tenant_id, ray) -> tuple[str, str]:
+    """A one-stage job whose first attempt the dispatcher submitted and has seen Ray run."""
+    job_id = new_job(session_factory, tenant_id, STAGES[:1])
+    dispatcher.tick()
+    submission_id = ray.submissions[0]["submission_id"]
+    ray.status[submission_id] = "RUNNING"
+    dispatcher.tick()
+    return job_id, submission_id
+
+
+def test_an_attempt_ray_ran_then_forgot_fails_with_ray_lost_and_is_retried(
+    dispatcher, session_factory, tenant_id, ray
+):
+    """The head restarted without its jobs: the dispatcher that submitted the attempt retries it at once."""
+    job_id, submission_id = running_attempt(dispatcher, session_factory, tenant_id, ray)
+    assert states(session_factory, job_id) == [("running", 1)]
+    del ray.status[submission_id]  # a new head: no such job
+    dispatcher.tick()
+    assert states(session_factory, job_id) == [("running", 2)]
+    assert [s["submission_id"] for s in ray.submissions] == [submission_id, submission_id[:-1] + "2"]
+    with session_factory() as s:
+        retry = [e.payload for e in events.list_events(s, job_id, type="state") if e.payload["to"] == "retrying"]
+    assert [(p["error_code"], p["retryable"]) for p in retry] == [("ray_lost", True)]
+    assert "its head restarted" in retry[0]["error_message"]
+
+
+def test_a_lost_attempt_that_reported_a_retryable_error_is_ray_lost_and_a_final_one_stands(
+    dispatcher, session_factory, tenant_id, ray
+):
+    """As the head goes down its entrypoint may still report what it saw; a failure for good is kept."""
+    job_id, submission_id = running_attempt(dispatcher, session_factory, tenant_id, ray)
+    failed = {"code": "stage_error", "message": "ActorDiedError: the actor died", "retryable": True}
+    assert report(session_factory, ray.ticket()["stage_run_id"], 1, "failed", failed)
+    del ray.status[submission_id]
+    dispatcher.tick()
+    ray.status[submission_id[:-1] + "2"] = "RUNNING"
+    dispatcher.tick()
+    bad = {"code": "bad_data", "message": "row 3", "field": "stages[0].data.path", "retryable": False}
+    assert report(session_factory, ray.ticket()["stage_run_id"], 2, "failed", bad)
+    ray.status.clear()
+    dispatcher.tick()
+    with session_factory() as s:
+        ended = [e.payload for e in events.list_events(s, job_id, type="state")
+                 if e.payload["to"] in ("retrying", "failed")]
+    assert [(p["error_code"], p["attempt"]) for p in ended] == [("ray_lost", 1), ("bad_data", 2)]
+    assert "the worker reported stage_error: ActorDiedError" in ended[0]["error_message"]
+
+
+def test_a_job_another_dispatcher_submitted_is_not_called_lost(settings, session_factory, tenant_id, ray):
+    """Another dispatcher may talk to another cluster: Ray's None there waits for the lease to run out."""
+    job_id = new_job(session_factory, tenant_id, STAGES[:1])
+    Dispatcher(settings, session_factory, ray, owner_id="d1").tick()
+    run_id = ray.ticket()["stage_run_id"]
+    assert report(session_factory, run_id, 1, "heartbeat", {"phase": "training"})
+    ray.status.clear()
+    Dispatcher(settings, session_factory, ray, owner_id="d2").tick()
+    assert states(session_factory, job_id) == [("running", 1)]
 
 
 def test_another_owners_claim_is_left_alone_until_its_lease_expires(

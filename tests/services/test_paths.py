@@ -28,9 +28,10 @@ def spec_with(data_path: str, base_model: str = "builtin:tiny", eval_path: str |
     "location, fragment",
     [
         ("{data}/../outside/x.jsonl", "'..'"),
-        ("{outside}/x.jsonl", "outside the allowed folders"),
-        ("/etc/passwd", "outside the allowed folders"),
-        ("file:///etc/passwd", "outside the allowed folders"),
+        ("{outside}/x.jsonl", "no such file or folder in your data folders"),
+        ("/etc/passwd", "no such file or folder in your data folders"),
+        ("file:///etc/passwd", "no such file or folder in your data folders"),
+        ("{data}/missing.jsonl", "no such file or folder in your data folders"),
         ("http://169.254.169.254/latest/meta-data", "web address"),
         ("https://example.com/data.jsonl", "web address"),
         ("s3://bucket/data.jsonl", "scheme 's3://' is not allowed"),
@@ -46,6 +47,7 @@ def test_refused_locations(roots, location, fragment):
 
 def test_allowed_locations(roots):
     data, _, _ = roots
+    (data / "sft.jsonl").write_text("{}\n")
     assert location_problem(f"{data}/sft.jsonl", [data], ["file"]) is None
     assert location_problem(f"file://{data}/sft.jsonl", [data], ["file"]) is None
     assert location_problem("builtin:parity/sft", [data], ["file"]) is None
@@ -59,7 +61,8 @@ def test_symlink_out_of_a_root_is_refused(roots):
     data, _, outside = roots
     (outside / "secret.jsonl").write_text("{}\n")
     (data / "link.jsonl").symlink_to(outside / "secret.jsonl")
-    assert "outside the allowed folders" in location_problem(str(data / "link.jsonl"), [data], ["file"])
+    assert location_problem(str(data / "link.jsonl"), [data], ["file"]) == location_problem(
+        str(data / "missing.jsonl"), [data], ["file"]).replace("missing.jsonl", "link.jsonl")
 
 
 def test_check_locations_names_each_field(roots):
@@ -69,12 +72,12 @@ def test_check_locations_names_each_field(roots):
     assert set(problems) == {"base_model", "stages[0].data.path", "stages[0].data.eval_path"}
     # A refusal by the roots names the setting that lists them, and the roots themselves.
     assert problems["stages[0].data.path"] == (
-        f"'{outside}/a.jsonl' is outside the allowed folders [{data}]; move it under one of them, or add its "
-        "folder to the service's ALIGN_DATA_ROOTS (a JSON list of folders) and restart it"
+        f"'{outside}/a.jsonl': no such file or folder in your data folders [{data}]; give the full path of one "
+        "under them (the service's ALIGN_DATA_ROOTS)"
     )
     assert problems["base_model"] == (
-        f"'{outside}/model' is outside the allowed folders [{models}]; move it under one of them, or add its "
-        "folder to the service's ALIGN_MODEL_ROOTS (a JSON list of folders) and restart it"
+        f"'{outside}/model': no such model folder in your model folders [{models}]; give the full path of one "
+        "under them (the service's ALIGN_MODEL_ROOTS)"
     )
     web = spec_with("https://example.com/d.jsonl")
     (message,) = dict(check_locations(web, data_roots=[data], model_roots=[models], allowed_schemes=["file"])).values()

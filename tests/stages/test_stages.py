@@ -106,6 +106,29 @@ def test_accumulation_8x1_equals_2x4(small_model, small_data, job_factory, tmp_p
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
 
 
+def test_packed_and_padded_batches_train_alike(small_model, small_data, job_factory, tmp_path):
+    """SFT then DPO with padding-free batches (the default; here also through gradient checkpointing) and
+    with padded ones: the same first-step losses and gradient norms, and losses that stay together."""
+    runs = {}
+    for padding_free, checkpointing in [(True, True), (False, False)]:
+        job = job_factory(
+            small_model,
+            [sft_stage(small_data["sft"], max_steps=3, checkpoint_every=None, padding_free=padding_free),
+             {"type": "dpo", "data": {"path": str(small_data["prefs"])}, "batch_size": 4, "max_steps": 3,
+              "lr": 1e-3, "checkpoint_every": None, "padding_free": padding_free}],
+            deepspeed={"zero_stage": 0, "precision": "fp32", "gradient_checkpointing": checkpointing},
+        )
+        work = tmp_path / f"packed-{padding_free}"
+        run_job(job, work_root=work, artifact_root=str(tmp_path / f"a-{padding_free}"))
+        runs[padding_free] = {stage: [r for r in metrics_of(work, stage) if "loss" in r] for stage in ("sft", "dpo")}
+    for stage in ("sft", "dpo"):
+        packed, padded = runs[True][stage], runs[False][stage]
+        assert packed[0]["loss"] == pytest.approx(padded[0]["loss"], rel=1e-5), stage
+        assert packed[0]["grad_norm"] == pytest.approx(padded[0]["grad_norm"], rel=1e-4), stage
+        assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in padded], rel=2e-3), stage
+    assert runs[True]["dpo"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_resume_reproduces_uninterrupted_run(small_model, small_data, job_factory, tmp_path):
     job = job_factory(small_model, [sft_stage(small_data["sft"], max_steps=7, checkpoint_every=3)],
                       adapter={"type": "lora", "r": 4, "alpha": 8, "dropout": 0.1})
@@ -253,11 +276,11 @@ def test_sft_data_in_a_dpo_stage_names_the_missing_columns(small_model, small_da
         run_job(job, work_root=tmp_path / "work", artifact_root=str(tmp_path / "artifacts"))
 
 
-def test_file_urls_read_as_paths_and_artifact_bases_are_refused(small_model, small_data):
+def test_file_urls_read_as_paths_and_missing_artifact_bases_are_refused(small_model, small_data, tmp_path):
     from align.data.stage_data import resolve_data_path
     from align.models.load import ModelError, resolve_base_model
 
     assert resolve_data_path(f"file://{small_data['sft']}") == small_data["sft"]
     assert resolve_base_model(f"file://{small_model}") == small_model
-    with pytest.raises(ModelError, match="base_model: 'artifact:x-v1-0123456789ab'.*not supported yet"):
-        resolve_base_model("artifact:x-v1-0123456789ab")
+    with pytest.raises(ModelError, match="base_model: 'artifact:x-v1-0123456789ab': no artifact"):
+        resolve_base_model("artifact:x-v1-0123456789ab", artifact_root=str(tmp_path))

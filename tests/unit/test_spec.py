@@ -55,16 +55,34 @@ def test_yaml_and_json_give_the_same_job(tmp_path):
 
 
 def test_spec_hash_is_the_sha256_of_canonical_json():
-    """The hash covers the validated spec, defaults filled, as JSON with sorted keys and no spaces."""
+    """The hash covers the validated spec, defaults filled (but an empty report_to and a stage's default
+    padding_free), as JSON with sorted keys and no spaces."""
     job = parse_spec(base())
     reordered = parse_spec({"stages": [{"data": {"path": "d.jsonl"}, "type": "sft"}], "base_model": "builtin:tiny",
                             "name": "job"})
     assert job.hash() == reordered.hash()
-    canonical = json.dumps(job.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    dumped = job.model_dump(mode="json", exclude={"report_to": True, "stages": {0: {"padding_free"}}})
+    canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     assert canonical.startswith('{"adapter":{"alpha":32.0,"dropout":0.05,"lora_plus_ratio":null,"r":16,')
     assert job.hash() == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
     assert job.hash() != parse_spec(base(name="job2")).hash()
     assert job.hash() != parse_spec(base(adapter={"r": 8})).hash()
+
+
+def test_spec_hash_of_a_spec_without_report_to_is_as_before_report_to_existed():
+    """Jobs stored before ``report_to`` keep their hash: an Idempotency-Key replay of such a request is a replay,
+    not a conflict, and a resumed stage's manifest names the job's stored ``spec_hash``. Pinned values: the
+    hashes of these specs before the field existed."""
+    assert parse_spec(base()).hash() == "sha256:ce191fbcfc481468af43fc8ecb99da366812dd3c26b7179c3a437f0561439e1a"
+    assert load_spec(REPO / "examples" / "tiny-sft-dpo.yaml").hash() == (
+        "sha256:3540a3d46dc349228ccac31ea33f532782fc4cceefba9997724ace8f7ca26144")
+    assert parse_spec(base(report_to="none")).hash() == parse_spec(base()).hash()
+    assert parse_spec(base(report_to="tensorboard")).hash() != parse_spec(base()).hash()
+    assert parse_spec(base(report_to="all")).hash() != parse_spec(base(report_to="mlflow")).hash()
+    # Likewise a stage's padding_free, added later, at its default.
+    unpadded = base()
+    unpadded["stages"][0]["padding_free"] = False
+    assert parse_spec(unpadded).hash() != parse_spec(base()).hash()
 
 
 def test_defaults_are_filled():

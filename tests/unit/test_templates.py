@@ -309,7 +309,7 @@ def test_job_preflight_loads_the_local_tokenizer_and_refuses_its_template(tmp_pa
     model = tmp_path / "mistral"
     style_tokenizer("mistral_v3").save_pretrained(model)
     (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"")
+    (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")  # safetensors: no tensors
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"messages": TURNS}) + "\n" + json.dumps({"messages": [SYSTEM, *TURNS]}) + "\n")
     job = parse_spec({"name": "j", "base_model": str(model), "stages": [{"type": "sft", "data": {"path": str(data)}}]})

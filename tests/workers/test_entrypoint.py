@@ -63,8 +63,13 @@ def test_attempt_reports_progress_and_publishes_a_verified_adapter(uninterrupted
     assert {(r["stage_run_id"], r["attempt"]) for r in receiver.reports} == {("sr_0123abcd", 1)}
 
     heartbeats = receiver.of_type("heartbeat")
-    assert heartbeats[0]["payload"] == {"step": 0, "total_steps": STEPS}
-    assert heartbeats[-1]["payload"] == {"step": STEPS, "total_steps": STEPS}
+    progress = [h["payload"] for h in heartbeats if "step" in h["payload"]]
+    assert progress[0] == {"step": 0, "total_steps": STEPS}
+    assert progress[-1] == {"step": STEPS, "total_steps": STEPS}
+    # Heartbeats from threads of their own, for the whole attempt, say what it does.
+    assert heartbeats[0]["payload"] == {"phase": "starting"}
+    phases = [h["payload"]["phase"] for h in heartbeats if "phase" in h["payload"]]
+    assert phases[0] == "starting" and "training" in phases and phases[-1] == "publishing"
     losses = [r["payload"] for r in receiver.of_type("metrics") if "loss" in r["payload"]]
     assert [m["step"] for m in losses] == list(range(1, STEPS + 1))
     assert all(math.isfinite(m["loss"]) for m in losses)

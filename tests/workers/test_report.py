@@ -43,6 +43,13 @@ def test_samples_go_out_as_one_samples_report(receiver):
     assert sent["payload"] == {"samples": records}
 
 
+def test_non_finite_metrics_go_out_as_strings(receiver):
+    """JSON has no NaN: a diverged loss is sent as "NaN" (httpx refuses to encode the float)."""
+    reporter = reporter_for(receiver)
+    assert reporter.send("metrics", {"step": 4, "loss": float("nan"), "kl": [float("inf"), -float("inf")]})
+    assert receiver.reports[0]["payload"] == {"step": 4, "loss": "NaN", "kl": ["Infinity", "-Infinity"]}
+
+
 def test_a_409_raises_fenced(receiver):
     receiver.fence_when = lambda report: report["type"] == "metrics"
     reporter = reporter_for(receiver)
@@ -79,7 +86,7 @@ def test_reports_the_service_cannot_take_are_held_and_sent_in_order(receiver, ca
 
 
 def test_reports_never_delivered_are_logged_at_close(receiver, caplog):
-    reporter = reporter_for(receiver, retries=0, sleep=lambda _: None)
+    reporter = reporter_for(receiver, retries=0, deadline=0, sleep=lambda _: None)
     receiver.unavailable = 10
     reporter.checkpoint(4, "/work/step-4")
     reporter.message("hello")
