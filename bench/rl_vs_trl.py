@@ -1,10 +1,10 @@
 """align's GRPO/RLOO stage against TRL's ``GRPOTrainer``/``RLOOTrainer``: samples per second, peak memory.
 
-Both sides train the built-in tiny Llama (``builtin:tiny``) with the same LoRA (by default r=8,
-alpha 16, dropout 0, all linear layers) on the built-in parity prompts (``builtin:parity/prompts``), rendered
-with the model's chat template, and score completions with the same reward function
-(``align.task.exact_answer_reward``; TRL gets it wrapped in its reward-function signature). Each
-optimizer step takes ``--prompts`` prompts, samples ``--group`` completions of each (up to
+Both sides train the built-in tiny Llama (``builtin:tiny``; ``--model`` takes another) with the same
+LoRA (by default r=8, alpha 16, dropout 0, all linear layers) on the built-in parity prompts
+(``builtin:parity/prompts``), rendered with the model's chat template, and score completions with the
+same reward function (``align.task.exact_answer_reward``; TRL gets it wrapped in its reward-function
+signature). Each optimizer step takes ``--prompts`` prompts, samples ``--group`` completions of each (up to
 ``--max-new-tokens`` tokens, temperature 1, top-p 1, no top-k), scores them, and makes one
 optimisation pass over them (TRL ``num_iterations=1``, gradient accumulation 1) with the same KL
 coefficient, clip range, learning rate and schedule, optimizer (``torch.optim.AdamW``), precision and
@@ -46,6 +46,7 @@ Run from the repository root:
     .venv/bin/python bench/rl_vs_trl.py --prompts 16 --group 4 --max-new-tokens 32 --steps 20
     .venv/bin/python bench/rl_vs_trl.py --repeats 1          # each side once
     .venv/bin/python bench/rl_vs_trl.py --quick              # 2 timed steps after 1 warm-up, once: a smoke check
+    .venv/bin/python bench/rl_vs_trl.py --json result.json   # also write the result as JSON
 """
 
 from __future__ import annotations
@@ -63,10 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 SEED = 42
-MODEL = "builtin:tiny"
 PROMPTS = "builtin:parity/prompts"
 REWARD = "exact_answer"
-MAX_LENGTH = 128
 CLIP_EPS = 0.2
 LR_SCHEDULER = "cosine"
 GOAL_SPEED = 1.5
@@ -79,14 +78,15 @@ def lora_settings(r: int) -> dict:
 # --- what both sides train on ---------------------------------------------------------------------
 
 
-def job_spec(args: argparse.Namespace, total_steps: int) -> dict:
+def job_spec(args: argparse.Namespace, model: str, total_steps: int) -> dict:
     """The one-stage align job the benchmark runs."""
     return {
         "name": f"bench-{args.algo}",
-        "base_model": MODEL,
+        "base_model": model,
         "adapter": {"type": "lora", **lora_settings(args.lora_r)},
         "deepspeed": {"zero_stage": 0, "precision": args.precision, "gradient_checkpointing": False},
-        "resources": {"num_workers": 1, "cpus_per_worker": args.threads},
+        "resources": {"num_workers": 1, "cpus_per_worker": args.threads,
+                      "gpus_per_worker": 1 if args.device == "cuda" else 0},
         "stages": [
             {
                 "type": args.algo,
@@ -96,7 +96,7 @@ def job_spec(args: argparse.Namespace, total_steps: int) -> dict:
                 "batch_size": args.prompts,
                 "gradient_accumulation_steps": 1,
                 "max_new_tokens": args.max_new_tokens,
-                "max_length": MAX_LENGTH,
+                "max_length": args.max_length,
                 "temperature": 1.0,
                 "top_p": 1.0,
                 "clip_eps": CLIP_EPS,
@@ -235,7 +235,7 @@ def run_trl(config: dict) -> dict:
         "mask_truncated_completions": False,
         "log_completions": False,
         "report_to": "none",
-        "use_cpu": True,
+        "use_cpu": not torch.cuda.is_available(),
         "dataloader_num_workers": 0,
         "logging_steps": 1,
         "save_strategy": "no",
@@ -311,51 +311,21 @@ def run_side(side: str, config: dict, work: Path) -> dict:
     return harness.run_side(__file__, side, config, work, config["threads"])
 
 
-def child_main(side: str, config_file: str, result_file: str) -> None:
-    config = json.loads(Path(config_file).read_text())
-    result = (run_align if side == "align" else run_trl)(config)
-    Path(result_file).write_text(json.dumps(result))
-
-
 # --- the comparison -------------------------------------------------------------------------------
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--algo", choices=["grpo", "rloo"], default="grpo", help="align stage and TRL trainer")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="precision on both sides")
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step")
-    parser.add_argument("--group", type=int, default=8, help="completions sampled per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="most tokens generated per completion")
-    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps (after the warm-up)")
-    parser.add_argument("--warmup", type=int, default=3, help="steps run first and left out of the timing")
-    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha is twice the rank)")
-    parser.add_argument("--kl-coef", type=float, default=0.04, help="KL coefficient (TRL's beta)")
-    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (cosine decay, no warm-up)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads on each side")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating; the fastest counts")
-    parser.add_argument("--quick", action="store_true", help="2 timed steps after 1 warm-up, once")
-    parser.add_argument("--only", choices=["align", "trl"], help="run one side only")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, metrics); print its path")
-    args = parser.parse_args()
-    if args.quick:
-        args.steps, args.warmup, args.repeats = 2, 1, 1
-    if args.warmup < 1 or args.steps < 1:
-        parser.error("--warmup and --steps must be at least 1")
-    if args.group < 2 or min(args.prompts, args.max_new_tokens, args.threads, args.repeats) < 1:
-        parser.error("--group must be at least 2; --prompts, --max-new-tokens, --threads, --repeats at least 1")
-    if args.max_new_tokens >= MAX_LENGTH:
-        parser.error(f"--max-new-tokens must be below {MAX_LENGTH}")
-
+def compare(args: argparse.Namespace) -> dict:
+    """Run the sides ``args.sides`` asks for, ``args.repeats`` times each, and return the result (what
+    ``--json`` writes): the fastest run of each side, every run's samples/s, and the ratios."""
     os.environ.update({k: v for k, v in harness.child_environment(args.threads).items() if k != "PYTHONPATH"})
     sys.path.insert(0, str(REPO))
-    from align.tiny import build_tiny
+    from train_vs_trl import model_folder
 
     total = args.warmup + args.steps
     samples_per_step = args.prompts * args.group
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.algo}-"))
-    folder = Path(build_tiny())
-    spec = job_spec(args, total)
+    model, folder = model_folder(args.model)
+    spec = job_spec(args, model, total)
     plan = prompt_plan(spec)
     (work / "plan.json").write_text(json.dumps(plan))
     timed_samples = samples_per_step * args.steps
@@ -369,7 +339,7 @@ def main() -> int:
     runs: dict[str, list[dict]] = {}
     for repeat in range(args.repeats):
         for side in ("trl", "align"):
-            if args.only in (None, side):
+            if side in args.sides:
                 side_work = work / f"{side}-{repeat}"
                 side_work.mkdir()
                 started = time.perf_counter()
@@ -377,63 +347,136 @@ def main() -> int:
                 result["wall_s"] = time.perf_counter() - started
                 result["samples_per_s"] = timed_samples / result["seconds"]
                 result["tokens_per_s"] = result["completion_tokens"] / result["seconds"]
+                result["working_set_mib"] = result["peak_rss_mib"] - result["rss_before_training_mib"]
                 runs.setdefault(side, []).append(result)
     load_after = os.getloadavg()[0]
-    results = {side: max(side_runs, key=lambda r: r["samples_per_s"]) for side, side_runs in runs.items()}
-
-    import trl
-
-    lora = lora_settings(args.lora_r)
-    trainer_name = "GRPOTrainer" if args.algo == "grpo" else "RLOOTrainer"
-    print(
-        f"\n{args.algo.upper()} vs TRL {trainer_name}, {args.precision}; model {MODEL}; LoRA r={lora['r']} "
-        f"alpha={lora['alpha']:g} all-linear; {args.prompts} prompts x {args.group} samples/step, "
-        f"{args.max_new_tokens} new tokens max; KL coef {args.kl_coef:g}; {args.steps} timed steps after "
-        f"{args.warmup} warm-up; {args.threads} threads"
-    )
-    print(f"data: {plan['prompts']} prompts ({PROMPTS}); reward {REWARD}; timed steps hold {timed_samples} samples\n")
-    print(harness.machine())
-    names = {"trl": f"TRL {trl.__version__}", "align": "align"}
-    print(f"{'':<12}{'samples/s':>10}{'tokens/s':>10}{'peak RSS MiB':>14}{'len/sample':>12}{'reward':>8}{'run s':>8}")
-    for side, result in results.items():
-        print(
-            f"{names[side]:<12}{result['samples_per_s']:>10.2f}{result['tokens_per_s']:>10.1f}"
-            f"{result['peak_rss_mib']:>14,.0f}{result['completion_tokens'] / timed_samples:>12.2f}"
-            f"{result['reward_mean']:>8.3f}{result['wall_s']:>8.1f}"
-        )
-    if len(results) == 2:
-        speed = results["align"]["samples_per_s"] / results["trl"]["samples_per_s"]
-        tokens = results["align"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
-        memory = results["align"]["peak_rss_mib"] / results["trl"]["peak_rss_mib"]
-        print(f"{'align/TRL':<12}{speed:>9.2f}x{tokens:>9.2f}x{memory:>13.2f}x")
-        print(f"\ngoal: >= {GOAL_SPEED:.1f}x TRL samples/s ({'met' if speed >= GOAL_SPEED else 'not met'})")
-    print("tokens/s counts generated completion tokens (EOS included); reward is the mean over the timed steps")
-    if args.repeats > 1:
-        for side, side_runs in runs.items():
-            listed = ", ".join(f"{r['samples_per_s']:.2f}" for r in side_runs)
-            print(f"{names[side]} samples/s of each run (the fastest is shown above): {listed}")
-    print(f"load average (1 min) before / after: {load_before:.2f} / {load_after:.2f} on {os.cpu_count()} CPUs")
-    if "trl" in results:
-        trl_result = results["trl"]
-        if trl_result["generation_calls"] != total or trl_result["steps_with_other_prompts"]:
-            print(
-                f"warning: TRL generated {trl_result['generation_calls']} times for {total} steps; "
-                f"{trl_result['steps_with_other_prompts']} steps held prompts other than align's"
-            )
-    if "align" in results:
-        own = results["align"]["own_samples_per_s"]
-        print(f"align's own samples_per_s over the timed steps (mean of per-step readings): {sum(own) / len(own):.2f}")
+    sides = {side: max(side_runs, key=lambda r: r["samples_per_s"]) for side, side_runs in runs.items()}
+    ratios = {}
+    if len(sides) == 2:
+        align_side, trl_side = sides["align"], sides["trl"]
+        ratios = {
+            key: align_side[field] / trl_side[field]
+            for key, field in (("speed", "samples_per_s"), ("tokens", "tokens_per_s"), ("peak_rss", "peak_rss_mib"),
+                               ("working_set", "working_set_mib"), ("peak_gpu", "peak_gpu_mib"))
+            if align_side.get(field) and trl_side.get(field)
+        }
     if args.keep:
         print(f"work folder: {work}")
     else:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+    import torch
+    import trl
+
+    return {
+        "algo": args.algo, "model": args.model, "model_folder": str(folder), "machine": harness.machine(),
+        "torch": torch.__version__, "trl": trl.__version__,
+        "settings": {"prompts": args.prompts, "group": args.group, "max_new_tokens": args.max_new_tokens,
+                     "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup,
+                     "precision": args.precision, "threads": args.threads, "lora": lora_settings(args.lora_r),
+                     "kl_coef": args.kl_coef, "lr": args.lr, "repeats": args.repeats},
+        "data": {"prompts": plan["prompts"], "timed_samples": timed_samples},
+        "sides": sides, "runs": {side: [r["samples_per_s"] for r in side_runs] for side, side_runs in runs.items()},
+        "ratios": ratios, "goal": {"speed": GOAL_SPEED}, "load_average": [load_before, load_after],
+        "steps_total": total,
+    }
+
+
+def report(result: dict) -> None:
+    settings, timed_samples = result["settings"], result["data"]["timed_samples"]
+    lora = settings["lora"]
+    trainer_name = "GRPOTrainer" if result["algo"] == "grpo" else "RLOOTrainer"
+    print(
+        f"\n{result['algo'].upper()} vs TRL {trainer_name}, {settings['precision']}; model {result['model']}; "
+        f"LoRA r={lora['r']} alpha={lora['alpha']:g} all-linear; {settings['prompts']} prompts x "
+        f"{settings['group']} samples/step, {settings['max_new_tokens']} new tokens max; KL coef "
+        f"{settings['kl_coef']:g}; {settings['steps']} timed steps after {settings['warmup']} warm-up; "
+        f"{settings['threads']} threads"
+    )
+    print(f"data: {result['data']['prompts']} prompts ({PROMPTS}); reward {REWARD}; timed steps hold "
+          f"{timed_samples} samples\n")
+    print(result["machine"])
+    names = {"trl": f"TRL {result['trl']}", "align": "align"}
+    print(f"{'':<12}{'samples/s':>10}{'tokens/s':>10}{'peak RSS MiB':>14}{'len/sample':>12}{'reward':>8}{'run s':>8}")
+    for side, side_result in result["sides"].items():
+        print(
+            f"{names[side]:<12}{side_result['samples_per_s']:>10.2f}{side_result['tokens_per_s']:>10.1f}"
+            f"{side_result['peak_rss_mib']:>14,.0f}{side_result['completion_tokens'] / timed_samples:>12.2f}"
+            f"{side_result['reward_mean']:>8.3f}{side_result['wall_s']:>8.1f}"
+        )
+    ratios = result["ratios"]
+    if ratios:
+        print(f"{'align/TRL':<12}{ratios['speed']:>9.2f}x{ratios['tokens']:>9.2f}x{ratios['peak_rss']:>13.2f}x")
+        met = "met" if ratios["speed"] >= GOAL_SPEED else "not met"
+        print(f"\ngoal: >= {GOAL_SPEED:.1f}x TRL samples/s ({met})")
+    print("tokens/s counts generated completion tokens (EOS included); reward is the mean over the timed steps")
+    if settings["repeats"] > 1:
+        for side, listed in result["runs"].items():
+            print(f"{names[side]} samples/s of each run (the fastest is shown above): "
+                  f"{', '.join(f'{x:.2f}' for x in listed)}")
+    before, after = result["load_average"]
+    print(f"load average (1 min) before / after: {before:.2f} / {after:.2f} on {os.cpu_count()} CPUs")
+    if "trl" in result["sides"]:
+        trl_result, total = result["sides"]["trl"], result["steps_total"]
+        if trl_result["generation_calls"] != total or trl_result["steps_with_other_prompts"]:
+            print(
+                f"warning: TRL generated {trl_result['generation_calls']} times for {total} steps; "
+                f"{trl_result['steps_with_other_prompts']} steps held prompts other than align's"
+            )
+    if "align" in result["sides"]:
+        own = result["sides"]["align"]["own_samples_per_s"]
+        print(f"align's own samples_per_s over the timed steps (mean of per-step readings): {sum(own) / len(own):.2f}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--algo", choices=["grpo", "rloo"], default="grpo", help="align stage and TRL trainer")
+    parser.add_argument("--model", default="builtin:tiny",
+                        help="builtin:tiny, a size of bench/train_vs_trl.py (small, 1b), or a model folder")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="precision on both sides")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step")
+    parser.add_argument("--group", type=int, default=8, help="completions sampled per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="most tokens generated per completion")
+    parser.add_argument("--max-length", type=int, default=128, help="longest prompt plus completion")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps run first and left out of the timing")
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha is twice the rank)")
+    parser.add_argument("--kl-coef", type=float, default=0.04, help="KL coefficient (TRL's beta)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (cosine decay, no warm-up)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on each side")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating; the fastest counts")
+    parser.add_argument("--quick", action="store_true", help="2 timed steps after 1 warm-up, once")
+    parser.add_argument("--only", choices=["align", "trl"], help="run one side only")
+    parser.add_argument("--json", type=Path, help="also write the result to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, metrics); print its path")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.repeats = 2, 1, 1
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1")
+    if args.group < 2 or min(args.prompts, args.max_new_tokens, args.threads, args.repeats) < 1:
+        parser.error("--group must be at least 2; --prompts, --max-new-tokens, --threads, --repeats at least 1")
+    if args.max_new_tokens >= args.max_length:
+        parser.error(f"--max-new-tokens must be below --max-length ({args.max_length})")
+    args.sides = [args.only] if args.only else ["trl", "align"]
+    import torch
+
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    result = compare(args)
+    report(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        child_main(*sys.argv[2:])
+        harness.child_main({"align": run_align, "trl": run_trl})
     else:
         sys.exit(main())
