@@ -65,7 +65,7 @@ def export_artifact(
         raise ExportError(str(error)) from None
     if kind == REWARD_MODEL_KIND:
         raise ExportError(f"artifact {manifest.get('artifact_id', folder)} is a reward model; export exports "
-                          "policies (an sft, dpo, ppo, grpo or rloo stage's artifact)")
+                          "policies (an sft, dpo, orpo, simpo, ppo, grpo or rloo stage's artifact)")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ExportError(f"{dest} is not empty; give a new or empty folder")
     staging = dest.parent / f".{dest.name}.partial"

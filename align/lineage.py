@@ -2,7 +2,7 @@
 
 One rule for the local runner and the service alike:
 
-- the start policy is the artifact of the latest policy stage (sft, dpo, ppo, grpo, rloo) before the
+- the start policy is the artifact of the latest policy stage (sft, dpo, orpo, simpo, ppo, grpo, rloo) before the
   stage that published one; before any, the policy another job published that ``base_model:
   artifact:<id>`` names (an adapter is continued; full weights are the base a new adapter trains on), and
   none for a job on a plain base model;
@@ -93,8 +93,8 @@ def start_artifact_problem(artifact_id: str, kind: str, adapter_type: str) -> st
     """Why the artifact ``artifact_id``, of ``kind``, cannot be the ``base_model`` of a job whose adapter is
     ``adapter_type``; None when it can."""
     if kind not in POLICY_KINDS:
-        return (f"'{artifact_id}' is an artifact of kind '{kind}', not a policy; give artifact:<id> of an "
-                f"artifact an sft, dpo, ppo, grpo or rloo stage published (kind {' or '.join(POLICY_KINDS)})")
+        return (f"'{artifact_id}' is an artifact of kind '{kind}', not a policy; give artifact:<id> of an artifact "
+                f"an sft, dpo, orpo, simpo, ppo, grpo or rloo stage published (kind {' or '.join(POLICY_KINDS)})")
     if kind == "adapter" and adapter_type == "full":
         return (f"'{artifact_id}' is an adapter and this job sets adapter.type 'full'; set adapter.type to "
                 "'lora' or 'dora' to continue the adapter, or export the merged model (align export --merge) "

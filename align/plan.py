@@ -29,7 +29,10 @@ from align.plan_memory import (
     model_state_bytes,
     weight_bytes,
 )
-from align.spec import MODEL_REWARD, POLICY_STAGE_TYPES, JobSpec
+from align.spec import MODEL_REWARD, PAIR_STAGE_TYPES, POLICY_STAGE_TYPES, JobSpec
+
+REFERENCE_FREE = ("orpo", "simpo")
+"""Pair stages that hold no reference model."""
 
 TRAIN_FLOPS_PER_PARAMETER = 6
 """Forward 2 and backward 4 flops per parameter and token (Kaplan et al. 2020); 8 with recomputation."""
@@ -217,7 +220,7 @@ def _residents(job: JobSpec, index: int, shape: ModelShape, dtype_bytes: int) ->
     if stage.type == "rm":
         return _model("reward model", shape, job, "score", dtype_bytes, "reward model", trains=True)
     held = _model("policy", shape, job, "lm", dtype_bytes, "policy", trains=True)
-    live_reference = stage.type != "dpo" or stage.reference == "live"
+    live_reference = stage.reference == "live" if stage.type == "dpo" else stage.type not in REFERENCE_FREE
     if _continues_adapter(job, index) and live_reference:
         held.append(_adapter_copy("reference adapter", shape, job, "lm", dtype_bytes, "policy"))
     if stage.type == "ppo":
@@ -240,9 +243,11 @@ def _work(job: JobSpec, index: int) -> _Work:
         return _Work((_Train((Pass(batch, length, length, scored),)),))
     if stage.type == "rm":
         return _Work((_Train((Pass(2 * batch, length, length, 0),), head="score"),))
-    if stage.type == "dpo":
+    if stage.type in PAIR_STAGE_TYPES:
         scored = 2 * batch * (length - 1) if stage.padding_free else 2 * batch * length
         pairs = Pass(2 * batch, length, length, scored)
+        if stage.type in REFERENCE_FREE:
+            return _Work((_Train((pairs,)),), notes=("no reference model",))
         live = stage.reference == "live" and job.adapter.type != "full"
         note = () if live else ("reference log-probs computed once before training (a table), no reference pass "
                                 "per step",)

@@ -17,7 +17,8 @@ from pathlib import Path
 from align.data import load
 from align.spec import JobSpec
 
-DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompt", "grpo": "prompt", "rloo": "prompt"}
+DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "orpo": "preference", "simpo": "preference",
+             "ppo": "prompt", "grpo": "prompt", "rloo": "prompt"}
 TEMPLATE_SAMPLE_ROWS = 8
 """Rows rendered per file by the chat-template check: the first ones, plus the first row with a system
 turn and the first with several assistant turns among the first ``TEMPLATE_SCAN_ROWS``."""

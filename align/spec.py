@@ -26,21 +26,25 @@ from align.spec_parts import AdapterSpec, DataSpec, DeepSpeedSpec, QuantizationS
 from align.spec_stages import (
     MODEL_REWARD,
     ONLINE_STAGE_TYPES,
+    PAIR_STAGE_TYPES,
     POLICY_STAGE_TYPES,
     STAGE_TYPES,
     DPOStage,
     GRPOStage,
+    ORPOStage,
     PPOStage,
     RewardChoice,
     RewardModelStage,
     RewardName,
     SFTStage,
+    SimPOStage,
     StageSpec,
 )
 
 __all__ = [
     "MODEL_REWARD",
     "ONLINE_STAGE_TYPES",
+    "PAIR_STAGE_TYPES",
     "POLICY_STAGE_TYPES",
     "PRECISION_SUMMARY_PREFIX",
     "REPORT_TARGETS",
@@ -51,6 +55,7 @@ __all__ = [
     "DeepSpeedSpec",
     "GRPOStage",
     "JobSpec",
+    "ORPOStage",
     "PPOStage",
     "QuantizationSpec",
     "ResourcesSpec",
@@ -58,6 +63,7 @@ __all__ = [
     "RewardModelStage",
     "RewardName",
     "SFTStage",
+    "SimPOStage",
     "SpecError",
     "StageSpec",
     "load_spec",
@@ -81,7 +87,7 @@ class JobSpec(SpecModel):
     """Job name: lower-case letters, digits, `.`, `_`, `-`. Names the artifact lineages."""
     base_model: str
     """`builtin:tiny`, a local Hugging Face model folder (safetensors), or `artifact:<id>`: a policy another
-    of your jobs published (an sft, dpo, ppo, grpo or rloo stage's artifact, not a reward model). The first
+    of your jobs published (an sft, dpo, orpo, simpo, ppo, grpo or rloo stage's artifact, not a reward model). The first
     stage then starts from that policy: an adapter is continued (on the base model it names, with its own
     rank and targets; `adapter.type` must not be `full`), full weights become the base a new adapter or
     full fine-tuning trains. DPO's reference is that policy, and the first stage's artifact lists it as

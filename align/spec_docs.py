@@ -20,6 +20,8 @@ SECTIONS = [
     ("Stage `sft`", spec.SFTStage),
     ("Stage `rm`", spec.RewardModelStage),
     ("Stage `dpo`", spec.DPOStage),
+    ("Stage `orpo`", spec.ORPOStage),
+    ("Stage `simpo`", spec.SimPOStage),
     ("Stage `ppo`", spec.PPOStage),
     ("Stage `grpo` / `rloo`", spec.GRPOStage),
 ]

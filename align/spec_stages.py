@@ -1,5 +1,5 @@
-"""The stages of a job spec: SFT, reward model and DPO train on fixed rows; PPO, GRPO and RLOO sample
-from the policy while they train.
+"""The stages of a job spec: SFT, reward model, DPO, ORPO and SimPO train on fixed rows; PPO, GRPO and
+RLOO sample from the policy while they train.
 
 ``StageSpec`` is the union a job's ``stages`` list holds, told apart by each stage's ``type``.
 """
@@ -12,11 +12,13 @@ from pydantic import Field, model_validator
 
 from align.spec_parts import MAX_STEPS, MAX_TOKENS, DataSpec, SpecModel
 
-STAGE_TYPES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo")
-POLICY_STAGE_TYPES = ("sft", "dpo", "ppo", "grpo", "rloo")
+STAGE_TYPES = ("sft", "rm", "dpo", "orpo", "simpo", "ppo", "grpo", "rloo")
+POLICY_STAGE_TYPES = ("sft", "dpo", "orpo", "simpo", "ppo", "grpo", "rloo")
 """Stages that leave a policy: the next stage starts from the latest of them."""
 ONLINE_STAGE_TYPES = ("ppo", "grpo", "rloo")
 """Stages that sample from the policy while they train."""
+PAIR_STAGE_TYPES = ("dpo", "orpo", "simpo")
+"""Policy stages that train on preference pairs."""
 RewardName = Literal["exact_answer"]
 """Reward functions a stage may name; ``align.rewards.REWARDS`` maps each to its function."""
 MODEL_REWARD = "model"
@@ -45,7 +47,7 @@ class _StageBase(SpecModel):
     weight_decay: float = Field(0.0, ge=0.0, le=10.0)
     """AdamW decoupled weight decay."""
     batch_size: int = Field(8, ge=1, le=65_536)
-    """Rows per micro-batch on each worker (pairs for rm and dpo)."""
+    """Rows per micro-batch on each worker (pairs for rm, dpo, orpo and simpo)."""
     gradient_accumulation_steps: int = Field(1, ge=1, le=65_536)
     """Micro-batches per optimizer step. Global batch = batch_size x gradient_accumulation_steps x num_workers."""
     max_length: int = Field(512, ge=8, le=MAX_TOKENS)
@@ -89,7 +91,22 @@ class RewardModelStage(_StageBase):
     """Peak learning rate."""
 
 
-class DPOStage(_StageBase):
+class _PairStage(_StageBase):
+    """What the policy stages that train on preference pairs share."""
+
+    max_prompt_length: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    """Longest prompt; longer prompts lose their start."""
+    lr: float = Field(5e-5, gt=0, le=1.0)
+    """Peak learning rate."""
+    padding_free: bool = True
+    """Pack each micro-batch's sequences end to end in one row, with no padding: attention stays within
+    each sequence and only the scored positions are projected to the vocabulary. A pair's prompt is
+    encoded once for both replies (prefix sharing). `false` pads every sequence to the longest of its
+    micro-batch. Models whose attention cannot switch (anything not on transformers' `sdpa`) are
+    padded either way, with a message."""
+
+
+class DPOStage(_PairStage):
     """Direct Preference Optimization against the frozen starting policy."""
 
     type: Literal["dpo"]
@@ -115,16 +132,6 @@ class DPOStage(_StageBase):
     over all chosen tokens of a batch instead, so longer responses weigh more and batch values differ."""
     reference: Literal["live", "precomputed"] = "live"
     """Reference log-probs computed beside each step (`live`) or once before training (`precomputed`)."""
-    max_prompt_length: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    """Longest prompt; longer prompts lose their start."""
-    lr: float = Field(5e-5, gt=0, le=1.0)
-    """Peak learning rate."""
-    padding_free: bool = True
-    """Pack each micro-batch's sequences end to end in one row, with no padding: attention stays within
-    each sequence and only the scored positions are projected to the vocabulary. A pair's prompt is
-    encoded once for both replies (prefix sharing). `false` pads every sequence to the longest of its
-    micro-batch. Models whose attention cannot switch (anything not on transformers' `sdpa`) are
-    padded either way, with a message."""
 
     @model_validator(mode="after")
     def _smoothing_fits_loss(self) -> DPOStage:
@@ -134,6 +141,34 @@ class DPOStage(_StageBase):
                 f"not '{self.loss}': set label_smoothing to 0 or change the loss"
             )
         return self
+
+
+class ORPOStage(_PairStage):
+    """Odds-ratio preference optimisation (Hong et al. 2024): the chosen response's NLL plus a penalty
+    on the log odds ratio of chosen to rejected, with no reference model."""
+
+    type: Literal["orpo"]
+    """`orpo`."""
+    beta: float = Field(0.1, gt=0, le=1e6)
+    """Weight λ of the odds-ratio term beside the NLL (TRL's `ORPOConfig.beta`)."""
+
+
+class SimPOStage(_PairStage):
+    """Simple preference optimisation (Meng et al. 2024): a margin loss on length-normalised
+    log-likelihoods, with no reference model."""
+
+    type: Literal["simpo"]
+    """`simpo`."""
+    beta: float = Field(2.0, gt=0, le=1e6)
+    """Reward scale β: the reward of a response is β times its mean log-probability per token (the paper
+    uses 2 to 10)."""
+    gamma: float = Field(0.5, ge=0.0, le=1e6)
+    """Target reward margin γ between chosen and rejected, in reward units (TRL's `simpo_gamma`)."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Assumed fraction ε of flipped labels: `-(1-ε)·log σ(m) - ε·log σ(-m)`."""
+    sft_weight: float = Field(0.0, ge=0.0, le=1e6)
+    """Weight of an added per-token NLL on the chosen responses (CPO-SimPO; TRL's `cpo_alpha`, which
+    defaults to 1 there). 0 is plain SimPO."""
 
 
 class _OnlineStage(_StageBase):
@@ -250,4 +285,6 @@ class PPOStage(_OnlineStage):
     """Completions sampled per held-out prompt when evaluating the mean reward."""
 
 
-StageSpec = Annotated[SFTStage | RewardModelStage | DPOStage | PPOStage | GRPOStage, Field(discriminator="type")]
+StageSpec = Annotated[
+    SFTStage | RewardModelStage | DPOStage | ORPOStage | SimPOStage | PPOStage | GRPOStage, Field(discriminator="type")
+]

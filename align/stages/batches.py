@@ -44,6 +44,21 @@ def preference_batch(pairs: list[dict[str, Any]], pad_id: int, packed: bool) -> 
     return pack_preference(pairs) if packed else collate_preference(pairs, pad_id)
 
 
+def held_out_pair_batches(pairs: list[dict[str, Any]], rank, batch_size: int, pad_id: int, packed: bool):
+    """``(weight, indices, batch)`` for each micro-batch of this rank's share of the held-out ``pairs``
+    (on the CPU: the caller moves it).
+
+    Every rank runs the same number of micro-batches, as under ZeRO-3 every forward is collective: a rank
+    out of pairs runs pair 0 again with weight 0, so that it counts nothing.
+    """
+    shard = list(range(rank.rank, len(pairs), rank.world_size))
+    for begin in range(0, -(-len(pairs) // (batch_size * rank.world_size)) * batch_size, batch_size):
+        indices = shard[begin : begin + batch_size]
+        weight = 1.0 if indices else 0.0
+        indices = indices or [0]
+        yield weight, indices, preference_batch([pairs[i] for i in indices], pad_id, packed)
+
+
 def input_tokens(batch: Batch) -> int:
     """The tokens of the batch's sequences, padding left out (a shared prompt counted once per sequence)."""
     return batch.tokens if isinstance(batch, PackedBatch) else int(batch["attention_mask"].sum())

@@ -14,10 +14,12 @@ import torch
 from align.artifacts import PublishedArtifact
 from align.engine.dist import Rank, all_reduce_sum, init_distributed
 from align.precision import PrecisionChoice, resolve
-from align.spec import DPOStage, GRPOStage, JobSpec, PPOStage, RewardModelStage, SFTStage
+from align.spec import DPOStage, GRPOStage, JobSpec, ORPOStage, PPOStage, RewardModelStage, SFTStage, SimPOStage
 from align.tracking import StageTracker
 
-StageT = TypeVar("StageT", bound=SFTStage | RewardModelStage | DPOStage | PPOStage | GRPOStage)
+StageT = TypeVar(
+    "StageT", bound=SFTStage | RewardModelStage | DPOStage | ORPOStage | SimPOStage | PPOStage | GRPOStage
+)
 
 
 @dataclass

@@ -27,7 +27,15 @@ from align.models.reference import Reference
 from align.ops.aggregate import accumulation_scale, global_count
 from align.spec import DPOStage
 from align.stages import artifact
-from align.stages.batches import Batch, input_tokens, packs, preference_batch, response_lengths, sequence_logps
+from align.stages.batches import (
+    Batch,
+    held_out_pair_batches,
+    input_tokens,
+    packs,
+    preference_batch,
+    response_lengths,
+    sequence_logps,
+)
 from align.stages.context import StageContext, StageModels, StageResult, start
 from align.stages.loop import after_step, resume, to_device
 
@@ -221,19 +229,12 @@ def evaluate(ctx: StageContext[DPOStage], rank: Rank, models: DPOModels, data: S
         return {}
     stage, engine = ctx.stage, models.engine
     engine.eval()
-    shard = list(range(rank.rank, len(data.eval), rank.world_size))
-    batches = -(-len(data.eval) // (stage.batch_size * rank.world_size))
     sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64)
     pairs = 0.0
-    for b in range(batches):
-        indices = shard[b * stage.batch_size : (b + 1) * stage.batch_size]
-        # A rank out of pairs still takes part (under ZeRO-3 every forward is collective); it counts nothing.
-        weight = 1.0 if indices else 0.0
-        indices = indices or [0]
-        batch = to_device(
-            preference_batch([data.eval[i] for i in indices], models.tokenizer.pad_token_id, models.packed),
-            engine.device,
-        )
+    for weight, indices, batch in held_out_pair_batches(
+        data.eval, rank, stage.batch_size, models.tokenizer.pad_token_id, models.packed
+    ):
+        batch = to_device(batch, engine.device)
         reference_logps = reference_logps_of(models, batch, "eval", indices)
         policy_logps = sequence_logps(engine, batch)
         loss, out, nll = preference_loss(stage, policy_logps, reference_logps, response_lengths(batch))

@@ -240,6 +240,19 @@ def test_stage_residents_and_partitioning():
     assert qlora.weights == 2_684_420 + 312_320 * 2
 
 
+def test_reference_free_stages_hold_no_reference():
+    """ORPO and SimPO after SFT hold the policy and its adapter only (4,001,024), where DPO after SFT also
+    holds the frozen copy of the SFT adapter (312,320 more); their passes are DPO's without the frozen one,
+    so they take two thirds of its flops (6 of 8 per parameter and token)."""
+    config = LlamaConfig(**TINY)
+    stages = [{"type": kind, "data": {"path": "p.jsonl"}, "max_length": 64} for kind in ("dpo", "orpo", "simpo")]
+    dpo, orpo, simpo = (plan_job(_job([SFT, stage]), config, GPUS["h200"])[1] for stage in stages)
+    assert dpo.parameters == 4_313_344
+    assert orpo.parameters == simpo.parameters == 4_001_024
+    assert orpo.tokens == simpo.tokens == dpo.tokens
+    assert orpo.flops == simpo.flops == pytest.approx(dpo.flops * 6 / 8, rel=0.01)
+
+
 def test_online_stages_hold_a_kv_cache_and_time_the_sampling():
     """GRPO, 8 prompts x 8 samples, prompts of 64 - 4 = 60, 4 new tokens: a KV cache of 64 rows of 64
     positions (16,777,216 bytes in bf16), trained tokens 8 x 60 + 64 x 4 = 736. Sampling 4 tokens takes at

@@ -105,8 +105,8 @@ def test_bad_enum_value_names_field_value_and_choices():
 
 
 def test_unknown_stage_type_lists_types():
-    assert errors_of(base(stages=[{"type": "orpo", "data": {"path": "x"}}])) == {
-        "stages[0]": "unknown stage type 'orpo'; use one of sft, rm, dpo, ppo, grpo, rloo"
+    assert errors_of(base(stages=[{"type": "kto", "data": {"path": "x"}}])) == {
+        "stages[0]": "unknown stage type 'kto'; use one of sft, rm, dpo, orpo, simpo, ppo, grpo, rloo"
     }
 
 
