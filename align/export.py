@@ -2,13 +2,16 @@
 
 ``export_artifact`` writes the folder:
 
-- with ``merge``, an adapter artifact (LoRA, DoRA, QLoRA) is merged into its base model and saved as
+- with ``merge``, an adapter artifact (LoRA, DoRA, QLoRA, IA3) is merged into its base model and saved as
   plain safetensors weights with their ``config.json``: ``AutoModelForCausalLM.from_pretrained(folder)``
   loads it. A QLoRA adapter trained on 4-bit weights is merged into those weights dequantised, the
   weights its training saw, not into the original full-precision ones;
 - without ``merge``, the adapter (``adapter_model.safetensors``, ``adapter_config.json``): peft's
   ``PeftModel.from_pretrained(<base model>, folder)`` loads it;
-- a fully fine-tuned artifact's weights are the model already and are copied as they are.
+- a fully fine-tuned or bias-trained artifact's weights are the model already and are copied as they are.
+
+A PiSSA or OLoRA adapter was saved as a plain LoRA adapter on the untouched base
+(:func:`align.models.adapters.lora_from_mutated_init`), so it merges like any other.
 
 Every export carries the artifact's tokenizer with its chat template and a model card (``README.md``):
 the artifact's own card (stages, data fingerprints, final metrics, lineage, precision) with front matter

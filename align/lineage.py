@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from align.artifact_manifest import ARTIFACT_REF_PREFIX, REWARD_MODEL_KIND
-from align.spec import MODEL_REWARD, POLICY_STAGE_TYPES, JobSpec
+from align.spec import MODEL_REWARD, POLICY_STAGE_TYPES, WHOLE_MODEL_ADAPTERS, JobSpec
 
 POLICY_KINDS = ("adapter", "full")
 """Artifact kinds a job may start from (``base_model: artifact:<id>``): policies, not reward models."""
@@ -95,10 +95,10 @@ def start_artifact_problem(artifact_id: str, kind: str, adapter_type: str) -> st
     if kind not in POLICY_KINDS:
         return (f"'{artifact_id}' is an artifact of kind '{kind}', not a policy; give artifact:<id> of an artifact "
                 f"an sft, dpo, orpo, simpo, ppo, grpo or rloo stage published (kind {' or '.join(POLICY_KINDS)})")
-    if kind == "adapter" and adapter_type == "full":
-        return (f"'{artifact_id}' is an adapter and this job sets adapter.type 'full'; set adapter.type to "
-                "'lora' or 'dora' to continue the adapter, or export the merged model (align export --merge) "
-                "and give its folder as base_model")
+    if kind == "adapter" and adapter_type in WHOLE_MODEL_ADAPTERS:
+        return (f"'{artifact_id}' is an adapter and this job sets adapter.type '{adapter_type}'; set adapter.type "
+                "to 'lora', 'dora' or 'ia3' to continue the adapter, or export the merged model (align export "
+                "--merge) and give its folder as base_model")
     return None
 
 

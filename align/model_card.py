@@ -39,7 +39,8 @@ _TYPE_HYPERPARAMETERS = {
     "grpo": ("reward", "group_size", "kl_coef", "clip_eps", "max_new_tokens", "temperature"),
     "rloo": ("reward", "group_size", "kl_coef", "clip_eps", "max_new_tokens", "temperature"),
 }
-_ADAPTER_NAMES = {"lora": "LoRA adapter", "dora": "DoRA adapter", "full": "fully fine-tuned model"}
+_ADAPTER_NAMES = {"lora": "LoRA adapter", "dora": "DoRA adapter", "ia3": "IA3 adapter",
+                  "bias": "bias-tuned (BitFit) model", "full": "fully fine-tuned model"}
 
 
 def base_model_reference(base_model: str) -> str:
@@ -101,7 +102,7 @@ def front_matter(
     tags = ["align", stage.type, job.adapter.type] + (["reward-model"] if kind == "reward_model" else [])
     return {
         "base_model": base_model or base_model_reference(job.base_model),
-        "library_name": "transformers" if job.adapter.type == "full" else "peft",
+        "library_name": "peft" if job.adapter.is_peft else "transformers",
         **license,
         "pipeline_tag": "text-classification" if kind == "reward_model" else "text-generation",
         "tags": tags,
@@ -131,12 +132,14 @@ def render_model_card(
     meta = front_matter(job, index, kind=kind, data_fingerprints=data_fingerprints, license=license,
                         base_model=base_model)
     stage, name, base = job.stages[index], job.stage_names()[index], meta["base_model"]
-    adapter_type = ("dora" if adapter_config.get("use_dora") else "lora") if adapter_config else job.adapter.type
+    adapter_type = _config_type(adapter_config) if adapter_config else job.adapter.type
     what = _ADAPTER_NAMES[adapter_type]
     if kind == "reward_model":
         what = f"reward model ({what})"
-    if job.adapter.type == "full":
-        weights = ("The weights here are the whole model, fine-tuned from it: "
+    article = "An" if what[0] in "aeiouAEIOU" else "A"
+    if not job.adapter.is_peft:
+        trained = "its biases trained" if job.adapter.type == "bias" else "fine-tuned"
+        weights = (f"The weights here are the whole model, {trained} from it: "
                    "`align.models.load.load_artifact` loads them.")
     else:
         weights = ("The weights here are an adapter on it: `align.models.load.load_artifact` loads both; with peft: "
@@ -144,7 +147,7 @@ def render_model_card(
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip("\n"), "---", "",
         f"# {lineage}", "",
-        f"A {what} on `{base}`, trained by align in stage `{name}` ({stage.type}) of job `{job.name}`.", "",
+        f"{article} {what} on `{base}`, trained by align in stage `{name}` ({stage.type}) of job `{job.name}`.", "",
         "## Base model", "",
         f"`{base}`. {weights}", "",
         f"- adapter: {_continued_adapter_text(adapter_config, job) if adapter_config else _adapter_text(job)}",
@@ -217,21 +220,42 @@ def _adapter_text(job: JobSpec) -> str:
     adapter = job.adapter
     if adapter.type == "full":
         return "full fine-tuning (every weight trained)"
+    if adapter.type == "bias":
+        return "bias terms only (BitFit; every other weight is the base model's)"
     targets = adapter.target_modules
     if not isinstance(targets, str):
         targets = ", ".join(targets)
+    if adapter.type == "ia3":
+        default = " (peft's IA3 targets for the architecture)" if targets == "all-linear" else ""
+        return f"ia3 targets={targets}{default}"
     text = f"{adapter.type} r={adapter.r} alpha={_value(adapter.alpha)} dropout={_value(adapter.dropout)}"
     text += f" targets={targets}"
+    text += " rslora (scale alpha/sqrt(r))" if adapter.rslora else ""
+    if adapter.init != "default":
+        text += (f" init={adapter.init} (saved converted to a rank-{2 * adapter.r} LoRA adapter on the untouched "
+                 "base model)")
     return text + (f" lora_plus_ratio={_value(adapter.lora_plus_ratio)}" if adapter.lora_plus_ratio else "")
+
+
+def _config_type(config: dict[str, Any]) -> str:
+    """The adapter type of a saved ``adapter_config.json``."""
+    if config.get("peft_type") == "IA3":
+        return "ia3"
+    return "dora" if config.get("use_dora") else "lora"
 
 
 def _continued_adapter_text(config: dict[str, Any], job: JobSpec) -> str:
     targets = config.get("target_modules") or []
     if not isinstance(targets, str):
         targets = ", ".join(sorted(targets))
-    kind = "dora" if config.get("use_dora") else "lora"
+    kind = _config_type(config)
+    if kind == "ia3":
+        feedforward = ", ".join(sorted(config.get("feedforward_modules") or []))
+        return f"ia3 targets={targets} feedforward={feedforward}, continued from `{job.base_model}`"
+    rslora = " rslora (scale alpha/sqrt(r))" if config.get("use_rslora") else ""
     return (f"{kind} r={config.get('r')} alpha={_value(config.get('lora_alpha'))} "
-            f"dropout={_value(config.get('lora_dropout'))} targets={targets}, continued from `{job.base_model}`")
+            f"dropout={_value(config.get('lora_dropout'))} targets={targets}{rslora}, continued from "
+            f"`{job.base_model}`")
 
 
 def _quantization_text(job: JobSpec) -> str:

@@ -29,7 +29,7 @@ from align.plan_memory import (
     model_state_bytes,
     weight_bytes,
 )
-from align.spec import MODEL_REWARD, PAIR_STAGE_TYPES, POLICY_STAGE_TYPES, JobSpec
+from align.spec import MODEL_REWARD, PAIR_STAGE_TYPES, POLICY_STAGE_TYPES, AdapterSpec, JobSpec
 
 REFERENCE_FREE = ("orpo", "simpo")
 """Pair stages that hold no reference model."""
@@ -196,22 +196,33 @@ class _Work:
 def _continues_adapter(job: JobSpec, index: int) -> bool:
     """Whether stage ``index`` starts from an earlier adapter, which its frozen reference copies."""
     earlier = any(stage.type in POLICY_STAGE_TYPES for stage in job.stages[:index])
-    return job.adapter.type != "full" and (earlier or job.base_model.startswith("artifact:"))
+    return job.adapter.is_peft and (earlier or job.base_model.startswith("artifact:"))
+
+
+def _policy_adapter(job: JobSpec, index: int) -> AdapterSpec:
+    """The policy adapter of stage ``index``: a PiSSA or OLoRA adapter an earlier stage of the job saved is
+    continued as the plain LoRA adapter of rank 2r it was converted to."""
+    earlier = any(stage.type in POLICY_STAGE_TYPES for stage in job.stages[:index])
+    if job.adapter.init != "default" and earlier:
+        return job.adapter.model_copy(update={"r": 2 * job.adapter.r})
+    return job.adapter
 
 
 def _model(role: str, shape: ModelShape, job: JobSpec, head: str, dtype_bytes: int, engine: str | None,
-           trains: bool) -> list[_Resident]:
-    """A base copy with ``head`` and the job's adapter on it (trainable when ``trains``)."""
-    adapter = adapter_parameters(shape, job.adapter, head)
+           trains: bool, adapter_spec: AdapterSpec | None = None) -> list[_Resident]:
+    """A base copy with ``head`` and the job's adapter (``adapter_spec`` where given) on it (trainable when
+    ``trains``)."""
+    adapter = adapter_parameters(shape, adapter_spec or job.adapter, head)
     base = _Resident(role, shape.parameters(head), weight_bytes(shape, dtype_bytes, job.quantization, head),
                      engine=engine)
-    if job.adapter.type == "full":
+    if not job.adapter.is_peft:
         return [_Resident(role, base.parameters, base.weights, adapter if trains else 0, engine)]
     return [base, _Resident(f"{role} adapter", adapter, adapter * dtype_bytes, adapter if trains else 0, engine)]
 
 
-def _adapter_copy(role: str, shape: ModelShape, job: JobSpec, head: str, dtype_bytes: int, engine: str) -> _Resident:
-    adapter = adapter_parameters(shape, job.adapter, head)
+def _adapter_copy(role: str, shape: ModelShape, adapter_spec: AdapterSpec, head: str, dtype_bytes: int,
+                  engine: str) -> _Resident:
+    adapter = adapter_parameters(shape, adapter_spec, head)
     return _Resident(role, adapter, adapter * dtype_bytes, engine=engine)
 
 
@@ -219,14 +230,16 @@ def _residents(job: JobSpec, index: int, shape: ModelShape, dtype_bytes: int) ->
     stage = job.stages[index]
     if stage.type == "rm":
         return _model("reward model", shape, job, "score", dtype_bytes, "reward model", trains=True)
-    held = _model("policy", shape, job, "lm", dtype_bytes, "policy", trains=True)
+    policy_adapter = _policy_adapter(job, index)
+    held = _model("policy", shape, job, "lm", dtype_bytes, "policy", trains=True, adapter_spec=policy_adapter)
     live_reference = stage.reference == "live" if stage.type == "dpo" else stage.type not in REFERENCE_FREE
-    if _continues_adapter(job, index) and live_reference:
-        held.append(_adapter_copy("reference adapter", shape, job, "lm", dtype_bytes, "policy"))
+    # A fresh PiSSA/OLoRA adapter's reference is the residual base plus a frozen copy of its starting matrices.
+    if live_reference and (_continues_adapter(job, index) or job.adapter.init != "default"):
+        held.append(_adapter_copy("reference adapter", shape, policy_adapter, "lm", dtype_bytes, "policy"))
     if stage.type == "ppo":
         held += _model("critic", shape, job, "score", dtype_bytes, "critic", trains=True)
         if stage.critic_init == "reward_model":
-            held.append(_adapter_copy("reward adapter", shape, job, "score", dtype_bytes, "critic"))
+            held.append(_adapter_copy("reward adapter", shape, job.adapter, "score", dtype_bytes, "critic"))
         elif stage.reward == MODEL_REWARD:
             held += _model("reward model", shape, job, "score", dtype_bytes, None, trains=False)
     if stage.type in ("grpo", "rloo") and stage.reward == MODEL_REWARD:
@@ -248,7 +261,7 @@ def _work(job: JobSpec, index: int) -> _Work:
         pairs = Pass(2 * batch, length, length, scored)
         if stage.type in REFERENCE_FREE:
             return _Work((_Train((pairs,)),), notes=("no reference model",))
-        live = stage.reference == "live" and job.adapter.type != "full"
+        live = stage.reference == "live" and job.adapter.is_peft
         note = () if live else ("reference log-probs computed once before training (a table), no reference pass "
                                 "per step",)
         return _Work((_Train((pairs,)),), frozen=((pairs, "lm"),) if live else (), notes=note)
@@ -356,8 +369,8 @@ def _plan_stage(job: JobSpec, index: int, name: str, shape: ModelShape, device: 
 
     # Time per optimizer step: the micro-batches of one rank, one after another; communication left out.
     flops_per_token = 2 * shape.num_layers * sum(lin.in_features * lin.out_features for lin in shape.layer_linears())
-    if job.adapter.type != "full":
-        flops_per_token += 2 * adapter_parameters(shape, job.adapter, "lm")
+    if job.adapter.is_peft:
+        flops_per_token += 2 * adapter_parameters(shape, _policy_adapter(job, index), "lm")
     head_flops = 2 * shape.vocab_size * shape.hidden_size
     train_factor = (TRAIN_FLOPS_PER_PARAMETER + (2 if ds.gradient_checkpointing else 0)) / 2
     frozen_factor = FROZEN_FLOPS_PER_PARAMETER / 2

@@ -24,6 +24,17 @@ LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The linear layers of one Llama-style decoder layer, as peft's ``target_modules`` name them."""
 
+IA3_TARGETS = {
+    "llama": ("k_proj", "v_proj", "down_proj"),
+    "mistral": ("k_proj", "v_proj", "down_proj"),
+    "qwen2": ("q_proj", "v_proj", "down_proj"),
+    "qwen3": ("q_proj", "v_proj", "down_proj"),
+}
+"""IA3's targets for ``target_modules: all-linear`` by model type, as peft maps them
+(``TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING``; tests/unit/test_plan.py checks they agree)."""
+IA3_FEEDFORWARD = ("down_proj",)
+"""The targets whose input IA3 rescales (peft's feed-forward modules); every other target rescales its output."""
+
 NF4_BLOCK = 64
 """Weights per 4-bit quantisation block (bitsandbytes' default): one absmax constant each."""
 DOUBLE_QUANT_BLOCK = 256
@@ -166,16 +177,29 @@ def adapter_parameters(shape: ModelShape, adapter: Any, head: str = "lm") -> int
     """Trainable parameters of ``adapter`` (an :class:`align.spec.AdapterSpec`) on the model with ``head``.
 
     LoRA puts ``A`` (r x in) and ``B`` (out x r) beside every targeted linear: ``r·(in + out)``; DoRA
-    adds a magnitude vector of ``out``. On a reward model or critic (``head="score"``) peft also trains a
-    copy of the scalar head (``modules_to_save``): ``hidden``. Full fine-tuning trains every parameter.
+    adds a magnitude vector of ``out``. IA3 learns one vector per targeted linear: ``in`` for a feed-forward
+    module (:data:`IA3_FEEDFORWARD`), ``out`` for the others. On a reward model or critic (``head="score"``)
+    peft also trains a copy of the scalar head (``modules_to_save``): ``hidden``; bias training trains that
+    head too. Full fine-tuning trains every parameter, bias training every linear layer's bias.
     """
     if adapter.type == "full":
         return shape.parameters(head)
+    head_copy = shape.head_parameters("score") if head == "score" else 0
+    if adapter.type == "bias":
+        biases = sum(linear.out_features for linear in shape.layer_linears() if linear.bias)
+        return shape.num_layers * biases + head_copy
+    if adapter.type == "ia3":
+        targets = adapter.target_modules
+        if targets == "all-linear":
+            targets = IA3_TARGETS.get(shape.model_type, IA3_TARGETS["llama"])
+        per_layer = sum(linear.in_features if linear.name in IA3_FEEDFORWARD else linear.out_features
+                        for linear in _targeted(shape, targets))
+        return shape.num_layers * per_layer + head_copy
     per_layer = sum(
         adapter.r * (linear.in_features + linear.out_features) + (linear.out_features if adapter.type == "dora" else 0)
         for linear in _targeted(shape, adapter.target_modules)
     )
-    return shape.num_layers * per_layer + (shape.head_parameters("score") if head == "score" else 0)
+    return shape.num_layers * per_layer + head_copy
 
 
 def quantized_bytes_per_weight(quantization: Any) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class SpecModel(BaseModel):
@@ -23,19 +23,64 @@ MAX_TOKENS = 1 << 20
 """Upper bound of every token length in a spec."""
 
 
+PEFT_ADAPTERS = ("lora", "dora", "ia3")
+"""Adapter types that train a peft adapter beside frozen base weights; the artifact is the adapter."""
+WHOLE_MODEL_ADAPTERS = ("full", "bias")
+"""Adapter types whose artifact is the whole model (no peft wrapper): every weight trains, or only the biases."""
+
+
 class AdapterSpec(SpecModel):
-    type: Literal["lora", "dora", "full"] = "lora"
-    """`lora` (low-rank adapter), `dora` (weight-decomposed LoRA) or `full` (every weight trains)."""
+    type: Literal["lora", "dora", "ia3", "bias", "full"] = "lora"
+    """`lora` (low-rank adapter), `dora` (weight-decomposed LoRA), `ia3` (IA3, Liu et al. 2022: learned vectors
+    that rescale the keys, the values and the feed-forward activations), `bias` (BitFit, Ben Zaken et al. 2022:
+    only the model's bias parameters train; the artifact is the whole model, loadable with plain transformers;
+    a model without biases, as Llama-style models usually are, is refused when the stage starts) or `full`
+    (every weight trains)."""
     r: int = Field(16, ge=1, le=1024)
-    """LoRA rank."""
+    """LoRA rank (`lora` and `dora`; ignored by the other types)."""
     alpha: float = Field(32.0, gt=0, le=1e6)
-    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    """LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with `rslora`)."""
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    """Dropout on the LoRA input. DPO stages switch dropout off so the policy and reference agree at step 0."""
+    """Dropout on the LoRA input (`lora` and `dora`). DPO stages switch dropout off so the policy and reference
+    agree at step 0."""
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
-    """Modules that get an adapter: `all-linear` (every linear layer but the output head) or a list of names."""
+    """Modules that get an adapter: `all-linear` (every linear layer but the output head) or a list of names.
+    For `ia3`, `all-linear` means the IA3 paper's targets as peft maps them per architecture (Llama and Mistral:
+    `k_proj`, `v_proj`, `down_proj`; Qwen2 and Qwen3: `q_proj`, `v_proj`, `down_proj`); in a list, the modules
+    peft counts as feed-forward for the architecture (`down_proj` for these) have their input rescaled, every
+    other module its output. Ignored by `bias` and `full`."""
     lora_plus_ratio: float | None = Field(None, gt=0, le=1e6)
     """LoRA+ (Hayou et al. 2024): the B matrices learn this many times faster than the A matrices. Off if unset."""
+    rslora: bool = False
+    """Rank-stabilised LoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(r) instead of alpha / r, so
+    that higher ranks keep learning. `lora` and `dora` only."""
+    init: Literal["default", "pissa", "olora"] = "default"
+    """How a new LoRA adapter starts (`lora` only). `default`: A random, B zero, so the adapter starts as a
+    no-op. `pissa` (Meng et al. 2024): A and B from the principal singular vectors of each targeted weight,
+    the base keeping the residual (peft's fast SVD, `pissa_niter_4`: four subspace iterations); `olora`
+    (Büyükakyüz 2024): A and B from a QR decomposition of each weight. Both change the base weights while
+    training; the saved adapter is converted to a plain LoRA adapter of rank 2r on the untouched base model
+    (peft's conversion), so it loads like any other. Only the first adapter of a job is initialised this
+    way (a stage continuing an adapter loads it); reward-model and critic adapters start as `default`.
+    Not with `quantization`."""
+
+    @property
+    def is_peft(self) -> bool:
+        """Whether the policy is a peft adapter on frozen base weights (else the artifact is the whole model)."""
+        return self.type in PEFT_ADAPTERS
+
+    @model_validator(mode="after")
+    def _type_rules(self) -> AdapterSpec:
+        if self.rslora and self.type not in ("lora", "dora"):
+            raise ValueError(f"adapter.rslora: rank-stabilised scaling is for adapter.type 'lora' or 'dora', not "
+                             f"'{self.type}'; set rslora false")
+        if self.init != "default" and self.type != "lora":
+            raise ValueError(f"adapter.init: '{self.init}' initialises LoRA matrices; it needs adapter.type 'lora' "
+                             f"(got '{self.type}'); set init: default")
+        if self.lora_plus_ratio is not None and self.type in ("ia3", "bias"):
+            raise ValueError(f"adapter.lora_plus_ratio: LoRA+ speeds up LoRA's B matrices and adapter.type "
+                             f"'{self.type}' has none; remove lora_plus_ratio")
+        return self
 
 
 class QuantizationSpec(SpecModel):

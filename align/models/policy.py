@@ -22,14 +22,14 @@ def load_policy(job: JobSpec, start_policy: Path | None, dtype: torch.dtype, pro
     is the store a ``base_model: artifact:<id>`` is read from."""
     base = resolve_base_model(job.base_model, progress=progress, artifact_root=artifact_root)
     tokenizer = load_tokenizer(base)
-    full_start = job.adapter.type == "full" and start_policy is not None
+    full_start = not job.adapter.is_peft and start_policy is not None
     model = load_causal_lm(start_policy if full_start else base, dtype, job.quantization)
     model = apply_adapter(
         model,
         job.adapter,
         task_type="CAUSAL_LM",
         quantized=job.quantization is not None,
-        init_from=start_policy if job.adapter.type != "full" else None,
+        init_from=start_policy if job.adapter.is_peft else None,
         gradient_checkpointing=job.deepspeed.gradient_checkpointing,
     )
     return tokenizer, model
@@ -41,7 +41,7 @@ def load_reward_model_for(job: JobSpec, start_policy: Path | None, dtype: torch.
     policy``), else on the base."""
     base = resolve_base_model(job.base_model, progress=progress, artifact_root=artifact_root)
     tokenizer = load_tokenizer(base)
-    full_start = start_policy is not None and job.adapter.type == "full"
+    full_start = start_policy is not None and not job.adapter.is_peft
     model = load_reward_model(start_policy if full_start else base, dtype, tokenizer.pad_token_id, job.quantization)
     if start_policy is not None and not full_start:
         # The policy's adapter becomes part of the reward model's frozen body.

@@ -8,13 +8,17 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from align.models.adapters import add_initial_lora_copy
+
 REFERENCE_ADAPTER = "reference"
 
 
 class Reference:
     """Runs forward passes as the starting policy.
 
-    - Fresh adapter on the base: the reference is the base, reached by disabling the adapter.
+    - Fresh adapter on the base: the reference is the base, reached by disabling the adapter; after PiSSA or
+      OLoRA, whose base holds only the residual, the base with a frozen copy of the adapter's starting
+      matrices (:func:`align.models.adapters.add_initial_lora_copy`).
     - Adapter continued from an earlier stage: a frozen copy of that adapter is loaded beside the
       trainable one and switched in for reference passes.
     - Full fine-tuning has no frozen weights to share; use precomputed reference log-probs instead.
@@ -28,9 +32,12 @@ class Reference:
             raise ValueError("a live reference needs an adapter; use reference: precomputed with full fine-tuning")
         self.model = model
         self.adapter_name = adapter_name
-        self.frozen_copy = start_adapter is not None
-        if self.frozen_copy:
+        if start_adapter is not None:
             model.load_adapter(str(start_adapter), adapter_name=adapter_name, is_trainable=False)
+            self.frozen_copy = True
+        else:
+            self.frozen_copy = add_initial_lora_copy(model, adapter_name)
+        if self.frozen_copy:
             model.set_adapter("default")
             _freeze_adapter(model, adapter_name)
 
@@ -56,7 +63,8 @@ class Reference:
 
 
 def _freeze_adapter(model: PeftModel, adapter_name: str) -> None:
-    # peft's set_adapter marks the adapter it activates as trainable; the reference never is.
+    # peft's set_adapter marks the adapter it activates as trainable; the reference never is. A LoRA weight
+    # is named `...lora_A.<adapter>.weight`, an IA3 vector `...ia3_l.<adapter>`.
     for name, param in model.named_parameters():
-        if f".{adapter_name}." in name:
+        if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
             param.requires_grad_(False)

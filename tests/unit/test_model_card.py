@@ -147,6 +147,24 @@ def test_reward_model_and_full_fine_tuning_cards_say_what_they_are():
     assert stage_hyperparameters(job.stages[0])["max_steps"] == 2
 
 
+@pytest.mark.parametrize(("adapter", "library", "what", "line"), [
+    ({"type": "ia3"}, "peft", "An IA3 adapter",
+     "- adapter: ia3 targets=all-linear (peft's IA3 targets for the architecture)"),
+    ({"type": "bias"}, "transformers", "A bias-tuned (BitFit) model",
+     "- adapter: bias terms only (BitFit; every other weight is the base model's)"),
+    ({"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "rslora": True, "init": "pissa"}, "peft", "A LoRA adapter",
+     "- adapter: lora r=4 alpha=8 dropout=0 targets=all-linear rslora (scale alpha/sqrt(r)) init=pissa (saved "
+     "converted to a rank-8 LoRA adapter on the untouched base model)"),
+], ids=["ia3", "bias", "rslora-pissa"])
+def test_cards_of_the_other_adapter_methods_say_what_they_are(adapter, library, what, line):
+    job = job_spec("builtin:tiny", adapter=adapter)
+    text = render_model_card(job, 0, kind="adapter" if library == "peft" else "full", lineage="card.sft", parents=[],
+                             data_fingerprints={}, metrics={}, precision=None)
+    assert read_front_matter(text)["library_name"] == library
+    assert f"{what} on `builtin:tiny`" in text
+    assert line + "\n" in text
+
+
 # --- published artifacts ------------------------------------------------------------------------------
 
 

@@ -104,6 +104,57 @@ def test_adapter_parameters_by_hand_and_against_peft():
             assert adapter_parameters(TINY_SHAPE, adapter, head) == trainable
 
 
+def test_ia3_and_bias_parameters_by_hand_and_against_peft():
+    """IA3 on Llama's default targets: k_proj and v_proj rescale their 256 outputs, down_proj (feed-forward)
+    its 688 inputs: 256 + 256 + 688 = 1,200 a layer, 4,800 in 4 layers. On [q_proj, up_proj, down_proj]:
+    256 + 688 + 688 = 1,632 a layer, 6,528. The reward model adds its 256-wide score head: 5,056. Bias
+    training of a Llama with attention and MLP biases: q, k, v, o 4 x 256, gate and up 2 x 688, down 256:
+    2,656 a layer, 10,624 in all; Llama without biases has none."""
+    from peft import IA3Config, get_peft_model
+    from peft.utils import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    )
+
+    from align.models.adapters import ia3_modules
+    from align.plan_memory import IA3_FEEDFORWARD, IA3_TARGETS
+
+    ia3 = AdapterSpec(type="ia3")
+    assert adapter_parameters(TINY_SHAPE, ia3) == 4 * (256 + 256 + 688) == 4_800
+    listed = AdapterSpec(type="ia3", target_modules=["q_proj", "up_proj", "down_proj"])
+    assert adapter_parameters(TINY_SHAPE, listed) == 4 * (256 + 688 + 688) == 6_528
+    assert adapter_parameters(TINY_SHAPE, ia3, head="score") == 4_800 + 256
+    biased = ModelShape.from_config(LlamaConfig(**TINY, attention_bias=True, mlp_bias=True))
+    assert adapter_parameters(biased, AdapterSpec(type="bias")) == 4 * (4 * 256 + 2 * 688 + 256) == 10_624
+    assert adapter_parameters(TINY_SHAPE, AdapterSpec(type="bias")) == 0
+
+    for model_type, targets in IA3_TARGETS.items():
+        assert list(targets) == TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[model_type]
+        assert list(IA3_FEEDFORWARD) == TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model_type]
+    config = LlamaConfig(**TINY, num_labels=1)
+    for task, model_class, head in (("CAUSAL_LM", AutoModelForCausalLM, "lm"),
+                                    ("SEQ_CLS", AutoModelForSequenceClassification, "score")):
+        for adapter in (ia3, listed):
+            targets, feedforward = ia3_modules(adapter.target_modules, "llama")
+            peft_model = get_peft_model(model_class.from_config(config), IA3Config(
+                target_modules=targets, feedforward_modules=feedforward, task_type=task))
+            trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+            assert adapter_parameters(TINY_SHAPE, adapter, head) == trainable
+
+
+def test_pissa_reference_and_continued_adapter_are_counted():
+    """A first DPO stage with PiSSA holds a frozen copy of the starting matrices beside its adapter: base
+    3,688,704 + 2 x 312,320 = 4,313,344 (with LoRA's default init 4,001,024: the reference is the base with
+    the adapter disabled). After SFT it continues the rank-32 adapter SFT saved and holds a copy of it:
+    3,688,704 + 2 x 624,640 = 4,937,984, 624,640 trainable."""
+    config = LlamaConfig(**TINY)
+    dpo = {"type": "dpo", "data": {"path": "p.jsonl"}, "max_length": 64}
+    (first,) = plan_job(_job([dpo], adapter={"r": 16, "init": "pissa"}), config, GPUS["h200"])
+    assert (first.parameters, first.trainable) == (4_313_344, 312_320)
+    _, after_sft = plan_job(_job([SFT, dpo], adapter={"r": 16, "init": "pissa"}), config, GPUS["h200"])
+    assert (after_sft.parameters, after_sft.trainable) == (4_937_984, 624_640)
+
+
 # --- memory ---------------------------------------------------------------------------------------------
 
 
@@ -326,7 +377,10 @@ def test_align_plan_reads_a_model_config_and_refuses_what_it_cannot_plan(tmp_pat
     assert result.exit_code == 0, result.output
     (stage,) = json.loads(result.stdout)["stages"]
     assert stage["device"] == "h100" and stage["fits"] is False
-    assert CliRunner().invoke(app, ["plan", str(spec)]).exit_code == 1
+    printed = CliRunner().invoke(app, ["plan", str(spec)])
+    assert printed.exit_code == 1
+    # What would fit: a batch of 4096 sequences of 4096 tokens fits an H100 only as smaller micro-batches.
+    assert "stages[0]: sft needs about" in printed.output and "batch_size:" in printed.output
 
     spec.write_text(spec.read_text().replace("base_model: model", "base_model: artifact:other.sft-v1"))
     refused = CliRunner().invoke(app, ["plan", str(spec)])
