@@ -82,6 +82,9 @@ class Manifest:
     tracking: dict[str, Any] | None = None
     """Where the job's ``report_to`` sent the stage's metrics: ``{"tensorboard": "tb", "mlflow": {"tracking_uri",
     "experiment_id", "run_id"}}``, each key only when named; None when it names nothing."""
+    gate: dict[str, Any] | None = None
+    """The stage's evaluation gate as decided (:class:`align.gates.GateResult`: ``metric``, ``value``,
+    ``baseline``, ``passed``, ``reason``); None when the stage sets no gate."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

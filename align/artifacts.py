@@ -126,6 +126,7 @@ class ArtifactStore:
         job: dict[str, Any] | None = None,
         precision: dict[str, Any] | None = None,
         tracking: dict[str, Any] | None = None,
+        gate: dict[str, Any] | None = None,
     ) -> PublishedArtifact:
         """Copy every file under ``local_dir`` into the next version of ``lineage``; the manifest goes last.
 
@@ -153,6 +154,7 @@ class ArtifactStore:
             "data_fingerprints": dict(data_fingerprints or {}), "metrics": dict(metrics or {}),
             "precision": None if precision is None else dict(precision),
             "tracking": None if tracking is None else dict(tracking),
+            "gate": None if gate is None else dict(gate),
         }
         # Fail on values JSON cannot hold before a version number is spent.
         json.dumps(header, default=json_default)

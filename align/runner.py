@@ -18,6 +18,7 @@ from pathlib import Path
 
 from align.artifacts import ARTIFACT_REF_PREFIX, ArtifactError, ArtifactStore, PublishedArtifact
 from align.engine.dist import free_port
+from align.gates import GateFailed
 from align.lineage import InputArtifact, MissingInput, stage_inputs, start_artifact_check
 from align.spec import JobSpec
 from align.stage_launch import StageLaunch
@@ -113,7 +114,9 @@ def run_job(
     too) and ``on_stage_end(stage, result)``.
 
     A named ``reward_model: artifact:<id>`` and a ``base_model: artifact:<id>`` are looked up in
-    ``artifact_root``; a missing or unfit one raises :class:`align.lineage.MissingInput` before any stage."""
+    ``artifact_root``; a missing or unfit one raises :class:`align.lineage.MissingInput` before any stage.
+    A stage whose ``gate`` fails has published its artifact; :class:`align.gates.GateFailed` then stops the
+    job with the results so far."""
     from align.preflight import check_job, planned_steps
 
     check_job(job)
@@ -148,6 +151,9 @@ def run_job(
         results.append(result)
         if on_stage_end:
             on_stage_end(name, result)
+        gate = result.artifact.manifest.gate
+        if gate is not None and not gate["passed"]:
+            raise GateFailed(name, gate, results)
         published[index] = input_artifact(result.artifact)
     return results
 

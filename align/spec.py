@@ -22,14 +22,25 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from align.json_values import unsafe_strings
-from align.spec_parts import AdapterSpec, DataSpec, DeepSpeedSpec, QuantizationSpec, ResourcesSpec, SpecModel
+from align.spec_parts import (
+    PEFT_ADAPTERS,
+    WHOLE_MODEL_ADAPTERS,
+    AdapterSpec,
+    DataSpec,
+    DeepSpeedSpec,
+    QuantizationSpec,
+    ResourcesSpec,
+    SpecModel,
+)
 from align.spec_stages import (
+    FINAL_METRICS,
     MODEL_REWARD,
     ONLINE_STAGE_TYPES,
     PAIR_STAGE_TYPES,
     POLICY_STAGE_TYPES,
     STAGE_TYPES,
     DPOStage,
+    GateSpec,
     GRPOStage,
     ORPOStage,
     PPOStage,
@@ -42,18 +53,22 @@ from align.spec_stages import (
 )
 
 __all__ = [
+    "FINAL_METRICS",
     "MODEL_REWARD",
     "ONLINE_STAGE_TYPES",
     "PAIR_STAGE_TYPES",
+    "PEFT_ADAPTERS",
     "POLICY_STAGE_TYPES",
     "PRECISION_SUMMARY_PREFIX",
     "REPORT_TARGETS",
     "STAGE_TYPES",
+    "WHOLE_MODEL_ADAPTERS",
     "AdapterSpec",
     "DPOStage",
     "DataSpec",
     "DeepSpeedSpec",
     "GRPOStage",
+    "GateSpec",
     "JobSpec",
     "ORPOStage",
     "PPOStage",
@@ -74,8 +89,10 @@ REPORT_TARGETS = ("tensorboard", "mlflow")
 """What ``report_to`` may name."""
 HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"report_to": []}
 """Job fields :meth:`JobSpec.hash` leaves out while they hold this default (their JSON form)."""
-STAGE_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"padding_free": True}
+STAGE_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"padding_free": True, "gate": None}
 """Stage fields :meth:`JobSpec.hash` leaves out while they hold this default."""
+ADAPTER_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"rslora": False, "init": "default"}
+"""``adapter`` fields :meth:`JobSpec.hash` leaves out while they hold this default."""
 MAX_REPORTED_ERRORS = 50
 """Most problems a :class:`SpecError` lists; a spec with more gets a count of the rest."""
 PRECISION_SUMMARY_PREFIX = "precision "
@@ -89,11 +106,11 @@ class JobSpec(SpecModel):
     """`builtin:tiny`, a local Hugging Face model folder (safetensors), or `artifact:<id>`: a policy another
     of your jobs published (an sft, dpo, orpo, simpo, ppo, grpo or rloo stage's artifact, not a reward model). The first
     stage then starts from that policy: an adapter is continued (on the base model it names, with its own
-    rank and targets; `adapter.type` must not be `full`), full weights become the base a new adapter or
+    rank and targets; `adapter.type` must not be `full` or `bias`), full weights become the base a new adapter or
     full fine-tuning trains. DPO's reference is that policy, and the first stage's artifact lists it as
     its parent. `align train` and `align validate` look the id up in the local artifact store."""
     adapter: AdapterSpec = AdapterSpec()
-    """How the policy trains: LoRA, DoRA or full fine-tuning."""
+    """How the policy trains: LoRA, DoRA, IA3, its biases only (BitFit) or full fine-tuning."""
     quantization: QuantizationSpec | None = None
     """Quantise the frozen base weights (QLoRA). Unset: no quantisation."""
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
@@ -127,11 +144,17 @@ class JobSpec(SpecModel):
                 "quantization: not supported with deepspeed.zero_stage=3: ZeRO-3 shards parameters across "
                 "ranks and quantised weights cannot be sharded; use zero_stage 0-2 or drop quantization"
             )
-        if q is not None and adapter.type == "full":
+        if q is not None and not adapter.is_peft:
             raise ValueError(
-                "quantization: not possible with adapter.type='full'"
+                f"quantization: not possible with adapter.type='{adapter.type}'"
                 ": quantised base weights are frozen; "
-                "use adapter.type 'lora' or 'dora', or drop quantization"
+                "use adapter.type 'lora', 'dora' or 'ia3', or drop quantization"
+            )
+        if q is not None and adapter.init != "default":
+            raise ValueError(
+                f"adapter.init: '{adapter.init}' rewrites the base weights it starts from, which quantised weights "
+                "cannot be without changing the model (peft refuses PiSSA on them); use init: default with "
+                "quantization, or drop quantization"
             )
         if ds.offload_optimizer and ds.zero_stage == 0:
             raise ValueError(
@@ -144,11 +167,12 @@ class JobSpec(SpecModel):
         for i, stage in enumerate(self.stages):
             if stage.type in ONLINE_STAGE_TYPES:
                 self._check_online_stage(i, stage)
-            if stage.type in ONLINE_STAGE_TYPES and adapter.type == "full":
+            if stage.type in ONLINE_STAGE_TYPES and not adapter.is_peft:
                 raise ValueError(
-                    f"stages[{i}].type: '{stage.type}' needs adapter.type 'lora' or 'dora': its reference "
-                    "is the starting adapter kept frozen beside the trained one"
+                    f"stages[{i}].type: '{stage.type}' needs adapter.type 'lora', 'dora' or 'ia3' (got "
+                    f"'{adapter.type}'): its reference is the starting adapter kept frozen beside the trained one"
                 )
+            self._check_gate_parent(i, stage)
             prompt_limit = getattr(stage, "max_prompt_length", None)
             if prompt_limit is not None and prompt_limit >= stage.max_length:
                 raise ValueError(
@@ -168,6 +192,25 @@ class JobSpec(SpecModel):
                 f"stages[{i}].critic_init: 'reward_model' needs reward '{MODEL_REWARD}'; "
                 f"set critic_init: policy to train a critic with the '{stage.reward}' reward"
             )
+
+    def _check_gate_parent(self, i: int, stage: Any) -> None:
+        """``min_delta_vs_parent`` on an sft stage compares with the previous sft stage's artifact (or the
+        ``base_model: artifact:<id>`` it continues); an rm stage has no parent reward model."""
+        if stage.gate is None or stage.gate.min_delta_vs_parent is None:
+            return
+        field = f"stages[{i}].gate.min_delta_vs_parent"
+        if stage.type == "rm":
+            raise ValueError(f"{field}: an rm stage's parent is a policy, which reports no reward-model metrics; "
+                             "use min or max")
+        if stage.type != "sft":
+            return
+        earlier = [s.type for s in self.stages[:i] if s.type in POLICY_STAGE_TYPES]
+        if earlier and earlier[-1] != "sft":
+            raise ValueError(f"{field}: this sft stage continues a {earlier[-1]} stage, whose "
+                             f"'{stage.gate.metric}' measures something else; use min or max")
+        if not earlier and not self.base_model.startswith("artifact:"):
+            raise ValueError(f"{field}: this sft stage starts from the base model, which has no "
+                             f"'{stage.gate.metric}' to compare with; use min or max")
 
     def stage_names(self) -> list[str]:
         """Each stage's name: its own, else its type, numbered when the type repeats."""
@@ -195,14 +238,15 @@ class JobSpec(SpecModel):
 
     def hash(self) -> str:
         """Content hash of the spec (canonical JSON, defaults filled). Fields added after specs were first
-        stored (:data:`HASH_OMITS_AT_DEFAULT`, :data:`STAGE_HASH_OMITS_AT_DEFAULT`) are left out while at their
+        stored (:data:`HASH_OMITS_AT_DEFAULT`, :data:`ADAPTER_HASH_OMITS_AT_DEFAULT`,
+        :data:`STAGE_HASH_OMITS_AT_DEFAULT`) are left out while at their
         default, so a spec that does not use them keeps the hash it had before they existed (stored jobs'
         ``spec_hash`` and idempotency keys)."""
         import hashlib
 
         data = self.model_dump(mode="json")
-        for fields, defaults in [(data, HASH_OMITS_AT_DEFAULT), *((stage, STAGE_HASH_OMITS_AT_DEFAULT)
-                                                                   for stage in data["stages"])]:
+        for fields, defaults in [(data, HASH_OMITS_AT_DEFAULT), (data["adapter"], ADAPTER_HASH_OMITS_AT_DEFAULT),
+                                 *((stage, STAGE_HASH_OMITS_AT_DEFAULT) for stage in data["stages"])]:
             for name, default in defaults.items():
                 if name in fields and fields[name] == default:
                     del fields[name]

@@ -17,6 +17,7 @@ SECTIONS = [
     ("deepspeed", spec.DeepSpeedSpec),
     ("resources", spec.ResourcesSpec),
     ("stages[].data", spec.DataSpec),
+    ("stages[].gate", spec.GateSpec),
     ("Stage `sft`", spec.SFTStage),
     ("Stage `rm`", spec.RewardModelStage),
     ("Stage `dpo`", spec.DPOStage),

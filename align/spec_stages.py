@@ -28,6 +28,55 @@ RewardChoice = Literal["model", "exact_answer"]
 if get_args(RewardChoice) != (MODEL_REWARD, *get_args(RewardName)):
     raise RuntimeError("RewardChoice must be 'model' followed by the RewardName functions")
 
+_PAIR_REWARDS = ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")
+_PAIR_HELD_OUT = ("eval_logp_accuracy", "eval_exact_match")
+_ONLINE = ("reward_mean", "kl", "response_length", "eval_exact_match")
+_ORPO = ("loss", "nll_loss", "odds_ratio_loss", "log_odds_ratio", *_PAIR_REWARDS)
+_SIMPO = ("loss", "simpo_loss", "nll_loss", *_PAIR_REWARDS)
+FINAL_METRICS: dict[str, tuple[str, ...]] = {
+    "sft": ("loss", "eval_loss", "eval_exact_match"),
+    "rm": ("loss", "accuracy", "margin", "reward_mean", "eval_loss", "eval_accuracy", "eval_margin"),
+    "dpo": ("loss", "dpo_loss", "nll_loss", *_PAIR_REWARDS, "eval_loss", "eval_dpo_loss", "eval_nll_loss",
+            "eval_rewards_accuracy", "eval_rewards_margin", *_PAIR_HELD_OUT),
+    "orpo": (*_ORPO, *(f"eval_{key}" for key in _ORPO), *_PAIR_HELD_OUT),
+    "simpo": (*_SIMPO, *(f"eval_{key}" for key in _SIMPO), *_PAIR_HELD_OUT),
+    "ppo": (*_ONLINE, "reward_std", "kl_coef", "policy_loss", "value_loss", "eval_reward_mean", "eval_reward_std",
+            "eval_prompt_reward_std", "eval_kl"),
+    "grpo": ("loss", "accuracy", *_ONLINE),
+    "rloo": ("loss", "accuracy", *_ONLINE),
+}
+"""The final metrics each stage type's artifact records (the last logged value of each; `eval_` ones come
+from the held-out data), besides throughput and counts. A stage's `gate` may name any of them."""
+STARTING_EVALUATION_TYPES = ("dpo", "orpo", "simpo", "ppo", "grpo", "rloo")
+"""Stages that evaluate their starting policy on the held-out data before the first step (step 0)."""
+
+
+class GateSpec(SpecModel):
+    """A condition on a stage's final metric that must hold for the job to go on. The stage's artifact is
+    published either way; when the condition fails the stage ends `failed` with error code `failed_gate`
+    and the reason, and the stages after it never start."""
+
+    metric: str = Field(max_length=100)
+    """One of the final metrics the stage type reports, e.g. `eval_rewards_accuracy` or `eval_exact_match`."""
+    min: float | None = Field(None, ge=-1e12, le=1e12)
+    """The metric must be at least this."""
+    max: float | None = Field(None, ge=-1e12, le=1e12)
+    """The metric must be at most this (for losses)."""
+    min_delta_vs_parent: float | None = Field(None, ge=-1e12, le=1e12)
+    """The metric must beat the parent policy's by at least this much (0: not worse). The parent's value
+    is the stage's own step-0 evaluation of its starting policy on the same held-out data (dpo, orpo,
+    simpo, ppo, grpo, rloo); for sft and rm stages, which do not evaluate before training, it is the
+    same metric in the parent artifact's manifest."""
+
+    @model_validator(mode="after")
+    def _some_condition(self) -> GateSpec:
+        if self.min is None and self.max is None and self.min_delta_vs_parent is None:
+            raise ValueError(f"names metric '{self.metric}' but no condition; set min, max or min_delta_vs_parent")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min: {self.min:g} is above max ({self.max:g}), so no value can pass; "
+                             "lower min or raise max")
+        return self
+
 
 class _StageBase(SpecModel):
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -64,6 +113,26 @@ class _StageBase(SpecModel):
     """Write step metrics every this many steps."""
     seed: int = Field(42, ge=0, le=2**31 - 1)
     """Seeds data order, adapter initialisation and dropout."""
+    gate: GateSpec | None = None
+    """A condition on the stage's final metrics for the job to go on, e.g. `{metric: eval_rewards_accuracy,
+    min: 0.6}` or `{metric: eval_exact_match, min_delta_vs_parent: 0.0}` (see Gate below)."""
+
+    @model_validator(mode="after")
+    def _gate_metric_is_reported(self):
+        gate = self.gate
+        if gate is None:
+            return self
+        reported = FINAL_METRICS[self.type]
+        if gate.metric not in reported:
+            raise ValueError(f"gate.metric: a {self.type} stage does not report '{gate.metric}'; use one of "
+                             f"{', '.join(reported)}")
+        if gate.metric.startswith("eval_") and self.data.eval_path is None and not self.data.eval_fraction:
+            raise ValueError(f"gate.metric: '{gate.metric}' is measured on held-out data and this stage has none; "
+                             "set data.eval_path or data.eval_fraction")
+        if gate.metric == "eval_exact_match" and not self.eval_exact_match:
+            raise ValueError("gate.metric: 'eval_exact_match' is only measured with eval_exact_match: true; "
+                             "set it or gate on another metric")
+        return self
 
 
 class SFTStage(_StageBase):

@@ -3,7 +3,8 @@
 One :meth:`Dispatcher.tick` is one pass over the database and Ray's view of it:
 1. stop the Ray jobs of stage runs cancelled while running;
 2. reconcile running stage runs with Ray: success needs an artifact reported by that attempt (once recorded
-   it stands, whatever Ray then says: a worker killed while it shuts down leaves a complete artifact); a failure
+   it stands, whatever Ray then says: a worker killed while it shuts down leaves a complete artifact) whose
+   evaluation gate, if the stage sets one, passed (else the stage fails with ``failed_gate``); a failure
    is decided by the attempt's "failed" report (none: the worker was lost, retryable); an expired lease
    is rescued (Ray job stopped, its end confirmed, the stage requeued or failed); an attempt Ray ran and
    then forgot (its head restarted) fails with ``ray_lost`` (retryable). The workers' heartbeats renew
@@ -36,7 +37,7 @@ from align.lineage import MissingInput
 from align.spec import SpecError, parse_spec
 from align.stage_launch import ReportEndpoint, StageLaunch
 from services.db import artifacts, events, leases, reports, transitions
-from services.db.models import RUNNING, Job, StageRun, utcnow
+from services.db.models import FAILED_GATE, RUNNING, Job, StageRun, utcnow
 from services.db.session import database_unavailable, error_line
 from services.local_ray import CLUSTER_ENV_VAR
 from services.metrics import DispatcherMetrics
@@ -450,13 +451,20 @@ class Dispatcher:
             run = s.get(StageRun, run_id)
             if run is None or run.state != RUNNING or run.attempt != attempt:
                 return
-            if artifacts.artifact_for(s, run_id, attempt) is not None:
+            artifact = artifacts.artifact_for(s, run_id, attempt)
+            if artifact is not None:
                 # Published and recorded: a Ray job that then failed (its worker killed while it shut down)
                 # or was lost costs no retry, which would only publish the same result again.
                 if status != "SUCCEEDED":
                     log.warning("stage run %s attempt %d: Ray %s after its artifact was recorded; the artifact stands",
                                 run_id, attempt, "lost the job" if lost else f"job {status}")
-                transitions.succeed(s, run_id, attempt)
+                if artifact.gate is not None and not artifact.gate["passed"]:
+                    # The gate decides the stage, not a retry: the artifact is kept, the later stages cancelled.
+                    message = f"gate failed: {artifact.gate['reason']}; artifact {artifact.id} is kept"
+                    transitions.fail(s, run_id, attempt, FAILED_GATE, message, f"stages[{run.index}].gate")
+                    self.metrics.failed_attempts.labels(FAILED_GATE, "failed").inc()
+                else:
+                    transitions.succeed(s, run_id, attempt)
                 return
             code, message, field, retryable = _failure(run, status)
             if lost and run.retryable is not False:  # a failure for good that the worker reported stands

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.routing import Mount
 
 from services.db import stats
-from services.db.models import STAGE_STATES, utcnow
+from services.db.models import JOB_STATUSES, STAGE_STATES, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ OTHER_METHOD = "other"
 """The ``method`` label of a request whose method HTTP does not define (a client may send any token)."""
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STAGE_DURATION_BUCKETS = (10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 class DispatcherMetrics:

@@ -16,8 +16,7 @@ from align.spec import JobSpec
 
 JobCreate = JobSpec
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JOB_STATUSES: tuple[str, ...] = JobStatus.__args__
+JobStatus = Literal["queued", "running", "succeeded", "failed", "failed_gate", "cancelled"]
 StageState = Literal["pending", "queued", "running", "retrying", "succeeded", "failed", "cancelled"]
 ReportType = Literal["heartbeat", "metrics", "checkpoint", "message", "samples", "artifact", "failed"]
 
@@ -47,6 +46,19 @@ class ErrorMessage(BaseModel):
     """The body of a 401, 404 or 409: what is wrong, for people."""
 
     detail: str
+
+
+class GateOutcome(_Public):
+    """A stage's evaluation gate as decided when the stage published (the spec's `stages[].gate`)."""
+
+    metric: str = Field(min_length=1, max_length=100)
+    value: float | None = None
+    """The stage's final value of `metric`; null when it never measured a finite one."""
+    baseline: float | None = None
+    """The parent policy's value, for `min_delta_vs_parent`."""
+    passed: bool
+    reason: str = Field(max_length=2000)
+    """What was compared with what, e.g. `eval_rewards_accuracy 0.55 < min 0.6`."""
 
 
 class Progress(_Public):
@@ -92,12 +104,15 @@ class StageRunPublic(_Public):
     """Step of the last checkpoint a worker reported."""
     artifact_id: str | None = None
     """The artifact this stage published, once it has."""
+    gate: GateOutcome | None = None
+    """The stage's gate as decided when it published; a failed one ends the stage `failed` with error code
+    `failed_gate` and the job `failed_gate` (the artifact is kept)."""
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
     @classmethod
-    def from_row(cls, run: Any, artifact_id: str | None = None) -> StageRunPublic:
+    def from_row(cls, run: Any, artifact_id: str | None = None, gate: dict | None = None) -> StageRunPublic:
         error = None
         if run.error_code or run.error_message:
             error = StageError(
@@ -117,6 +132,7 @@ class StageRunPublic(_Public):
             error=error,
             checkpoint_step=run.checkpoint_step,
             artifact_id=artifact_id,
+            gate=gate,
             created_at=run.created_at,
             started_at=run.started_at,
             finished_at=run.finished_at,
@@ -129,7 +145,8 @@ class JobPublic(_Public):
     tenant: str
     """The name of the tenant that owns the job (the caller's: a key sees only its tenant's jobs)."""
     status: JobStatus
-    """Derived from the stages: queued, running, succeeded, failed or cancelled."""
+    """Derived from the stages: queued, running, succeeded, failed, failed_gate (a stage's gate did not pass;
+    its artifact is kept and the later stages are cancelled) or cancelled."""
     spec: dict[str, Any]
     """The job spec as submitted (after defaults were filled in)."""
     spec_hash: str
@@ -156,7 +173,8 @@ class EventPublic(_Public):
     time: datetime
     level: str
     type: str
-    """`state`, `message`, `metrics` or `samples` (sampled completions of an online stage)."""
+    """`state`, `message`, `metrics`, `gate` (a stage's gate as decided: `metric`, `value`, `baseline`,
+    `passed`, `reason`) or `samples` (sampled completions of an online stage)."""
     payload: dict[str, Any]
 
 
@@ -244,6 +262,7 @@ class _Artifact(_Payload):
     manifest_hash: str = Field(min_length=1, max_length=80)
     parents: list[str] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    gate: GateOutcome | None = None
 
 
 class _Failed(_Payload):

@@ -214,6 +214,7 @@ class Reporter:
                 "manifest_hash": manifest_hash(store, published.uri),
                 "parents": list(manifest.parents),
                 "metrics": manifest.metrics,
+                "gate": manifest.gate,
             },
         )
 

@@ -3,12 +3,14 @@ with the stage's final metrics."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
 
-from align.artifacts import ArtifactStore
+from align.artifacts import ArtifactNotFound, ArtifactStore
 from align.engine.dist import Rank
+from align.gates import check_gate, starting_value
 from align.model_card import base_model_license, write_model_card
 from align.models.adapters import save_trainable
 from align.models.load import adapter_base_reference, resolve_base_model
@@ -52,6 +54,7 @@ def publish(
                 (out_dir / log).write_bytes((ctx.work_dir / log).read_bytes())
         precision = ctx.precision.to_dict() if ctx.precision else None
         tracking = ctx.tracker.close_files(out_dir) if ctx.tracker else None
+        gate = decide_gate(ctx, metrics)
         write_model_card(
             out_dir, ctx.job, ctx.index, kind=kind, lineage=ctx.lineage, parents=list(ctx.parents),
             data_fingerprints=fingerprints, metrics=metrics, precision=precision, job_id=ctx.job_id,
@@ -71,11 +74,36 @@ def publish(
             job={"id": ctx.job_id, "name": ctx.job.name},
             precision=precision,
             tracking=tracking,
+            gate=gate,
         )
+        if gate is not None:
+            ctx.message(f"gate {'passed' if gate['passed'] else 'failed'}: {gate['reason']}",
+                        "info" if gate["passed"] else "error")
         if ctx.tracker is not None:
             ctx.tracker.end(published.artifact_id)
     published = _broadcast(published)
     return StageResult(published, metrics)
+
+
+def decide_gate(ctx: StageContext, metrics: dict) -> dict | None:
+    """The stage's gate decided on its final ``metrics`` (None without a gate). The parent's value for
+    ``min_delta_vs_parent`` is the stage's step-0 evaluation of its starting policy, else the same metric
+    in the start policy's manifest (the first parent)."""
+    gate = ctx.stage.gate
+    if gate is None:
+        return None
+    baseline = None
+    if gate.min_delta_vs_parent is not None:
+        log = ctx.work_dir / "metrics.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+        baseline = starting_value(records, gate.metric)
+        if baseline is None and ctx.parents:
+            try:
+                parent = ArtifactStore(ctx.artifact_root).get(f"artifact:{ctx.parents[0]}")
+                baseline = parent.manifest.metrics.get(gate.metric)
+            except ArtifactNotFound:
+                baseline = None
+    return check_gate(gate, metrics.get(gate.metric), baseline).to_dict()
 
 
 def _stage_record(ctx: StageContext) -> dict:

@@ -25,7 +25,7 @@ from align.losses.dpo import DPOOutput, chosen_nll, dpo_loss, implicit_reward_ac
 from align.models.policy import disable_dropout, load_policy
 from align.models.reference import Reference
 from align.ops.aggregate import accumulation_scale, global_count
-from align.spec import DPOStage
+from align.spec import FINAL_METRICS, DPOStage
 from align.stages import artifact
 from align.stages.batches import (
     Batch,
@@ -58,7 +58,7 @@ def run(ctx: StageContext[DPOStage]) -> StageResult:
     rank = start(ctx)
     tokenizer, model = load_policy(job, ctx.start_policy, ctx.dtype, ctx.message, ctx.artifact_root)
     disable_dropout(model)
-    reference = Reference(model, ctx.start_policy) if job.adapter.type != "full" else None
+    reference = Reference(model, ctx.start_policy) if job.adapter.is_peft else None
     data = load_stage_data(stage, "preference", tokenizer)
     steps = total_steps(stage, len(data.train), rank.world_size)
     engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=ctx.dtype)
@@ -96,12 +96,10 @@ def run(ctx: StageContext[DPOStage]) -> StageResult:
             record=partial(means_over_ranks, METRIC_KEYS, sums, step_pairs),
         )
 
-    held_out_keys = ["eval_loss", "eval_dpo_loss", "eval_nll_loss", "eval_rewards_accuracy", "eval_rewards_margin",
-                     "eval_logp_accuracy", "eval_exact_match"]
-    final = artifact.final_metrics(metrics.records, [*METRIC_KEYS, *held_out_keys, "tokens_per_s"])
+    final = artifact.final_metrics(metrics.records, [*FINAL_METRICS["dpo"], "tokens_per_s"])
     final["steps"] = steps
     final["rows_dropped"] = data.dropped
-    kind = "full" if job.adapter.type == "full" else "adapter"
+    kind = "adapter" if job.adapter.is_peft else "full"
     return artifact.publish(ctx, engine.module, tokenizer, rank, kind=kind, metrics=final,
                             fingerprints=data.fingerprints)
 

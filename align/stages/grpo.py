@@ -36,7 +36,7 @@ from align.models.reward import load_frozen_reward_model
 from align.ops.advantages import grpo_advantages, kl_k1, rloo_advantages
 from align.ops.aggregate import accumulation_scale, global_count
 from align.rewards import Scorer
-from align.spec import MODEL_REWARD, GRPOStage
+from align.spec import FINAL_METRICS, MODEL_REWARD, GRPOStage
 from align.stages import artifact
 from align.stages.context import StageContext, StageModels, StageResult, start
 from align.stages.loop import after_step, resume, to_device
@@ -136,8 +136,7 @@ def run(ctx: StageContext[GRPOStage]) -> StageResult:
 
     final = artifact.final_metrics(
         metrics.records,
-        ["loss", "reward_mean", "accuracy", "kl", "response_length", "eval_exact_match", "tokens_per_s",
-         "samples_per_s"],
+        [*FINAL_METRICS[stage.type], "tokens_per_s", "samples_per_s"],
     )
     final["steps"] = steps
     final["rows_dropped"] = data.dropped

@@ -53,7 +53,7 @@ from align.ops.advantages import AdaptiveKLController, FixedKLController, gae, k
 from align.ops.aggregate import accumulation_scale, global_count
 from align.ops.logprobs import masked_sum, masked_whiten, token_logprobs
 from align.rewards import Scorer, prompt_text
-from align.spec import MODEL_REWARD, PPOStage
+from align.spec import FINAL_METRICS, MODEL_REWARD, PPOStage
 from align.stages import artifact
 from align.stages.context import StageContext, StageModels, StageResult, start
 from align.stages.loop import after_step, resume, to_device
@@ -206,9 +206,7 @@ def run(ctx: StageContext[PPOStage]) -> StageResult:
 
     final = artifact.final_metrics(
         metrics.records,
-        ["reward_mean", "reward_std", "kl", "kl_coef", "policy_loss", "value_loss", "response_length",
-         "eval_reward_mean", "eval_reward_std", "eval_prompt_reward_std", "eval_kl", "eval_exact_match",
-         "tokens_per_s", "samples_per_s"],
+        [*FINAL_METRICS["ppo"], "tokens_per_s", "samples_per_s"],
     )
     final["steps"] = steps
     final["rows_dropped"] = data.dropped

@@ -26,7 +26,7 @@ from align.losses.orpo import orpo_loss
 from align.losses.simpo import simpo_loss
 from align.models.policy import disable_dropout, load_policy
 from align.ops.aggregate import accumulation_scale, global_count
-from align.spec import ORPOStage, SimPOStage
+from align.spec import FINAL_METRICS, ORPOStage, SimPOStage
 from align.stages import artifact
 from align.stages.batches import (
     held_out_pair_batches,
@@ -86,11 +86,10 @@ def run(ctx: StageContext[ORPOStage | SimPOStage]) -> StageResult:
             scheduler=scheduler, throughput=throughput, record=partial(means_over_ranks, keys, sums, step_pairs),
         )
 
-    held_out_keys = [f"eval_{key}" for key in (*keys, "logp_accuracy", "exact_match")]
-    final = artifact.final_metrics(metrics.records, [*keys, *held_out_keys, "tokens_per_s"])
+    final = artifact.final_metrics(metrics.records, [*FINAL_METRICS[stage.type], "tokens_per_s"])
     final["steps"] = steps
     final["rows_dropped"] = data.dropped
-    kind = "full" if job.adapter.type == "full" else "adapter"
+    kind = "adapter" if job.adapter.is_peft else "full"
     return artifact.publish(ctx, engine.module, tokenizer, rank, kind=kind, metrics=final,
                             fingerprints=data.fingerprints)
 

@@ -18,7 +18,7 @@ from align.losses.reward import pairwise_accuracy, pairwise_reward_loss
 from align.models.policy import load_reward_model_for
 from align.models.reward import BODY_DIR
 from align.ops.aggregate import accumulation_scale, global_count
-from align.spec import RewardModelStage
+from align.spec import FINAL_METRICS, RewardModelStage
 from align.stages import artifact
 from align.stages.context import StageContext, StageModels, StageResult, start
 from align.stages.loop import after_step, resume, to_device
@@ -62,10 +62,10 @@ def run(ctx: StageContext[RewardModelStage]) -> StageResult:
             record=partial(means_over_ranks, METRIC_KEYS, sums, step_pairs),
         )
 
-    final = artifact.final_metrics(metrics.records, [*METRIC_KEYS, "eval_loss", "eval_accuracy", "eval_margin"])
+    final = artifact.final_metrics(metrics.records, FINAL_METRICS["rm"])
     final["steps"] = steps
     final["rows_dropped"] = data.dropped
-    if rank.is_main and stage.init == "policy" and ctx.start_policy is not None and job.adapter.type != "full":
+    if rank.is_main and stage.init == "policy" and ctx.start_policy is not None and job.adapter.is_peft:
         # The policy adapter merged into the body travels with the reward model's own adapter.
         body = ctx.work_dir / "artifact" / BODY_DIR
         body.mkdir(parents=True, exist_ok=True)

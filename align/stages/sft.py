@@ -14,7 +14,7 @@ from align.engine.metrics import MetricsLog, Throughput
 from align.evaluate import exact_match
 from align.models.policy import load_policy
 from align.ops.aggregate import accumulation_scale, global_count
-from align.spec import SFTStage
+from align.spec import FINAL_METRICS, SFTStage
 from align.stages import artifact
 from align.stages.batches import input_tokens, packs, scored_nll, scored_tokens, sft_batch
 from align.stages.context import StageContext, StageModels, StageResult, start
@@ -57,10 +57,10 @@ def run(ctx: StageContext[SFTStage]) -> StageResult:
             record=partial(_mean_loss, nll_sum, step_tokens),
         )
 
-    final = artifact.final_metrics(metrics.records, ["loss", "eval_loss", "eval_exact_match", "tokens_per_s"])
+    final = artifact.final_metrics(metrics.records, [*FINAL_METRICS["sft"], "tokens_per_s"])
     final["steps"] = steps
     final["rows_dropped"] = data.dropped
-    kind = "full" if job.adapter.type == "full" else "adapter"
+    kind = "adapter" if job.adapter.is_peft else "full"
     return artifact.publish(ctx, engine.module, tokenizer, rank, kind=kind, metrics=final,
                             fingerprints=data.fingerprints)
 

@@ -27,8 +27,12 @@ def record_artifact(s: Session, job_id: str, stage_run_id: str, attempt: int, pa
             attempt=attempt, lineage=payload["lineage"], version=payload["version"], uri=payload["uri"],
             kind=payload["kind"], manifest_hash=payload["manifest_hash"],
             parents=list(payload.get("parents", [])), metrics=dict(payload.get("metrics") or {}),
+            gate=payload.get("gate"),
         )
         s.add(artifact)
+        if artifact.gate is not None:
+            gate = artifact.gate
+            record_event(s, job_id, "gate", gate, stage_run_id, attempt, "info" if gate["passed"] else "error")
     elif artifact.id != payload["artifact_id"]:
         logger.warning("%s attempt %d reported artifact %s after %s; keeping the first", stage_run_id, attempt,
                        payload["artifact_id"], artifact.id)

@@ -16,6 +16,7 @@ from services.db.events import record_event
 from services.db.models import (
     CANCELLED,
     FAILED,
+    FAILED_GATE,
     PENDING,
     QUEUED,
     RETRYING,
@@ -82,8 +83,11 @@ def get_job(s: Session, tenant_id: str, job_id: str) -> Job | None:
 
 
 def job_status(job: Job) -> str:
-    """Derived from the stages: failed, cancelled, succeeded, running (work started), else queued."""
+    """Derived from the stages: failed_gate (a stage's gate did not pass), failed, cancelled, succeeded,
+    running (work started), else queued."""
     states_now = {run.state for run in job.stage_runs}
+    if any(run.state == FAILED and run.error_code == FAILED_GATE for run in job.stage_runs):
+        return FAILED_GATE
     if FAILED in states_now:
         return FAILED
     if CANCELLED in states_now:
@@ -101,8 +105,10 @@ def job_status_expression():
         return select(StageRun.id).where(StageRun.job_id == Job.id, StageRun.state.in_(stage_states)).exists()
 
     not_succeeded = select(StageRun.id).where(StageRun.job_id == Job.id, StageRun.state != SUCCEEDED).exists()
-    return case((has(FAILED), FAILED), (has(CANCELLED), CANCELLED), (~not_succeeded, SUCCEEDED),
-                (has(RUNNING, RETRYING, SUCCEEDED), RUNNING), else_=QUEUED)
+    gate_failed = select(StageRun.id).where(StageRun.job_id == Job.id, StageRun.state == FAILED,
+                                            StageRun.error_code == FAILED_GATE).exists()
+    return case((gate_failed, FAILED_GATE), (has(FAILED), FAILED), (has(CANCELLED), CANCELLED),
+                (~not_succeeded, SUCCEEDED), (has(RUNNING, RETRYING, SUCCEEDED), RUNNING), else_=QUEUED)
 
 
 def list_jobs(s: Session, tenant_id: str, state: str | None = None, cursor: str | None = None,

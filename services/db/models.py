@@ -22,6 +22,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 PENDING, QUEUED, RUNNING, RETRYING = "pending", "queued", "running", "retrying"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+FAILED_GATE = "failed_gate"
+"""The error code of a stage whose evaluation gate did not pass, and the status of its job."""
+JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, FAILED_GATE, CANCELLED)
+"""A job's status, derived from its stages (:func:`services.db.jobs.job_status`)."""
 TERMINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
 STAGE_STATES = (PENDING, QUEUED, RUNNING, RETRYING, *TERMINAL_STATES)
 WAITING_FOR_RESOURCES = "waiting_for_resources"
@@ -170,6 +174,8 @@ class Artifact(Base):
     manifest_hash: Mapped[str] = mapped_column(String(80))
     parents: Mapped[list[str]]
     metrics: Mapped[dict[str, Any]]
+    gate: Mapped[dict[str, Any] | None]
+    """The stage's evaluation gate as decided (:class:`align.gates.GateResult`); None without a gate."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -184,6 +190,6 @@ class Event(Base):
     time: Mapped[datetime] = mapped_column(default=utcnow)
     level: Mapped[str] = mapped_column(String(20), default="info")
     type: Mapped[str] = mapped_column(String(20))
-    """``state`` (a transition), ``metrics`` (one step's record), ``message`` or ``samples``
-    (``{"samples": [{"step", "prompt", "completion", "score"}, ...]}``)."""
+    """``state`` (a transition), ``metrics`` (one step's record), ``gate`` (a stage's gate decided),
+    ``message`` or ``samples`` (``{"samples": [{"step", "prompt", "completion", "score"}, ...]}``)."""
     payload: Mapped[dict[str, Any]]

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from services.db.models import (
     CANCELLED,
     FAILED,
+    FAILED_GATE,
     QUEUED,
     RETRYING,
     RUNNING,
@@ -52,7 +53,9 @@ def jobs_by_status(s: Session) -> dict[str, int]:
         return func.max(case((StageRun.state.in_(states), 1), else_=0)) == 1
 
     all_succeeded = func.min(case((StageRun.state == SUCCEEDED, 1), else_=0)) == 1
-    status = case((any_in(FAILED), FAILED), (any_in(CANCELLED), CANCELLED), (all_succeeded, SUCCEEDED),
+    gate_failed = func.max(case(((StageRun.state == FAILED) & (StageRun.error_code == FAILED_GATE), 1), else_=0)) == 1
+    status = case((gate_failed, FAILED_GATE), (any_in(FAILED), FAILED), (any_in(CANCELLED), CANCELLED),
+                  (all_succeeded, SUCCEEDED),
                   (any_in(RUNNING, RETRYING, SUCCEEDED), RUNNING), else_=QUEUED)
     per_job = select(status.label("status")).group_by(StageRun.job_id).subquery()
     return dict(s.execute(select(per_job.c.status, func.count()).group_by(per_job.c.status)).all())

@@ -46,7 +46,7 @@ def job_public(session, job, published: dict | None = None) -> JobPublic:
     stages = []
     for run in job.stage_runs:
         artifact = published.get((run.id, run.attempt))
-        stages.append(StageRunPublic.from_row(run, artifact.id if artifact else None))
+        stages.append(StageRunPublic.from_row(run, artifact and artifact.id, artifact and artifact.gate))
     return JobPublic(
         id=job.id,
         name=job.name,
@@ -183,7 +183,7 @@ def job_events(
     tenant: TenantDep,
     after: Annotated[int | None, Query(ge=0, le=MAX_INT32, description="Return events with a larger id")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    type: Annotated[str | None, Query(pattern="^(state|message|metrics|samples)$")] = None,
+    type: Annotated[str | None, Query(pattern="^(state|message|metrics|gate|samples)$")] = None,
     accept: Annotated[str | None, Header()] = None,
 ) -> Any:
     """A page of the job's events; with ``Accept: text/event-stream``, a stream that ends with the job."""

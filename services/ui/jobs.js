@@ -3,7 +3,7 @@
 import { api } from "./api.js";
 import { age, badge, el, errorBox, lastActivity } from "./util.js";
 
-const STATES = ["", "queued", "running", "succeeded", "failed", "cancelled"];
+const STATES = ["", "queued", "running", "succeeded", "failed", "failed_gate", "cancelled"];
 const REFRESH_MS = 5000;
 
 function stageChips(job) {

@@ -114,7 +114,19 @@ export function renderTimeline(card, job, stateEvents) {
             "tr",
             { dataset: { stage: stage.name, state: stage.state } },
             el("td", { class: "muted" }, stage.index),
-            el("td", {}, el("strong", {}, stage.name), el("div", { class: "muted small" }, stage.type)),
+            el(
+              "td",
+              {},
+              el("strong", {}, stage.name),
+              el("div", { class: "muted small" }, stage.type),
+              stage.gate
+                ? el(
+                    "div",
+                    { class: `gate small state-${stage.gate.passed ? "succeeded" : "failed"}` },
+                    `gate ${stage.gate.passed ? "passed" : "failed"}: ${stage.gate.reason}`,
+                  )
+                : "",
+            ),
             el("td", {}, badge(stage.state)),
             el("td", { class: "attempts" }, `${stage.attempt} / ${stage.max_attempts}`),
             el(

@@ -49,7 +49,7 @@ export function bytes(size) {
   return `${unit ? size.toFixed(1) : size} ${units[unit]}`;
 }
 
-export const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+export const TERMINAL = new Set(["succeeded", "failed", "failed_gate", "cancelled"]);
 
 export function errorBox(error) {
   const items = error.fields?.length

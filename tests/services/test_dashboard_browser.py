@@ -128,12 +128,15 @@ def test_submit_sends_the_spec_in_the_editor_and_shows_refused_values_as_text(se
 def test_job_page_draws_what_it_can_shows_reported_text_as_text_and_says_why_a_download_failed(served, browser,
                                                                                                 tmp_path):
     """A loss of "nan" (how workers report a non-finite value) is left out of the curve, not drawn as 0 or a
-    broken chart; a completion and a retry reason that look like HTML show as text; the manifest of an
+    broken chart; a completion, a retry reason and a gate's reason that look like HTML show as text, the gate
+    under its stage; the manifest of an
     artifact the store no longer holds cannot be downloaded, and the page says so."""
     import httpx
+    from sqlalchemy import update
 
     from services.db.artifacts import record_artifact
     from services.db.events import record_event
+    from services.db.models import StageRun
 
     base_url, session_factory = served
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -141,6 +144,8 @@ def test_job_page_draws_what_it_can_shows_reported_text_as_text_and_says_why_a_d
         {"type": "sft", "data": {"path": "builtin:parity/sft"}, "max_steps": 3}]}, headers=auth, timeout=120).json()
     run = job["stages"][0]["id"]
     with session_factory.begin() as session:
+        # Attempt 1 is the stage's current one, so the job reads its artifact (and gate) as the stage's.
+        session.execute(update(StageRun).where(StageRun.id == run).values(attempt=1))
         record_event(session, job["id"], "state", {"from": "queued", "to": "running", "attempt": 1}, run, 1)
         for step, loss in ((1, "nan"), (2, 0.5), (3, 0.25)):
             record_event(session, job["id"], "metrics", {"step": step, "loss": loss}, run, 1)
@@ -152,7 +157,9 @@ def test_job_page_draws_what_it_can_shows_reported_text_as_text_and_says_why_a_d
                      run, 1)
         record_artifact(session, job["id"], run, 1, {
             "artifact_id": "art_gone", "lineage": "hand.sft", "version": 1, "uri": str(tmp_path / "gone"),
-            "kind": "policy", "manifest_hash": "sha256:" + "0" * 64})
+            "kind": "policy", "manifest_hash": "sha256:" + "0" * 64,
+            "gate": {"metric": "loss", "value": 0.25, "baseline": None, "passed": False,
+                     "reason": "loss 0.25 > max 0.1 <u id=injected>"}})
 
     browser.get(f"{base_url}/ui/#/jobs/{job['id']}")
     browser.execute_script("sessionStorage.setItem('align.apiKey', arguments[0])", KEY)
@@ -165,6 +172,9 @@ def test_job_page_draws_what_it_can_shows_reported_text_as_text_and_says_why_a_d
     samples = browser.find_element("css selector", "#samples").text
     assert "<b id=injected>p</b>" in samples and "<img src=x id=injected>" in samples
     assert "oom: <i id=injected>x</i>" in browser.find_element("css selector", "#stages").text
+    gate = browser.find_element("css selector", "#stages .gate")
+    assert gate.text == "gate failed: loss 0.25 > max 0.1 <u id=injected>"
+    assert "state-failed" in gate.get_attribute("class")
     assert "<i id=injected>x</i>" in browser.find_element("css selector", "#event-log").text
     assert not browser.find_elements("css selector", "#injected")
 

@@ -118,7 +118,7 @@ def report(session_factory, run_id, attempt, type, payload) -> bool:
         return reports.apply_report(s, run_id, attempt, type, payload, lease_seconds=60)
 
 
-def publish(session_factory, ticket: dict, name: str, kind: str = "adapter") -> str:
+def publish(session_factory, ticket: dict, name: str, kind: str = "adapter", gate: dict | None = None) -> str:
     artifact_id = f"demo.{name}-v1-{ticket['attempt']:012d}"
     assert report(
         session_factory,
@@ -134,6 +134,7 @@ def publish(session_factory, ticket: dict, name: str, kind: str = "adapter") -> 
             "manifest_hash": "sha256:" + "0" * 64,
             "parents": ticket["parents"],
             "metrics": {},
+            "gate": gate,
         },
     )
     return artifact_id
@@ -321,6 +322,51 @@ def test_an_artifact_recorded_before_the_ray_job_failed_stands(dispatcher, sessi
     with session_factory() as s:
         assert artifacts.artifact_for(s, ticket["stage_run_id"], 1).id == artifact_id
     assert len(ray.submissions) == 1
+
+
+GATED = [
+    {"type": "sft", "data": {"path": "data/sft.jsonl", "eval_fraction": 0.1},
+     "gate": {"metric": "eval_loss", "max": 2.0}},
+    {"type": "dpo", "data": {"path": "data/prefs.jsonl"}},
+]
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_a_failed_gate_keeps_the_artifact_and_stops_the_job(passed, dispatcher, session_factory, tenant_id, ray):
+    """A stage whose gate fails ends failed_gate at its first attempt (no retry), with its artifact recorded;
+    the next stage is cancelled and the job reads failed_gate, in the API, the list filter and the events."""
+    from services.db import stats
+    from services.schemas import StageRunPublic
+
+    job_id = new_job(session_factory, tenant_id, GATED)
+    dispatcher.tick()
+    ticket = ray.ticket()
+    value = 1.5 if passed else 2.5
+    gate = {"metric": "eval_loss", "value": value, "baseline": None, "passed": passed,
+            "reason": f"eval_loss {value} {'<=' if passed else '>'} max 2"}
+    artifact_id = publish(session_factory, ticket, "sft", gate=gate)
+    ray.status[f"align-{ticket['stage_run_id']}-a1"] = "SUCCEEDED"
+    dispatcher.tick()
+    runs = stage_runs(session_factory, job_id)
+    with session_factory() as s:
+        job = jobs.get_job(s, tenant_id, job_id)
+        assert artifacts.artifact_for(s, ticket["stage_run_id"], 1).id == artifact_id
+        gate_events = events.list_events(s, job_id, type="gate")
+        listed = [j.id for j in jobs.list_jobs(s, tenant_id, state="failed_gate")[0]]
+        by_status = stats.jobs_by_status(s)
+        public = StageRunPublic.from_row(runs[0], artifact_id, gate)
+    assert [e.payload for e in gate_events] == [gate]
+    assert gate_events[0].level == ("info" if passed else "error")
+    assert public.gate.passed is passed and public.gate.reason == gate["reason"]
+    if passed:
+        assert [(r.state, r.attempt) for r in runs] == [("succeeded", 1), ("running", 1)]
+        assert jobs.job_status(job) == "running" and listed == [] and by_status == {"running": 1}
+        return
+    assert [(r.state, r.attempt) for r in runs] == [("failed", 1), ("cancelled", 0)]
+    assert (runs[0].error_code, runs[0].error_field, runs[0].retryable) == ("failed_gate", "stages[0].gate", False)
+    assert runs[0].error_message == f"gate failed: eval_loss 2.5 > max 2; artifact {artifact_id} is kept"
+    assert jobs.job_status(job) == "failed_gate" and listed == [job_id] and by_status == {"failed_gate": 1}
+    assert len(ray.submissions) == 1, "a failed gate is not retried"
 
 
 def test_retryable_failure_resumes_from_the_checkpoint(dispatcher, session_factory, tenant_id, ray, settings):

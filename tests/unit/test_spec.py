@@ -55,13 +55,14 @@ def test_yaml_and_json_give_the_same_job(tmp_path):
 
 
 def test_spec_hash_is_the_sha256_of_canonical_json():
-    """The hash covers the validated spec, defaults filled (but an empty report_to and a stage's default
-    padding_free), as JSON with sorted keys and no spaces."""
+    """The hash covers the validated spec, defaults filled (but an empty report_to, the adapter's default
+    rslora and init, a stage's default padding_free and unset gate), as JSON with sorted keys and no spaces."""
     job = parse_spec(base())
     reordered = parse_spec({"stages": [{"data": {"path": "d.jsonl"}, "type": "sft"}], "base_model": "builtin:tiny",
                             "name": "job"})
     assert job.hash() == reordered.hash()
-    dumped = job.model_dump(mode="json", exclude={"report_to": True, "stages": {0: {"padding_free"}}})
+    dumped = job.model_dump(mode="json", exclude={"report_to": True, "adapter": {"rslora", "init"},
+                                                  "stages": {0: {"padding_free", "gate"}}})
     canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     assert canonical.startswith('{"adapter":{"alpha":32.0,"dropout":0.05,"lora_plus_ratio":null,"r":16,')
     assert job.hash() == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
@@ -154,7 +155,7 @@ def test_ppo_reward_fields_must_agree():
 
 def test_ppo_refuses_full_fine_tuning():
     errors = errors_of(base(adapter={"type": "full"}, stages=[rm_stage(), ppo_stage()]))
-    assert "needs adapter.type 'lora' or 'dora'" in errors["stages[1].type"]
+    assert "needs adapter.type 'lora', 'dora' or 'ia3' (got 'full')" in errors["stages[1].type"]
     assert parse_spec(base(deepspeed={"zero_stage": 3}, stages=[rm_stage(), ppo_stage()])).stages[1].type == "ppo"
 
 
@@ -202,7 +203,7 @@ def test_grpo_rules():
         "stages[0].max_new_tokens": "64 must be below max_length (64), which holds the prompt and the completion"
     }
     errors = errors_of(base(adapter={"type": "full"}, stages=[grpo_stage()]))
-    assert "adapter.type 'lora' or 'dora'" in errors["stages[0].type"]
+    assert "adapter.type 'lora', 'dora' or 'ia3'" in errors["stages[0].type"]
     errors = errors_of(base(stages=[grpo_stage(kl_penalty="sequence")]))
     assert "'loss' or 'reward'" in errors["stages[0].kl_penalty"]
 
@@ -288,6 +289,37 @@ def test_training_library_imports_no_service_code():
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path.relative_to(REPO)} imports {name}"
+
+
+def test_adapter_methods_and_what_they_refuse():
+    """rslora and init are LoRA settings; PiSSA/OLoRA rewrite base weights, which quantised ones cannot be; bias
+    training, like full fine-tuning, has no frozen base to quantise nor an adapter for an online reference."""
+    job = parse_spec(base(adapter={"type": "lora", "rslora": True, "init": "olora"}))
+    assert (job.adapter.rslora, job.adapter.init, job.adapter.is_peft) == (True, "olora", True)
+    assert parse_spec(base(adapter={"type": "ia3"})).adapter.is_peft
+    assert not parse_spec(base(adapter={"type": "bias"})).adapter.is_peft
+
+    errors = errors_of(base(adapter={"type": "ia3", "rslora": True}))
+    assert "for adapter.type 'lora' or 'dora', not 'ia3'; set rslora false" in errors["adapter.rslora"]
+    for adapter_type in ("dora", "ia3", "bias", "full"):
+        errors = errors_of(base(adapter={"type": adapter_type, "init": "pissa"}))
+        assert f"needs adapter.type 'lora' (got '{adapter_type}'); set init: default" in errors["adapter.init"]
+    errors = errors_of(base(adapter={"type": "ia3", "lora_plus_ratio": 4}))
+    assert "adapter.type 'ia3' has none; remove lora_plus_ratio" in errors["adapter.lora_plus_ratio"]
+    errors = errors_of(base(adapter={"init": "pissa"}, quantization={"bits": 4}))
+    assert "use init: default with quantization, or drop quantization" in errors["adapter.init"]
+    errors = errors_of(base(adapter={"type": "bias"}, quantization={"bits": 4}))
+    assert "not possible with adapter.type='bias'" in errors["quantization"]
+    errors = errors_of(base(adapter={"type": "bias"}, stages=[grpo_stage()]))
+    assert "needs adapter.type 'lora', 'dora' or 'ia3' (got 'bias')" in errors["stages[0].type"]
+    assert parse_spec(base(adapter={"type": "ia3"}, stages=[grpo_stage()], quantization={"bits": 4}))
+
+
+def test_spec_hash_ignores_the_adapter_fields_at_their_defaults():
+    """Jobs stored before rslora and init existed keep their hash; setting either changes it."""
+    assert parse_spec(base(adapter={"rslora": False, "init": "default"})).hash() == parse_spec(base()).hash()
+    assert parse_spec(base(adapter={"rslora": True})).hash() != parse_spec(base()).hash()
+    assert parse_spec(base(adapter={"init": "pissa"})).hash() != parse_spec(base()).hash()
 
 
 def test_spec_reference_in_docs_is_current():
