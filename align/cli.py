@@ -97,6 +97,7 @@ def train(
 
     Relative paths are taken from the spec's folder, as ``align validate`` and ``align submit`` take them."""
     _quiet_libraries()
+    from align.gates import GateFailed
     from align.runner import run_job
 
     job = train_job(spec)
@@ -151,6 +152,10 @@ def train(
                               on_stage_end=on_stage_end, on_message=on_message, on_stage_start=on_stage_start)
         except (DataError, ModelError, MissingInput) as exc:
             raise fail(str(exc)) from None
+        except GateFailed as exc:
+            for result in exc.results:
+                say(f"  {result.artifact.artifact_id}  {result.artifact.uri}")
+            raise fail(f"{exc}; the stages after {exc.stage} did not run") from None
     say("artifacts", style="bold")
     for result in results:
         say(f"  {result.artifact.artifact_id}  {result.artifact.uri}")
@@ -243,7 +248,7 @@ def plan(
     say(f"{job.name}: {' -> '.join(job.stage_names())} on {job.base_model}", style="bold")
     say(model_line(config))
     say(f"{job.resources.num_workers} rank(s), ZeRO-{job.deepspeed.zero_stage}, adapter {job.adapter.type}"
-        + (f" r={job.adapter.r}" if job.adapter.type != "full" else "")
+        + (f" r={job.adapter.r}" if job.adapter.type in ("lora", "dora") else "")
         + (f", {job.quantization.bits}-bit base" if job.quantization else "")
         + (", gradient checkpointing" if job.deepspeed.gradient_checkpointing else ""))
     console.print(table(plans))
@@ -257,6 +262,10 @@ def plan(
     for line in assumptions(device, plans):
         say(f"  {line}", style="dim")
     if any(stage_plan.fits is False for stage_plan in plans):
+        from align.plan_fit import fit_problems
+
+        for field, message in fit_problems(job, config, device):
+            say(f"{field}: {message}", style="red")
         raise typer.Exit(1)
 
 

@@ -45,6 +45,9 @@ def _read_config(path: Path) -> Any:
         raise PlanError(f"model config: cannot read {file}: {error}") from None
     if not isinstance(data, dict):
         raise PlanError(f"model config: {file} does not hold a JSON object")
+    if "model_type" not in data and "hidden_size" not in data:
+        raise PlanError(f"model config: {file} names neither model_type nor hidden_size, so the model's shape is "
+                        "unknown; give the config.json the model was saved with")
     from transformers import AutoConfig, PretrainedConfig
 
     # The model type's own class fills what config.json leaves out with that model's defaults

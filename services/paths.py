@@ -26,6 +26,7 @@ from align.models.weights import artifact_weights_problem
 from align.preflight import job_problems
 from align.spec import JobSpec
 from align.tracking import tracking_problems
+from services.capacity import capacity_problems
 from services.roots import TenantLike, local_folder, resolved, tenant_roots
 from services.settings import Settings
 
@@ -49,7 +50,8 @@ def check_job(
     Locations come first, and a refused one is never opened; ``find_artifact`` looks up an
     ``artifact:<id>`` base model or reward model among the caller's artifacts, and ``base_model_of``
     tells the base model a found artifact was trained on. ``tenant`` is the caller: roots that name
-    ``{tenant}`` are its own folders, and without it those roots hold nothing.
+    ``{tenant}`` are its own folders, and without it those roots hold nothing. A job that passes all of
+    these is planned last (:mod:`services.capacity`): a stage that cannot fit its workers' memory is refused.
     """
     problems = check_locations(
         spec,
@@ -69,6 +71,9 @@ def check_job(
     if start_problem is not None:
         problems.append(("base_model", start_problem))
     problems += check_reward_models(spec, find_artifact, base_model_of)
+    if not problems and not data_problems:
+        root = root_base_model(spec.base_model, find_artifact, base_model_of or (lambda artifact: None))
+        problems += capacity_problems(spec, settings, local_path(root) or root)
     return problems + data_problems
 
 

@@ -7,6 +7,7 @@ import secrets
 import time
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from itsdangerous import BadSignature, SignatureExpired, TimestampSigner
 from pydantic import Field, model_validator
@@ -53,6 +54,13 @@ class Settings(BaseSettings):
     """Port the API listens on."""
     public_url: str | None = None
     """URL workers use to reach the API (default `http://{host}:{port}`)."""
+    plan_gpu: Literal["h200", "h100", "a100"] | None = None
+    """The GPU the cluster's workers have. `POST /jobs` then plans every stage that asks for GPUs against its
+    memory (as `align plan --gpu` does) and refuses one that cannot fit with a 422 that names the stage, the
+    shortfall and the changes that would fit. Unset: GPU stages are not planned at submission."""
+    plan_cpu_memory_gib: float | None = Field(None, gt=0)
+    """RAM of a CPU worker node, GiB, for the same check on stages that ask for no GPU. Unset: this machine's
+    RAM when the service starts its own Ray (`ray_address` unset), else no check."""
     max_attempts: int = Field(3, ge=1)
     """Attempts per stage run before a retryable failure becomes final."""
     lease_seconds: float = Field(300.0, gt=0)

@@ -591,3 +591,62 @@ def test_an_expired_report_token_is_refused(client, alice, data_dir, session_fac
     assert refused.json()["detail"].startswith("report token expired: issued ")
     assert "ALIGN_REPORT_TOKEN_SECONDS" in refused.json()["detail"]
     assert report(client, stage_run_id, attempt, "heartbeat", {"step": 1, "total_steps": 2}).status_code == 200
+
+
+def test_gates_in_the_api(client, alice, data_dir, session_factory, settings, tmp_path):
+    """A gate that could never be decided is a 422 naming the field; a reported gate shows on the stage, in
+    the events, and a failed one in the job's status and the list filter."""
+    spec = make_spec(data_dir)
+    spec["stages"][0]["gate"] = {"metric": "eval_rewards_accuracy", "min": 0.5}
+    assert fields(client.post("/jobs", json=spec, headers=alice)) == {
+        "stages[0].gate.metric": "a sft stage does not report 'eval_rewards_accuracy'; use one of loss, "
+                                 "eval_loss, eval_exact_match"}
+    spec["stages"][0]["gate"] = {"metric": "loss", "max": 0.1}
+    job = submit(client, alice, spec)
+    assert job["spec"]["stages"][0]["gate"] == {"metric": "loss", "min": None, "max": 0.1,
+                                                "min_delta_vs_parent": None}
+    stage_run_id, attempt = claim_first_stage(session_factory)
+    published, manifest_hash = publish_artifact(settings, tmp_path, job["id"])
+    gate = {"metric": "loss", "value": 0.5, "baseline": None, "passed": False, "reason": "loss 0.5 > max 0.1"}
+    payload = {
+        "artifact_id": published.artifact_id, "uri": published.uri, "lineage": "demo-sft", "version": 1,
+        "kind": "adapter", "manifest_hash": manifest_hash, "parents": [], "metrics": {"loss": 0.5}, "gate": gate,
+    }
+    bad_gate = {**payload, "gate": {**gate, "passed": "perhaps"}}
+    assert report(client, stage_run_id, attempt, "artifact", bad_gate).status_code == 422
+    assert report(client, stage_run_id, attempt, "artifact", payload).status_code == 200
+    assert client.get(f"/jobs/{job['id']}", headers=alice).json()["stages"][0]["gate"] == gate
+    events = client.get(f"/jobs/{job['id']}/events?type=gate", headers=alice).json()["data"]
+    assert [(e["type"], e["level"], e["payload"]) for e in events] == [("gate", "error", gate)]
+    with session_factory.begin() as s:
+        transitions.fail(s, stage_run_id, attempt, "failed_gate", "gate failed: loss 0.5 > max 0.1",
+                         "stages[0].gate")
+    assert client.get(f"/jobs/{job['id']}", headers=alice).json()["status"] == "failed_gate"
+    listed = client.get("/jobs?state=failed_gate", headers=alice).json()["data"]
+    assert [j["id"] for j in listed] == [job["id"]]
+    assert client.get("/jobs?state=failed", headers=alice).json()["data"] == []
+
+
+def test_a_stage_that_cannot_fit_its_workers_is_refused_with_what_would(settings, session_factory, data_dir):
+    """With `ALIGN_PLAN_CPU_MEMORY_GIB` just under what the DPO stage plans to need, POST /jobs answers 422
+    on `stages[1]` with the planner's shortfall and remedies, and queues nothing; /jobs/validate says the same."""
+    from align.plan import plan_job
+    from align.plan_fit import fit_problems
+    from align.plan_report import load_model_config
+    from align.spec import parse_spec
+    from services.capacity import plan_device
+
+    spec = make_spec(data_dir)
+    job, config = parse_spec(spec), load_model_config("builtin:tiny")
+    need = plan_job(job, config, plan_device(job, settings))[1].total
+    tight = settings.model_copy(update={"plan_cpu_memory_gib": (need - 2**20) / 2**30})
+    expected = fit_problems(job, config, plan_device(job, tight))
+    assert [field for field, _ in expected] == ["stages[1]"] and "it would fit with any of" in expected[0][1]
+    with TestClient(create_app(tight, session_factory=session_factory)) as client:
+        key = {"Authorization": "Bearer bootstrap-key"}
+        assert fields(client.post("/jobs", json=spec, headers=key)) == dict(expected)
+        assert fields(client.post("/jobs/validate", json=spec, headers=key)) == dict(expected)
+        assert client.get("/jobs", headers=key).json()["data"] == []
+        roomy = settings.model_copy(update={"plan_cpu_memory_gib": (need + 2**20) / 2**30})
+    with TestClient(create_app(roomy, session_factory=session_factory)) as client:
+        assert client.post("/jobs", json=spec, headers=key).status_code == 201
