@@ -14,7 +14,9 @@ micro-batch projects to the vocabulary for its scored positions only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 from align.plan_memory import (
@@ -29,7 +31,7 @@ from align.plan_memory import (
     model_state_bytes,
     weight_bytes,
 )
-from align.spec import MODEL_REWARD, PAIR_STAGE_TYPES, POLICY_STAGE_TYPES, AdapterSpec, JobSpec
+from align.spec import MODEL_REWARD, PAIR_STAGE_TYPES, POLICY_STAGE_TYPES, AdapterSpec, JobSpec, ResourcesSpec
 
 REFERENCE_FREE = ("orpo", "simpo")
 """Pair stages that hold no reference model."""
@@ -298,31 +300,34 @@ def resolve_precision(requested: str, device: Device) -> str:
     return requested
 
 
-def default_device(job: JobSpec) -> Device:
-    """An H100 when the spec asks for GPUs, else a CPU of unknown RAM that computes bf16 by emulation."""
-    return GPUS["h100"] if job.resources.gpus_per_worker > 0 else cpu_device()
+def default_device(job: JobSpec, index: int = 0) -> Device:
+    """An H100 when the stage asks for GPUs, else a CPU of unknown RAM that computes bf16 by emulation."""
+    return GPUS["h100"] if job.stage_resources(index).gpus_per_worker > 0 else cpu_device()
 
 
-def plan_job(job: JobSpec, model_config: Any, device: Device | None = None,
+def plan_job(job: JobSpec, model_config: Any, device: Device | Callable[[int], Device] | None = None,
              fused_attention: bool | None = None) -> list[StagePlan]:
     """One :class:`StagePlan` per stage of ``job``, for the base model of ``model_config`` (a transformers
-    config, or anything with its attributes) on ``device`` (:func:`default_device` when None).
+    config, or anything with its attributes) on ``device``: one for every stage, or a function of the stage
+    index (stages may ask for different resources); :func:`default_device` when None.
 
     ``fused_attention``: whether attention keeps no score matrix for backward (sdpa's fused kernels);
     by default True unless the config asks for ``eager`` attention.
     """
     shape = ModelShape.from_config(model_config)
-    device = device or default_device(job)
+    if device is None:
+        device = partial(default_device, job)
+    device_of = device if callable(device) else (lambda index: device)
     if fused_attention is None:
         implementation = getattr(model_config, "_attn_implementation", None) or getattr(
             model_config, "attn_implementation", None)
         fused_attention = implementation != "eager"
     names = job.stage_names()
-    return [_plan_stage(job, i, names[i], shape, device, fused_attention) for i in range(len(job.stages))]
+    return [_plan_stage(job, i, names[i], shape, device_of(i), fused_attention) for i in range(len(job.stages))]
 
 
 def _plan_stage(job: JobSpec, index: int, name: str, shape: ModelShape, device: Device, fused: bool) -> StagePlan:
-    stage, ds, resources = job.stages[index], job.deepspeed, job.resources
+    stage, ds, resources = job.stages[index], job.deepspeed, job.stage_resources(index)
     precision = resolve_precision(ds.precision, device)
     dtype_bytes = 2 if precision == "bf16" else 4
     world = resources.num_workers
@@ -398,7 +403,7 @@ def _plan_stage(job: JobSpec, index: int, name: str, shape: ModelShape, device: 
     step_seconds = accumulation * (sum(seconds for _, seconds in parts) + generation)
     tokens = accumulation * sum(p.tokens for p in work.trained[0].passes)  # PPO's critic reads the same tokens
 
-    budget, fits = _fit(job, device, total + (offloaded if device.kind == "cpu" else 0.0), notes)
+    budget, fits = _fit(resources, device, total + (offloaded if device.kind == "cpu" else 0.0), notes)
     if device.kind == "cuda" and offloaded:
         notes.append(f"optimizer states offloaded to host memory: {offloaded / GiB:.2f} GiB per rank")
     return StagePlan(
@@ -426,9 +431,8 @@ def _generation_seconds(work: _Work, shape: ModelShape, dtype_bytes: int, policy
     return work.new_tokens * per_step
 
 
-def _fit(job: JobSpec, device: Device, need: float, notes: list[str]) -> tuple[float | None, bool | None]:
+def _fit(resources: ResourcesSpec, device: Device, need: float, notes: list[str]) -> tuple[float | None, bool | None]:
     """The memory one rank may use, and whether ``need`` fits in it."""
-    resources = job.resources
     if device.memory is None:
         return None, None
     if device.kind == "cpu":

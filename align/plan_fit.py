@@ -21,7 +21,7 @@ Remedy = tuple[str, Callable[[dict, int], None]]
 def _remedies(job: JobSpec, index: int) -> Iterator[Remedy]:
     """(what to write in the spec, how it changes the spec's dict) for each remedy that applies."""
     ds, stage = job.deepspeed, job.stages[index]
-    if ds.zero_stage != 3 and job.resources.num_workers > 1 and job.quantization is None:
+    if ds.zero_stage != 3 and job.stage_resources(index).num_workers > 1 and job.quantization is None:
         yield "deepspeed.zero_stage: 3", lambda spec, i: spec["deepspeed"].update(zero_stage=3)
     if not ds.offload_optimizer:
         def offload(spec: dict, i: int) -> None:
@@ -54,7 +54,7 @@ def _variant(job: JobSpec, index: int, change: Callable[[dict, int], None]) -> J
         return None  # a remedy this spec cannot take (e.g. QLoRA beside an online stage's rules)
 
 
-def fit_problems(job: JobSpec, model_config: Any, device: Device) -> list[tuple[str, str]]:
+def fit_problems(job: JobSpec, model_config: Any, device: Device | Callable[[int], Device]) -> list[tuple[str, str]]:
     """``(field, message)`` for every stage that does not fit ``device`` as the spec asks: what it needs
     per rank, how much is missing, and the single changes that would make it fit (of the smaller batches,
     the largest that fits), else a set of them that fits together."""
@@ -70,11 +70,13 @@ def fit_problems(job: JobSpec, model_config: Any, device: Device) -> list[tuple[
                 if text.startswith(f"stages[{index}].batch_size"):
                     break  # the largest batch that fits; smaller ones fit too
         together = [] if fixes else _combined(job, index, model_config, device)
-        problems.append((f"stages[{index}]", shortfall(plan, device, fixes, together)))
+        stage_device = device(index) if callable(device) else device
+        problems.append((f"stages[{index}]", shortfall(plan, stage_device, fixes, together)))
     return problems
 
 
-def _combined(job: JobSpec, index: int, model_config: Any, device: Device) -> list[str] | None:
+def _combined(job: JobSpec, index: int, model_config: Any, device: Device | Callable[[int], Device]
+              ) -> list[str] | None:
     """The remedies that fit together, added one at a time in :func:`_remedies`' order (the smaller batches
     last, each replacing the one before); None when even all of them do not fit."""
     applied: list[str] = []

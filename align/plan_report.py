@@ -60,9 +60,10 @@ def _read_config(path: Path) -> Any:
 
 
 def device_for(job: JobSpec, gpu: str | None) -> Device:
-    """The device to plan ``job`` for: ``gpu`` from :data:`DEVICE_CHOICES`, else an H100 when the spec asks
-    for GPUs and this machine's CPU when it does not (its RAM, and whether it computes bf16 natively)."""
-    key = gpu or ("h100" if job.resources.gpus_per_worker > 0 else "cpu")
+    """The device to plan ``job`` for: ``gpu`` from :data:`DEVICE_CHOICES`, else an H100 when any stage asks
+    for GPUs and this machine's CPU when none does (its RAM, and whether it computes bf16 natively)."""
+    asks_for_gpus = any(job.stage_resources(i).gpus_per_worker > 0 for i in range(len(job.stages)))
+    key = gpu or ("h100" if asks_for_gpus else "cpu")
     if key in GPUS:
         return GPUS[key]
     if key != "cpu":

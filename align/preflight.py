@@ -163,11 +163,12 @@ def _builtin_sample(location: str):
 
 
 def precision_warning(job: JobSpec) -> str | None:
-    """The warning for an explicit bf16 on CPU workers when this machine's CPU only emulates bf16.
+    """The warning for an explicit bf16 on CPU workers (of any stage) when this machine's CPU only emulates bf16.
 
     Checked on the machine that runs the pre-flight (the workers of a local run); a stage also warns from
     the worker it runs on."""
-    if job.deepspeed.precision != "bf16" or job.resources.gpus_per_worker > 0:
+    if job.deepspeed.precision != "bf16" or all(job.stage_resources(i).gpus_per_worker > 0
+                                                 for i in range(len(job.stages))):
         return None
     from align.precision import resolve
 

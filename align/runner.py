@@ -142,12 +142,12 @@ def run_job(
         stage_metrics = (lambda record, name=name: on_metrics(name, record)) if on_metrics else None
         stage_message = (lambda text, level, name=name: on_message(name, text, level)) if on_message else None
         if on_stage_start:
-            on_stage_start(name, planned_steps(job.stages[index], job.resources.num_workers))
-        if job.resources.num_workers == 1:
+            on_stage_start(name, planned_steps(job.stages[index], launch.resources.num_workers))
+        if launch.resources.num_workers == 1:
             result = run_stage(stage_context(launch, on_metrics=stage_metrics, on_message=stage_message))
             gc.collect()
         else:
-            result = run_stage_with_torchrun(launch, job.resources.num_workers, stage_metrics, stage_message)
+            result = run_stage_with_torchrun(launch, launch.resources.num_workers, stage_metrics, stage_message)
         results.append(result)
         if on_stage_end:
             on_stage_end(name, result)

@@ -89,7 +89,7 @@ REPORT_TARGETS = ("tensorboard", "mlflow")
 """What ``report_to`` may name."""
 HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"report_to": []}
 """Job fields :meth:`JobSpec.hash` leaves out while they hold this default (their JSON form)."""
-STAGE_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"padding_free": True, "gate": None}
+STAGE_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"padding_free": True, "gate": None, "resources": None}
 """Stage fields :meth:`JobSpec.hash` leaves out while they hold this default."""
 ADAPTER_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"rslora": False, "init": "default"}
 """``adapter`` fields :meth:`JobSpec.hash` leaves out while they hold this default."""
@@ -211,6 +211,10 @@ class JobSpec(SpecModel):
         if not earlier and not self.base_model.startswith("artifact:"):
             raise ValueError(f"{field}: this sft stage starts from the base model, which has no "
                              f"'{stage.gate.metric}' to compare with; use min or max")
+
+    def stage_resources(self, index: int) -> ResourcesSpec:
+        """The workers stage ``index`` runs on: its own ``resources``, else the job's."""
+        return self.stages[index].resources or self.resources
 
     def stage_names(self) -> list[str]:
         """Each stage's name: its own, else its type, numbered when the type repeats."""

@@ -10,7 +10,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import Field, model_validator
 
-from align.spec_parts import MAX_STEPS, MAX_TOKENS, DataSpec, SpecModel
+from align.spec_parts import MAX_STEPS, MAX_TOKENS, DataSpec, ResourcesSpec, SpecModel
 
 STAGE_TYPES = ("sft", "rm", "dpo", "orpo", "simpo", "ppo", "grpo", "rloo")
 POLICY_STAGE_TYPES = ("sft", "dpo", "orpo", "simpo", "ppo", "grpo", "rloo")
@@ -113,6 +113,9 @@ class _StageBase(SpecModel):
     """Write step metrics every this many steps."""
     seed: int = Field(42, ge=0, le=2**31 - 1)
     """Seeds data order, adapter initialisation and dropout."""
+    resources: ResourcesSpec | None = None
+    """This stage's workers in place of the job's `resources` (the same fields), e.g. SFT on 8 GPUs, then the
+    reward model on 2. Unset: the job's."""
     gate: GateSpec | None = None
     """A condition on the stage's final metrics for the job to go on, e.g. `{metric: eval_rewards_accuracy,
     min: 0.6}` or `{metric: eval_exact_match, min_delta_vs_parent: 0.0}` (see Gate below)."""

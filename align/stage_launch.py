@@ -77,6 +77,11 @@ class StageLaunch(BaseModel):
         return self.spec.stage_names()[self.index]
 
     @property
+    def resources(self):
+        """The workers this stage runs on (:meth:`align.spec.JobSpec.stage_resources`)."""
+        return self.spec.stage_resources(self.index)
+
+    @property
     def threads(self) -> int:
         """CPU threads each rank uses: its whole CPU share, at least one."""
-        return max(1, int(self.spec.resources.cpus_per_worker))
+        return max(1, int(self.resources.cpus_per_worker))

@@ -10,37 +10,39 @@ planned.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from align.plan import GPUS, Device, cpu_device
 from align.plan_fit import fit_problems
 from align.plan_report import PlanError, load_model_config
 from align.precision import cpu_bf16
-from align.spec import JobSpec
+from align.spec import JobSpec, ResourcesSpec
 from services.settings import Settings
 
 GiB = 2**30
 
 
-def plan_device(job: JobSpec, settings: Settings) -> Device | None:
-    """The device a job's ranks get, as far as the settings say; None when they do not."""
-    if job.resources.gpus_per_worker > 0:
-        return GPUS[settings.plan_gpu] if settings.plan_gpu else None
+def plan_device(resources: ResourcesSpec, settings: Settings) -> Device:
+    """The device a stage's ranks get, as far as the settings say; its memory is None (nothing is refused)
+    when they do not say."""
+    if resources.gpus_per_worker > 0:
+        return GPUS[settings.plan_gpu] if settings.plan_gpu else replace(GPUS["h100"], memory=None)
     if settings.plan_cpu_memory_gib is not None:
         memory = settings.plan_cpu_memory_gib * GiB
     elif settings.ray_address is None:
         memory = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     else:
-        return None
+        memory = None
     return cpu_device(memory, native_bf16=cpu_bf16()[0])
 
 
 def capacity_problems(job: JobSpec, settings: Settings, base_model: str) -> list[tuple[str, str]]:
     """``(stages[i], message)`` for each stage that cannot fit; ``base_model`` is the weights the job loads
     (its ``base_model`` with ``artifact:<id>`` adapters followed to their base)."""
-    device = plan_device(job, settings)
-    if device is None:
+    devices = [plan_device(job.stage_resources(i), settings) for i in range(len(job.stages))]
+    if all(device.memory is None for device in devices):
         return []
     try:
-        return fit_problems(job, load_model_config(base_model), device)
+        return fit_problems(job, load_model_config(base_model), devices.__getitem__)
     except PlanError:
         return []  # a config the planner cannot read: the model checks say what is wrong with it, if anything

@@ -140,7 +140,7 @@ def check_stage(job, index: int) -> int:
     Ray starts; returns the planned number of steps."""
     from align.preflight import chat_tokenizer, planned_steps
 
-    return planned_steps(job.stages[index], job.resources.num_workers, chat_tokenizer(job.base_model))
+    return planned_steps(job.stages[index], job.stage_resources(index).num_workers, chat_tokenizer(job.base_model))
 
 
 def build_trainer(launch: StageLaunch, planned_steps: int):
@@ -158,7 +158,7 @@ def build_trainer(launch: StageLaunch, planned_steps: int):
         # The cluster the dispatcher pinned (its own local Ray), else RAY_ADDRESS from the job submission.
         ray.init(address=os.environ.get("ALIGN_RAY_CLUSTER"))
         logger.info("joined Ray in %.1fs", time.perf_counter() - started)
-    resources = launch.spec.resources
+    resources = launch.resources
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker}
     if use_gpu:

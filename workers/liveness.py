@@ -136,7 +136,7 @@ class PlacementWatch:
     """
 
     def __init__(self, launch: StageLaunch, on_timeout: Callable[[str], None]):
-        self.resources = launch.spec.resources
+        self.resources = launch.resources
         self.timeout = launch.report.schedule_timeout_seconds if launch.report else 1800.0
         self.on_timeout = on_timeout
         self.waiting_since: float | None = None

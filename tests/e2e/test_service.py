@@ -130,14 +130,15 @@ def placements(client, job_id: str) -> dict[str, list[dict]]:
 
 
 def test_sft_rm_ppo_on_the_builtin_model_with_two_workers_on_two_nodes(service):
-    """InstructGPT's chain through the service: every stage on 2 Ray workers (ZeRO-2), one per node of
-    the cluster; PPO continues the SFT policy and scores with the job's reward model."""
+    """InstructGPT's chain through the service: SFT and PPO on 2 Ray workers (ZeRO-2), one per node of the
+    cluster, the reward model on 1 (its own `resources`); PPO continues the SFT policy and scores with the
+    job's reward model."""
     client, _, log = service
     common = {"batch_size": 4, "max_length": 64, "checkpoint_every": 100}
     stages = [
         {"type": "sft", "data": {"path": "builtin:parity/sft"}, "max_steps": 4, "lr": 1e-3, **common},
         {"type": "rm", "data": {"path": "builtin:parity/prefs"}, "init": "policy", "max_steps": 4, "lr": 1e-3,
-         **common},
+         "resources": {"num_workers": 1, "cpus_per_worker": 1}, **common},
         {"type": "ppo", "data": {"path": "builtin:parity/prompts", "eval_path": "builtin:parity/eval_tell",
                                  "max_rows": 64}, "max_new_tokens": 4, "max_steps": 2, "ppo_epochs": 2,
          "lr": 5e-4, "critic_lr": 5e-4, "kl_target": 1.0, **common},
@@ -169,6 +170,9 @@ def test_sft_rm_ppo_on_the_builtin_model_with_two_workers_on_two_nodes(service):
     placed = placements(client, job["id"])
     for stage in job["stages"]:
         ranks = placed[stage["id"]]
+        if stage["name"] == "rm":
+            assert [p["rank"] for p in ranks] == [0], "the rm stage's own resources: one worker"
+            continue
         assert sorted(p["rank"] for p in ranks) == [0, 1], stage["name"]
         assert len({p["node_id"] for p in ranks}) == 2, f"{stage['name']}: one rank per node"
     samples = client.events(job["id"], type="samples", limit=1000)["data"]

@@ -638,9 +638,9 @@ def test_a_stage_that_cannot_fit_its_workers_is_refused_with_what_would(settings
 
     spec = make_spec(data_dir)
     job, config = parse_spec(spec), load_model_config("builtin:tiny")
-    need = plan_job(job, config, plan_device(job, settings))[1].total
+    need = plan_job(job, config, plan_device(job.stage_resources(1), settings))[1].total
     tight = settings.model_copy(update={"plan_cpu_memory_gib": (need - 2**20) / 2**30})
-    expected = fit_problems(job, config, plan_device(job, tight))
+    expected = fit_problems(job, config, plan_device(job.stage_resources(1), tight))
     assert [field for field, _ in expected] == ["stages[1]"] and "it would fit with any of" in expected[0][1]
     with TestClient(create_app(tight, session_factory=session_factory)) as client:
         key = {"Authorization": "Bearer bootstrap-key"}

@@ -190,7 +190,10 @@ def test_ppo_on_two_ranks_ends_with_one_policy(small_model, small_data, tmp_path
 
     sft, rm = run_job(parse_spec({**spec, "stages": spec["stages"][:2]}), work_root=tmp_path / "work",
                       artifact_root=str(tmp_path / "artifacts"))
-    job = parse_spec({**spec, "resources": {"num_workers": 2, "cpus_per_worker": 1}})
+    # The PPO stage's own resources: 2 ranks, where SFT and the reward model trained on the job's one.
+    spec["stages"][2]["resources"] = {"num_workers": 2, "cpus_per_worker": 1}
+    job = parse_spec(spec)
+    assert job.stage_resources(2).num_workers == 2 and job.stage_resources(0).num_workers == 1
     ctx = StageLaunch(spec=job, index=2, work_dir=tmp_path / "work" / "ppo", artifact_root=str(tmp_path / "artifacts"),
                       start_policy=sft.artifact.uri, reward_model=rm.artifact.uri,
                       parents=[sft.artifact.artifact_id, rm.artifact.artifact_id])

@@ -78,3 +78,21 @@ def test_zero_3_is_offered_only_with_ranks_to_partition_over(workers):
     ((_, one),) = fit_problems(job("full"), LLAMA_7B, H100)
     ((_, eight),) = fit_problems(job("full", workers=workers), LLAMA_7B, H100)
     assert "zero_stage: 3" not in one and "deepspeed.zero_stage: 3" in eight
+
+
+def test_each_stage_is_planned_on_its_own_resources():
+    """An SFT stage on 8 GPUs with ZeRO-3 partitions its full fine-tuning 8 ways; the DPO stage after it,
+    on 1, holds all of it: it alone does not fit, and its message names its own remedies."""
+    spec = parse_spec({
+        "name": "j", "base_model": "builtin:tiny", "adapter": {"type": "full"},
+        "resources": {"num_workers": 8, "gpus_per_worker": 1}, "deepspeed": {"precision": "bf16", "zero_stage": 3},
+        "stages": [{"type": "sft", "data": {"path": "x"}, "batch_size": 1, "max_length": 1024},
+                   {"type": "dpo", "data": {"path": "x"}, "batch_size": 1, "max_length": 1024,
+                    "resources": {"num_workers": 1, "gpus_per_worker": 1}}],
+    })
+    sft, dpo = plan_job(spec, LLAMA_7B, H100)
+    assert (sft.world_size, dpo.world_size) == (8, 1)
+    assert sft.fits and not dpo.fits
+    ((field, message),) = fit_problems(spec, LLAMA_7B, H100)
+    assert field == "stages[1]" and message.startswith("dpo needs about")
+    assert "zero_stage: 3" not in message, "ZeRO-3 partitions nothing over the stage's one rank"

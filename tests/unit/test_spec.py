@@ -56,13 +56,14 @@ def test_yaml_and_json_give_the_same_job(tmp_path):
 
 def test_spec_hash_is_the_sha256_of_canonical_json():
     """The hash covers the validated spec, defaults filled (but an empty report_to, the adapter's default
-    rslora and init, a stage's default padding_free and unset gate), as JSON with sorted keys and no spaces."""
+    rslora and init, a stage's default padding_free and unset gate and resources), as JSON with sorted keys
+    and no spaces."""
     job = parse_spec(base())
     reordered = parse_spec({"stages": [{"data": {"path": "d.jsonl"}, "type": "sft"}], "base_model": "builtin:tiny",
                             "name": "job"})
     assert job.hash() == reordered.hash()
     dumped = job.model_dump(mode="json", exclude={"report_to": True, "adapter": {"rslora", "init"},
-                                                  "stages": {0: {"padding_free", "gate"}}})
+                                                  "stages": {0: {"padding_free", "gate", "resources"}}})
     canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     assert canonical.startswith('{"adapter":{"alpha":32.0,"dropout":0.05,"lora_plus_ratio":null,"r":16,')
     assert job.hash() == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
@@ -326,3 +327,19 @@ def test_spec_reference_in_docs_is_current():
     from align.spec_docs import render_markdown
 
     assert (REPO / "docs" / "spec.md").read_text() == render_markdown() + "\n", "run: align spec-docs > docs/spec.md"
+
+
+def test_a_stage_may_ask_for_its_own_resources():
+    """SFT on 8 GPUs, then the reward model on 2: a stage's `resources` replaces the job's for that stage
+    only; unset, the spec hashes as it did before the field existed."""
+    spec = base(resources={"num_workers": 8, "gpus_per_worker": 1},
+                stages=[{"type": "sft", "data": {"path": "d.jsonl"}},
+                        {"type": "rm", "data": {"path": "p.jsonl"},
+                         "resources": {"num_workers": 2, "gpus_per_worker": 1}}])
+    job = parse_spec(spec)
+    assert [job.stage_resources(i).num_workers for i in range(2)] == [8, 2]
+    assert job.stage_resources(1).cpus_per_worker == 1.0, "a stage's resources take the field defaults"
+    assert parse_spec(base()).hash() == parse_spec(base(stages=[{"type": "sft", "data": {"path": "d.jsonl"},
+                                                                 "resources": None}])).hash()
+    assert errors_of({**spec, "stages": [{**spec["stages"][0], "resources": {"num_workers": 0}}]}) == {
+        "stages[0].resources.num_workers": "Input should be greater than or equal to 1 (got 0)"}
