@@ -115,11 +115,45 @@ def tenants_list() -> None:
         for key, tenant in auth.list_api_keys(session):
             live[tenant.id] = live.get(tenant.id, 0) + (key.revoked_at is None)
     table = Table()
-    for column in ("name", "id", "created", "live keys"):
+    for column in ("name", "id", "created", "live keys", "quotas"):
         table.add_column(column, overflow="fold")
     for tenant in tenants:
-        table.add_row(Text(tenant.name), tenant.id, _when(tenant.created_at), str(live.get(tenant.id, 0)))
+        table.add_row(Text(tenant.name), tenant.id, _when(tenant.created_at), str(live.get(tenant.id, 0)),
+                      _quotas(tenant))
     console.print(table)
+
+
+def _quotas(tenant) -> str:
+    parts = [f"{tenant.max_running_stages} running stages" if tenant.max_running_stages is not None else "",
+             f"{tenant.max_gpus:g} GPUs" if tenant.max_gpus is not None else "",
+             f"{tenant.max_artifact_bytes / 2**30:g} GiB of artifacts" if tenant.max_artifact_bytes is not None else ""]
+    return ", ".join(part for part in parts if part) or "none"
+
+
+@tenants_app.command("quota")
+def tenants_quota(
+    name: str = typer.Argument(..., help="The tenant's name."),
+    running_stages: int | None = typer.Option(None, "--running-stages", min=0,
+                                              help="Most of its stages running at once."),
+    gpus: float | None = typer.Option(None, "--gpus", min=0, help="Most GPUs its running stages hold at once."),
+    artifact_gib: float | None = typer.Option(None, "--artifact-gib", min=0,
+                                              help="Most GiB its artifacts may take in the store."),
+    clear: bool = typer.Option(False, "--clear", help="Remove every quota (no limits)."),
+) -> None:
+    """Set a tenant's quotas; the ones not given stay as they are. A stage over a quota waits in `queued`
+    with the reason; a job with a stage that asks for more GPUs than --gpus is refused."""
+    with admin_session() as session:
+        tenant = _tenant(session, name)
+        if clear:
+            tenant.max_running_stages = tenant.max_gpus = tenant.max_artifact_bytes = None
+        if running_stages is not None:
+            tenant.max_running_stages = running_stages
+        if gpus is not None:
+            tenant.max_gpus = gpus
+        if artifact_gib is not None:
+            tenant.max_artifact_bytes = int(artifact_gib * 2**30)
+        shown = _quotas(tenant)
+    say(f"tenant {name!r} quotas: {shown}")
 
 
 @keys_app.command("create")

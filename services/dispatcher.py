@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from align.lineage import MissingInput
 from align.spec import SpecError, parse_spec
 from align.stage_launch import ReportEndpoint, StageLaunch
-from services.db import artifacts, events, leases, reports, transitions
+from services.db import artifacts, events, leases, quotas, reports, transitions
 from services.db.models import FAILED_GATE, RUNNING, Job, StageRun, utcnow
 from services.db.session import database_unavailable, error_line
 from services.local_ray import CLUSTER_ENV_VAR
@@ -269,7 +269,7 @@ class Dispatcher:
             if self.draining:
                 return
             with self.session_factory.begin() as s:
-                run = transitions.claim_next(s, self.owner_id, self.settings.lease_seconds)
+                run = transitions.claim_next(s, self.owner_id, self.settings.lease_seconds, quotas.admission)
                 if run is None:
                     return
                 launch = self.launch_or_fail(s, run)

@@ -99,6 +99,9 @@ class StageRunPublic(_Public):
     `ALIGN_SCHEDULE_TIMEOUT_SECONDS`), `training`, `evaluating` or `publishing`; null before the first report."""
     phase_since: datetime | None = None
     """When the attempt entered `phase`: how long it has waited for resources, for instance."""
+    queued_reason: str | None = None
+    """Why a queued stage waits: its tenant's quota (running stages, GPUs or artifact storage) is used up,
+    e.g. `tenant acme runs 2 stages at once, its max_running_stages`; null when nothing holds it."""
     error: StageError | None
     checkpoint_step: int | None = None
     """Step of the last checkpoint a worker reported."""
@@ -129,6 +132,7 @@ class StageRunPublic(_Public):
             progress=Progress(step=run.progress_step, total_steps=run.total_steps),
             phase=run.phase,
             phase_since=run.phase_since,
+            queued_reason=run.queued_reason if run.state == "queued" else None,
             error=error,
             checkpoint_step=run.checkpoint_step,
             artifact_id=artifact_id,
@@ -263,6 +267,8 @@ class _Artifact(_Payload):
     parents: list[str] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     gate: GateOutcome | None = None
+    size_bytes: int | None = Field(None, ge=0, le=2**63 - 1)
+    """Bytes of the artifact's files (its manifest's sizes), counted against the tenant's storage quota."""
 
 
 class _Failed(_Payload):

@@ -215,6 +215,7 @@ class Reporter:
                 "parents": list(manifest.parents),
                 "metrics": manifest.metrics,
                 "gate": manifest.gate,
+                "size_bytes": sum(entry["size"] for entry in manifest.files.values()),
             },
         )
 

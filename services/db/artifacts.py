@@ -27,7 +27,7 @@ def record_artifact(s: Session, job_id: str, stage_run_id: str, attempt: int, pa
             attempt=attempt, lineage=payload["lineage"], version=payload["version"], uri=payload["uri"],
             kind=payload["kind"], manifest_hash=payload["manifest_hash"],
             parents=list(payload.get("parents", [])), metrics=dict(payload.get("metrics") or {}),
-            gate=payload.get("gate"),
+            gate=payload.get("gate"), size_bytes=payload.get("size_bytes"),
         )
         s.add(artifact)
         if artifact.gate is not None:

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     ForeignKey,
     Index,
@@ -79,6 +80,12 @@ class Tenant(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: _random_id("tn"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    max_running_stages: Mapped[int | None]
+    """Most stage runs of the tenant's jobs running at once (None: no limit); more wait in `queued`."""
+    max_gpus: Mapped[float | None]
+    """Most GPUs the tenant's running stages hold at once (`num_workers x gpus_per_worker` each)."""
+    max_artifact_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    """Most bytes the tenant's artifacts may take in the store; at or over it, no stage of theirs starts."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -145,6 +152,8 @@ class StageRun(Base):
     """What the running attempt is doing, as its workers last said (:data:`PHASES`); None until one says."""
     phase_since: Mapped[datetime | None]
     """When the attempt entered ``phase``."""
+    queued_reason: Mapped[str | None] = mapped_column(Text)
+    """Why a queued stage run waits (its tenant's quota), as the dispatcher last found; None when nothing holds it."""
     error_code: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_field: Mapped[str | None] = mapped_column(String(200))
@@ -176,6 +185,8 @@ class Artifact(Base):
     metrics: Mapped[dict[str, Any]]
     gate: Mapped[dict[str, Any] | None]
     """The stage's evaluation gate as decided (:class:`align.gates.GateResult`); None without a gate."""
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    """Bytes of the artifact's files, as its manifest lists them (counted against the tenant's quota)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

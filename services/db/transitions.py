@@ -14,6 +14,7 @@ writes a ``state`` event, flushes, and leaves the commit to the caller (``with f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +42,8 @@ TRANSITIONS = {
 }
 MOVE_TRIES = 5
 """Tries of a claim or a cancel when another writer moved the row in between."""
+CLAIM_CANDIDATES = 50
+"""Queued stage runs a claim looks at, oldest first, past those their tenants' quotas hold back."""
 _REPORTED = ("error_code", "error_message", "error_field", "retryable", "lease_owner")
 """Columns a state event carries when the transition sets them."""
 
@@ -49,18 +52,41 @@ def submission_id_for(stage_run_id: str, attempt: int) -> str:
     return f"align-{stage_run_id}-a{attempt}"
 
 
-def claim_next(s: Session, owner: str, lease_seconds: float) -> StageRun | None:
-    """From queued to running: the oldest queued stage run, claimed by ``owner`` (see :func:`claim`)."""
+def claim_next(s: Session, owner: str, lease_seconds: float,
+               admit: Callable[[Session, StageRun], str | None] | None = None) -> StageRun | None:
+    """From queued to running: the oldest queued stage run that ``admit`` lets start (its tenant's quotas;
+    it returns why not), claimed by ``owner`` (see :func:`claim`). One it holds back keeps its place and
+    says why (:func:`hold`)."""
     for _ in range(MOVE_TRIES):
-        candidate = s.execute(
+        candidates = s.execute(
             select(StageRun.id, StageRun.attempt).where(StageRun.state == QUEUED)
-            .order_by(StageRun.queued_at, StageRun.id).limit(1).with_for_update(skip_locked=True)
-        ).first()
-        if candidate is None:
+            .order_by(StageRun.queued_at, StageRun.id).limit(CLAIM_CANDIDATES).with_for_update(skip_locked=True)
+        ).all()
+        raced = False
+        for candidate in candidates:
+            if admit is not None:
+                run = s.get(StageRun, candidate.id, populate_existing=True)
+                reason = admit(s, run)
+                if reason is not None:
+                    hold(s, run, reason)
+                    continue
+            if claim(s, candidate.id, candidate.attempt, owner, lease_seconds):
+                return s.get(StageRun, candidate.id, populate_existing=True)
+            raced = True
+        if not raced:
             return None
-        if claim(s, candidate.id, candidate.attempt, owner, lease_seconds):
-            return s.get(StageRun, candidate.id, populate_existing=True)
     return None
+
+
+def hold(s: Session, run: StageRun, reason: str) -> None:
+    """A queued stage run that may not start yet: its ``queued_reason`` and, when the reason changes, a
+    ``message`` event saying why it waits."""
+    if run.queued_reason == reason:
+        return
+    s.execute(update(StageRun).where(StageRun.id == run.id, StageRun.state == QUEUED)
+              .values(queued_reason=reason).execution_options(synchronize_session="fetch"))
+    record_event(s, run.job_id, "message", {"level": "info", "text": f"waiting: {reason}"}, run.id, run.attempt)
+    s.flush()
 
 
 def claim(s: Session, stage_run_id: str, attempt: int, owner: str, lease_seconds: float) -> bool:
@@ -70,7 +96,8 @@ def claim(s: Session, stage_run_id: str, attempt: int, owner: str, lease_seconds
     return _move(
         s, stage_run_id, QUEUED, attempt, RUNNING, new_attempt=new_attempt, lease_owner=owner,
         lease_expires_at=now + timedelta(seconds=lease_seconds), started_at=now, finished_at=None,
-        submission_id=submission_id_for(stage_run_id, new_attempt), error_code=None, error_message=None,
+        submission_id=submission_id_for(stage_run_id, new_attempt), queued_reason=None, error_code=None,
+        error_message=None,
         error_field=None, retryable=None, progress_step=None, total_steps=None, phase=None, phase_since=None,
     ) is not None
 

@@ -11,7 +11,7 @@ from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 
 from align.spec import JobSpec, SpecError, parse_spec
 from services import paths
-from services.db import artifacts, events, jobs
+from services.db import artifacts, events, jobs, quotas
 from services.db.models import TERMINAL_STATES, Tenant
 from services.db.session import database_unavailable
 from services.deps import FieldErrors, SessionDep, SettingsDep, TenantDep, refuse_unknown_query
@@ -74,6 +74,8 @@ def _checked_spec(body: dict[str, Any], session, settings, tenant) -> JobSpec:
         spec = parse_spec(body)
     except SpecError as error:
         raise FieldErrors(error.errors) from None
+    if problems := quotas.never_fits(tenant, spec.model_dump(mode="json")):
+        raise FieldErrors(problems)
     problems = paths.check_job(
         spec,
         settings,

@@ -126,6 +126,9 @@ export function renderTimeline(card, job, stateEvents) {
                     `gate ${stage.gate.passed ? "passed" : "failed"}: ${stage.gate.reason}`,
                   )
                 : "",
+              stage.queued_reason
+                ? el("div", { class: "gate small state-queued" }, `waiting: ${stage.queued_reason}`)
+                : "",
             ),
             el("td", {}, badge(stage.state)),
             el("td", { class: "attempts" }, `${stage.attempt} / ${stage.max_attempts}`),

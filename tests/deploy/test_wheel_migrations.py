@@ -79,7 +79,7 @@ def test_align_db_upgrade_from_an_installed_wheel(tmp_path):
         engine = make_engine(url)
         try:
             assert set(inspect(engine).get_table_names()) - {"alembic_version"} == TABLES
-            assert current_revision(engine) == head_revision() == "0003_artifact_gate"
+            assert current_revision(engine) == head_revision() == "0004_tenant_quotas"
         finally:
             engine.dispose()
     finally:

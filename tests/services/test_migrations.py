@@ -35,7 +35,7 @@ def test_upgrade_downgrade_upgrade(empty_database_url):
             check_migrated(engine)
         upgrade(empty_database_url)
         assert tables(engine) == TABLES
-        assert current_revision(engine) == head_revision() == "0003_artifact_gate"
+        assert current_revision(engine) == head_revision() == "0004_tenant_quotas"
         check_migrated(engine)
         downgrade(empty_database_url, "base")
         assert tables(engine) == set() and current_revision(engine) is None
