@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import align.stages.artifact
 from align.models.load import ModelError
@@ -178,19 +178,9 @@ def test_ia3_respects_a_target_list(small_model, small_data, job_factory, tmp_pa
 @pytest.fixture(scope="module")
 def biased_model(tmp_path_factory) -> Path:
     """The small model's shape with biases on every attention and MLP projection (as Qwen2's q/k/v have)."""
-    from data_helpers import build_tokenizer
+    from conftest import build_small_model
 
-    path = tmp_path_factory.mktemp("biased-model")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=256, attention_bias=True, mlp_bias=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_small_model(tmp_path_factory.mktemp("biased-model"), attention_bias=True, mlp_bias=True)
 
 
 def test_bias_trains_only_the_biases_and_saves_the_whole_model(biased_model, small_data, job_factory, tmp_path,
