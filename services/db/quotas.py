@@ -39,12 +39,13 @@ def usage(s: Session, tenant_id: str) -> dict[str, float]:
 
 
 def admission(s: Session, run: StageRun) -> str | None:
-    """Why ``run`` may not start now, or None when its tenant's quotas allow it. The tenant's row is locked
-    first, so that two dispatchers claiming for one tenant count one after the other."""
+    """Why ``run`` may not start now, or None when its tenant's quotas allow it. A tenant with quotas has its
+    row locked before counting, so that two dispatchers claiming for it count one after the other."""
     job = s.get(Job, run.job_id)
-    tenant = s.get(Tenant, job.tenant_id, with_for_update=True, populate_existing=True)
+    tenant = s.get(Tenant, job.tenant_id)
     if tenant.max_running_stages is None and tenant.max_gpus is None and tenant.max_artifact_bytes is None:
         return None
+    s.refresh(tenant, with_for_update=True)
     used = usage(s, tenant.id)
     if tenant.max_running_stages is not None and used["running_stages"] >= tenant.max_running_stages:
         return (f"tenant {tenant.name} runs {used['running_stages']} stage(s) at once, its max_running_stages "
