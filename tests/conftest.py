@@ -43,32 +43,9 @@ def pytest_report_header(config) -> list[str]:
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory) -> Path:
     """A 2-layer Llama with random weights and a small byte-level BPE tokenizer, saved as a local folder."""
+    from data_helpers import build_small_model
+
     return build_small_model(tmp_path_factory.mktemp("small-model"))
-
-
-def build_small_model(path: Path, **config) -> Path:
-    """The small model (``config`` overrides its LlamaConfig, e.g. biases) and its tokenizer, saved in ``path``."""
-    import torch
-    from data_helpers import build_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **config,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -178,7 +178,7 @@ def test_ia3_respects_a_target_list(small_model, small_data, job_factory, tmp_pa
 @pytest.fixture(scope="module")
 def biased_model(tmp_path_factory) -> Path:
     """The small model's shape with biases on every attention and MLP projection (as Qwen2's q/k/v have)."""
-    from conftest import build_small_model
+    from data_helpers import build_small_model
 
     return build_small_model(tmp_path_factory.mktemp("biased-model"), attention_bias=True, mlp_bias=True)
 

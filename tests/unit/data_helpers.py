@@ -1,6 +1,7 @@
 """A tiny byte-level BPE tokenizer built in memory, for data tests that must not touch the model hub."""
 
 import itertools
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -170,3 +171,27 @@ STYLE_TOKENS = {
 def style_tokenizer(style: str) -> PreTrainedTokenizerFast:
     """The tiny tokenizer with a model family's turn tokens and its chat template as shipped."""
     return build_tokenizer(**STYLE_TOKENS[style])
+
+
+def build_small_model(path: Path, **config) -> Path:
+    """The small model (``config`` overrides its LlamaConfig, e.g. biases) and its tokenizer, saved in ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
