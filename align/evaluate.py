@@ -6,6 +6,8 @@ import torch
 
 from align.data import collate, tokenize
 from align.engine.dist import Rank, all_reduce_sum
+from align.generation import CachedGenerator, SamplingParams
+from align.models.adapters import is_prompt_learning
 
 
 def _shard(items: list, rank: Rank) -> tuple[list, list[bool]]:
@@ -34,7 +36,9 @@ def exact_match(
     """Fraction of held-out rows whose greedy answer equals the reference answer (both stripped).
 
     Rows are SFT or preference rows; the reference is the completion, the last assistant message,
-    or the chosen response. Every rank answers its share; the counts are summed over ranks.
+    or the chosen response. Every rank answers its share; the counts are summed over ranks. A prefix- or
+    prompt-tuned model answers through :class:`align.generation.CachedGenerator`, which places its virtual
+    tokens as training did (peft's ``generate`` does not: :mod:`align.generation`).
     """
     prompts = [tokenize.tokenize_prompt(row, row["_format"], tokenizer, max_prompt_length) for row in rows]
     prompts = [p for p in prompts if p.get("reference") is not None]
@@ -44,21 +48,27 @@ def exact_match(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    virtual_tokens = is_prompt_learning(model)
     correct = total = 0
     try:
         for begin in range(0, len(mine), batch_size):
             chunk = mine[begin : begin + batch_size]
-            batch = collate.collate_prompts(chunk, tokenizer.pad_token_id)
-            output = model.generate(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                synced_gpus=synced_gpus,
-            )
-            answers = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            if virtual_tokens:
+                greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+                answers = [c.text for c in CachedGenerator(model, tokenizer, synced=synced_gpus).generate(
+                    [item["prompt_input_ids"] for item in chunk], greedy)]
+            else:
+                batch = collate.collate_prompts(chunk, tokenizer.pad_token_id)
+                output = model.generate(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    synced_gpus=synced_gpus,
+                )
+                answers = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             for item, answer, keep in zip(chunk, answers, counted[begin : begin + batch_size]):
                 if keep:
                     total += 1

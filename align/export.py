@@ -11,7 +11,9 @@
 - a fully fine-tuned or bias-trained artifact's weights are the model already and are copied as they are.
 
 A PiSSA or OLoRA adapter was saved as a plain LoRA adapter on the untouched base
-(:func:`align.models.adapters.lora_from_mutated_init`), so it merges like any other.
+(:func:`align.models.adapters.lora_from_mutated_init`), so it merges like any other. A prefix- or
+prompt-tuning adapter has nothing to merge (its virtual tokens are inputs, not a change of weights): it is
+exported as the adapter, and ``merge`` is refused.
 
 Every export carries the artifact's tokenizer with its chat template and a model card (``README.md``):
 the artifact's own card (stages, data fingerprints, final metrics, lineage, precision) with front matter
@@ -52,8 +54,8 @@ def export_artifact(
 
     ``dtype`` is what merged weights are saved in: ``auto`` keeps the base model's own (its config's
     ``torch_dtype``, fp32 when it names none), else ``fp32``, ``bf16`` or ``fp16``. ``artifact_root`` is the
-    store a base model named ``artifact:<id>`` is read from. Raises :class:`ExportError` for a reward model
-    or an unknown dtype, and when ``dest`` holds files.
+    store a base model named ``artifact:<id>`` is read from. Raises :class:`ExportError` for a reward model,
+    an unknown dtype, ``merge`` of a prefix- or prompt-tuning adapter, and when ``dest`` holds files.
     """
     folder, dest = Path(folder), Path(dest)
     if dtype != "auto" and dtype not in DTYPES:
@@ -69,6 +71,11 @@ def export_artifact(
     if kind == REWARD_MODEL_KIND:
         raise ExportError(f"artifact {manifest.get('artifact_id', folder)} is a reward model; export exports "
                           "policies (an sft, dpo, orpo, simpo, ppo, grpo or rloo stage's artifact)")
+    if adapter and merge and (method := _prompt_learning_method(folder)) is not None:
+        raise ExportError(f"artifact {manifest.get('artifact_id', folder)} is a {method} adapter: its virtual "
+                          "tokens go in front of every input and change no weight, so there is no merged model "
+                          "to write; export it without --merge (merge=False), as the adapter that "
+                          "PeftModel.from_pretrained loads on the base model")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ExportError(f"{dest} is not empty; give a new or empty folder")
     staging = dest.parent / f".{dest.name}.partial"
@@ -116,6 +123,16 @@ def merged_model(folder: Path, base_folder: Path) -> torch.nn.Module:
         base = load_causal_lm(base_folder, TRAINING_DTYPES[precision], quantization).dequantize().float()
     model = PeftModel.from_pretrained(base, folder, is_trainable=False)
     return model.merge_and_unload().eval()
+
+
+PROMPT_LEARNING_METHODS = {"PREFIX_TUNING": "prefix-tuning", "PROMPT_TUNING": "prompt-tuning"}
+"""peft types of the adapters that add virtual tokens instead of changing weights, and what to call them."""
+
+
+def _prompt_learning_method(folder: Path) -> str | None:
+    """What the adapter in ``folder`` is when it adds virtual tokens (prefix or prompt tuning); else None."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    return PROMPT_LEARNING_METHODS.get(config.get("peft_type"))
 
 
 def card_quantization(folder: Path) -> QuantizationSpec | None:

@@ -4,6 +4,12 @@ A :class:`Generator` turns token-id prompts into completions. :class:`HFGenerato
 Hugging Face ``generate``; :class:`CachedGenerator`, which the stages use, runs its own sampling
 loop over the same model, encoding each prompt once for all its samples and drawing the same
 tokens. A vLLM or SGLang engine can implement the same protocol.
+
+A prefix- or prompt-tuned peft model samples through :class:`CachedGenerator` only. With the transformers
+release align runs on, peft's ``generate`` leaves a prefix's keys and values out (a prefix-tuned model
+generates what its base model would) and, for prompt tuning, picks other tokens than the model's own greedy
+choice once prompts are padded or after the first new token; the loop here places the virtual tokens as the
+model's forward does in training.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from align.models.adapters import is_prompt_learning
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,11 @@ class CachedGenerator(HFGenerator):
 
     With ``synced`` (ZeRO-3, where every forward gathers parameters from all ranks) every rank keeps
     stepping until all ranks' completions have finished, like ``generate(synced_gpus=True)``.
+
+    A prefix- or prompt-tuned peft model (prompt learning) is run as its forward runs in training: its
+    virtual tokens first, the real tokens at positions from ``num_virtual_tokens`` on. The loop calls the
+    base model itself, with the prefix's keys and values as the first entries of the cache, or the prompt's
+    virtual embeddings in front of each left-padded prompt (``[virtual][padding][prompt]``).
     """
 
     def __init__(self, model: Any, tokenizer: Any, synced: bool = False) -> None:
@@ -205,8 +218,6 @@ class CachedGenerator(HFGenerator):
         return done
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        from transformers import DynamicCache
-
         if not prompts:
             return []
         input_ids, attention_mask = self._left_padded(prompts)
@@ -219,15 +230,12 @@ class CachedGenerator(HFGenerator):
         try:
             with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
                 torch.manual_seed(params.seed)
-                positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-                cache = DynamicCache()  # filled in place by each forward
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                 use_cache=True, logits_to_keep=1, **cache_argument(self.model, cache))
+                model, cache, attention_mask, position, logits = self._prefill(input_ids, attention_mask)
                 if n > 1:
                     cache.batch_repeat_interleave(n)
-                logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+                logits = logits.repeat_interleave(n, dim=0)
                 attention_mask = attention_mask.repeat_interleave(n, dim=0)
-                position = positions[:, -1:].repeat_interleave(n, dim=0)
+                position = position.repeat_interleave(n, dim=0)
                 finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
                 for step in range(params.max_new_tokens):
                     tokens = torch.where(finished, self.pad_token_id, self._draw(logits.float(), params))
@@ -237,14 +245,43 @@ class CachedGenerator(HFGenerator):
                         break
                     attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
                     position = position + 1
-                    out = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position,
-                                     use_cache=True, **cache_argument(self.model, cache))
+                    out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position,
+                                use_cache=True, **cache_argument(model, cache))
                     logits = out.logits[:, -1]
         finally:
             self.model.train(was_training)
         # Rows that finished early hold padding after their EOS, which _completion cuts off.
         rows = torch.stack(drawn, dim=1).tolist()
         return [self._completion(row // n, tokens) for row, tokens in enumerate(rows)]
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Encode the left-padded prompts: ``(model, cache, attention_mask, position, logits)``, where ``model``
+        runs the decoding steps on ``cache``, ``attention_mask`` covers every cached position, ``position``
+        (batch, 1) is each prompt's last position and ``logits`` (batch, vocab) predict the first token."""
+        from transformers import DynamicCache
+
+        if not is_prompt_learning(self.model):
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache()  # filled in place by each forward
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=1, **cache_argument(self.model, cache))
+            return self.model, cache, attention_mask, positions[:, -1:], out.logits[:, -1]
+        peft_model = self.model
+        config, base = peft_model.active_peft_config, peft_model.get_base_model()
+        batch, virtual = input_ids.shape[0], config.num_virtual_tokens
+        attention_mask = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], dim=1)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if config.peft_type == "PREFIX_TUNING":
+            cache = peft_model.get_prompt(batch_size=batch)  # the prefix's keys and values, in a DynamicCache
+            inputs = {"input_ids": input_ids, "position_ids": positions[:, virtual:]}
+        else:
+            cache = DynamicCache()
+            embeddings = peft_model.word_embeddings(input_ids)
+            prompt = peft_model.get_prompt(batch_size=batch).to(embeddings.dtype)
+            inputs = {"inputs_embeds": torch.cat([prompt, embeddings], dim=1), "position_ids": positions}
+        out = base(**inputs, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
+                   **cache_argument(base, cache))
+        return base, cache, attention_mask, positions[:, -1:], out.logits[:, -1]
 
     @staticmethod
     def _draw(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

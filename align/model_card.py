@@ -40,6 +40,7 @@ _TYPE_HYPERPARAMETERS = {
     "rloo": ("reward", "group_size", "kl_coef", "clip_eps", "max_new_tokens", "temperature"),
 }
 _ADAPTER_NAMES = {"lora": "LoRA adapter", "dora": "DoRA adapter", "ia3": "IA3 adapter",
+                  "prefix": "prefix-tuning adapter", "prompt": "prompt-tuning adapter",
                   "bias": "bias-tuned (BitFit) model", "full": "fully fine-tuned model"}
 
 
@@ -222,6 +223,8 @@ def _adapter_text(job: JobSpec) -> str:
         return "full fine-tuning (every weight trained)"
     if adapter.type == "bias":
         return "bias terms only (BitFit; every other weight is the base model's)"
+    if adapter.is_prompt_learning:
+        return _virtual_tokens_text(adapter.type, adapter.num_virtual_tokens, adapter.prompt_init_text)
     targets = adapter.target_modules
     if not isinstance(targets, str):
         targets = ", ".join(targets)
@@ -241,7 +244,21 @@ def _config_type(config: dict[str, Any]) -> str:
     """The adapter type of a saved ``adapter_config.json``."""
     if config.get("peft_type") == "IA3":
         return "ia3"
+    if config.get("peft_type") in ("PREFIX_TUNING", "PROMPT_TUNING"):
+        return "prefix" if config["peft_type"] == "PREFIX_TUNING" else "prompt"
     return "dora" if config.get("use_dora") else "lora"
+
+
+def _virtual_tokens_text(kind: str, virtual_tokens: int, init_text: str | None) -> str:
+    """A prefix- or prompt-tuning adapter: its virtual tokens and, for prompt tuning, how they started (a long
+    starting text cut to its first 200 characters)."""
+    text = f"{kind} num_virtual_tokens={virtual_tokens}"
+    if kind == "prompt" and init_text is not None:
+        shown = init_text if len(init_text) <= 200 else init_text[:200] + "..."
+        text += f" init=text {json.dumps(shown, ensure_ascii=False)}"
+    elif kind == "prompt":
+        text += " init=random"
+    return text
 
 
 def _continued_adapter_text(config: dict[str, Any], job: JobSpec) -> str:
@@ -249,6 +266,10 @@ def _continued_adapter_text(config: dict[str, Any], job: JobSpec) -> str:
     if not isinstance(targets, str):
         targets = ", ".join(sorted(targets))
     kind = _config_type(config)
+    if kind in ("prefix", "prompt"):
+        init_text = config.get("prompt_tuning_init_text") if config.get("prompt_tuning_init") == "TEXT" else None
+        virtual = _virtual_tokens_text(kind, config.get("num_virtual_tokens"), init_text)
+        return f"{virtual}, continued from `{job.base_model}`"
     if kind == "ia3":
         feedforward = ", ".join(sorted(config.get("feedforward_modules") or []))
         return f"ia3 targets={targets} feedforward={feedforward}, continued from `{job.base_model}`"

@@ -180,11 +180,17 @@ def adapter_parameters(shape: ModelShape, adapter: Any, head: str = "lm") -> int
     adds a magnitude vector of ``out``. IA3 learns one vector per targeted linear: ``in`` for a feed-forward
     module (:data:`IA3_FEEDFORWARD`), ``out`` for the others. On a reward model or critic (``head="score"``)
     peft also trains a copy of the scalar head (``modules_to_save``): ``hidden``; bias training trains that
-    head too. Full fine-tuning trains every parameter, bias training every linear layer's bias.
+    head too. Full fine-tuning trains every parameter, bias training every linear layer's bias. Prefix tuning
+    learns a key and a value per virtual token in every layer, ``2·kv_dim`` each (peft sizes them for the
+    key-value heads); prompt tuning one input embedding per virtual token, ``hidden``.
     """
     if adapter.type == "full":
         return shape.parameters(head)
     head_copy = shape.head_parameters("score") if head == "score" else 0
+    if adapter.type == "prefix":
+        return adapter.num_virtual_tokens * shape.num_layers * 2 * shape.kv_dim + head_copy
+    if adapter.type == "prompt":
+        return adapter.num_virtual_tokens * shape.hidden_size + head_copy
     if adapter.type == "bias":
         biases = sum(linear.out_features for linear in shape.layer_linears() if linear.bias)
         return shape.num_layers * biases + head_copy

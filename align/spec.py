@@ -91,7 +91,8 @@ HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"report_to": []}
 """Job fields :meth:`JobSpec.hash` leaves out while they hold this default (their JSON form)."""
 STAGE_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"padding_free": True, "gate": None, "resources": None}
 """Stage fields :meth:`JobSpec.hash` leaves out while they hold this default."""
-ADAPTER_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"rslora": False, "init": "default"}
+ADAPTER_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"rslora": False, "init": "default", "num_virtual_tokens": 20,
+                                                 "prompt_init_text": None}
 """``adapter`` fields :meth:`JobSpec.hash` leaves out while they hold this default."""
 MAX_REPORTED_ERRORS = 50
 """Most problems a :class:`SpecError` lists; a spec with more gets a count of the rest."""
@@ -110,7 +111,8 @@ class JobSpec(SpecModel):
     full fine-tuning trains. DPO's reference is that policy, and the first stage's artifact lists it as
     its parent. `align train` and `align validate` look the id up in the local artifact store."""
     adapter: AdapterSpec = AdapterSpec()
-    """How the policy trains: LoRA, DoRA, IA3, its biases only (BitFit) or full fine-tuning."""
+    """How the policy trains: LoRA, DoRA, IA3, prefix or prompt tuning, its biases only (BitFit) or full
+    fine-tuning."""
     quantization: QuantizationSpec | None = None
     """Quantise the frozen base weights (QLoRA). Unset: no quantisation."""
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
@@ -167,6 +169,8 @@ class JobSpec(SpecModel):
         for i, stage in enumerate(self.stages):
             if stage.type in ONLINE_STAGE_TYPES:
                 self._check_online_stage(i, stage)
+            if (problem := adapter.stage_problem(stage.type, f"stages[{i}]")) is not None:
+                raise ValueError(problem)
             if stage.type in ONLINE_STAGE_TYPES and not adapter.is_peft:
                 raise ValueError(
                     f"stages[{i}].type: '{stage.type}' needs adapter.type 'lora', 'dora' or 'ia3' (got "

@@ -23,19 +23,28 @@ MAX_TOKENS = 1 << 20
 """Upper bound of every token length in a spec."""
 
 
-PEFT_ADAPTERS = ("lora", "dora", "ia3")
+PEFT_ADAPTERS = ("lora", "dora", "ia3", "prefix", "prompt")
 """Adapter types that train a peft adapter beside frozen base weights; the artifact is the adapter."""
+PROMPT_LEARNING_ADAPTERS = ("prefix", "prompt")
+"""Adapter types that add virtual tokens in front of every sequence instead of changing weights (peft's prompt
+learning): the keys and values of prefix tuning, the input embeddings of prompt tuning."""
 WHOLE_MODEL_ADAPTERS = ("full", "bias")
 """Adapter types whose artifact is the whole model (no peft wrapper): every weight trains, or only the biases."""
 
 
 class AdapterSpec(SpecModel):
-    type: Literal["lora", "dora", "ia3", "bias", "full"] = "lora"
+    type: Literal["lora", "dora", "ia3", "prefix", "prompt", "bias", "full"] = "lora"
     """`lora` (low-rank adapter), `dora` (weight-decomposed LoRA), `ia3` (IA3, Liu et al. 2022: learned vectors
-    that rescale the keys, the values and the feed-forward activations), `bias` (BitFit, Ben Zaken et al. 2022:
-    only the model's bias parameters train; the artifact is the whole model, loadable with plain transformers;
-    a model without biases, as Llama-style models usually are, is refused when the stage starts) or `full`
-    (every weight trains)."""
+    that rescale the keys, the values and the feed-forward activations), `prefix` (prefix tuning, Li and Liang
+    2021: `num_virtual_tokens` learned keys and values in front of every sequence, in every layer), `prompt`
+    (prompt tuning, Lester et al. 2021: `num_virtual_tokens` learned input embeddings in front of every
+    sequence), `bias` (BitFit, Ben Zaken et al. 2022: only the model's bias parameters train; the artifact is the
+    whole model, loadable with plain transformers; a model without biases, as Llama-style models usually are, is
+    refused when the stage starts) or `full` (every weight trains). `prefix` and `prompt` train the offline policy
+    stages (sft and the preference stages) on padded batches: their virtual tokens have no place in packed rows,
+    so such a stage pads whatever its `padding_free` says, and says so. Online stages (ppo, grpo, rloo) and rm
+    stages are refused with them, and their artifact cannot be exported merged (`align export` without
+    `--merge` gives the adapter)."""
     r: int = Field(16, ge=1, le=1024)
     """LoRA rank (`lora` and `dora`; ignored by the other types)."""
     alpha: float = Field(32.0, gt=0, le=1e6)
@@ -63,11 +72,42 @@ class AdapterSpec(SpecModel):
     (peft's conversion), so it loads like any other. Only the first adapter of a job is initialised this
     way (a stage continuing an adapter loads it); reward-model and critic adapters start as `default`.
     Not with `quantization`."""
+    num_virtual_tokens: int = Field(20, ge=1, le=MAX_TOKENS)
+    """Virtual tokens of `prefix` and `prompt` (ignored by the other types). Each sequence the model sees is this
+    much longer: a stage's `max_length` counts the real tokens only."""
+    prompt_init_text: str | None = Field(None, min_length=1, max_length=100_000)
+    """Text whose token embeddings start the virtual tokens of `prompt` (peft's `TEXT` initialisation: its
+    tokens repeated or cut to `num_virtual_tokens`), e.g. a description of the task. Unset: random embeddings
+    (peft's `RANDOM`). `prompt` only."""
 
     @property
     def is_peft(self) -> bool:
         """Whether the policy is a peft adapter on frozen base weights (else the artifact is the whole model)."""
         return self.type in PEFT_ADAPTERS
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Whether the adapter adds virtual tokens (prefix or prompt tuning) rather than changing weights."""
+        return self.type in PROMPT_LEARNING_ADAPTERS
+
+    def stage_problem(self, stage_type: str, where: str) -> str | None:
+        """Why this adapter cannot train the stage ``where`` (e.g. ``stages[2]``) of ``stage_type``: a message
+        that starts with the field to change; None when it can."""
+        if not self.is_prompt_learning:
+            return None
+        if stage_type in ("ppo", "grpo", "rloo"):
+            return (f"adapter.type: '{self.type}' cannot train {where}, a {stage_type} stage: online stages "
+                    "sample completions and score them through their own KV cache over left-padded prompts with "
+                    "explicit positions, which peft's prefix tuning replaces (the cache) and prompt tuning ignores "
+                    "(the positions); use adapter.type 'lora', 'dora' or 'ia3' for a job with ppo, grpo or rloo "
+                    "stages")
+        if stage_type == "rm":
+            return (f"adapter.type: '{self.type}' cannot train {where}, an rm stage: wherever a reward model "
+                    "scores (PPO's critic, the rewards of online stages, held-out reward evaluation) it is read "
+                    "through its body alone, and a policy adapter it starts from is merged into its weights; "
+                    "virtual tokens are neither; use adapter.type 'lora', 'dora' or 'ia3' for a job with an rm "
+                    "stage")
+        return None
 
     @model_validator(mode="after")
     def _type_rules(self) -> AdapterSpec:
@@ -77,9 +117,12 @@ class AdapterSpec(SpecModel):
         if self.init != "default" and self.type != "lora":
             raise ValueError(f"adapter.init: '{self.init}' initialises LoRA matrices; it needs adapter.type 'lora' "
                              f"(got '{self.type}'); set init: default")
-        if self.lora_plus_ratio is not None and self.type in ("ia3", "bias"):
+        if self.lora_plus_ratio is not None and self.type in ("ia3", "bias", *PROMPT_LEARNING_ADAPTERS):
             raise ValueError(f"adapter.lora_plus_ratio: LoRA+ speeds up LoRA's B matrices and adapter.type "
                              f"'{self.type}' has none; remove lora_plus_ratio")
+        if self.prompt_init_text is not None and self.type != "prompt":
+            raise ValueError(f"adapter.prompt_init_text: starts the virtual tokens of adapter.type 'prompt', not "
+                             f"'{self.type}'; remove prompt_init_text")
         return self
 
 

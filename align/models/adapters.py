@@ -1,10 +1,14 @@
-"""Adapters on the base model (LoRA, DoRA, QLoRA, IA3), bias-only training (BitFit), saving them, and LoRA+
-parameter groups.
+"""Adapters on the base model (LoRA, DoRA, QLoRA, IA3, prefix and prompt tuning), bias-only training (BitFit),
+saving them, and LoRA+ parameter groups.
 
 PiSSA and OLoRA start the LoRA matrices from a decomposition of each targeted weight and leave the base
 holding the rest (``W = W_res + s·B0·A0``). The starting matrices are kept (:data:`INITIAL_LORA`): the
 reference policy of a fresh adapter is the base plus them (:func:`add_initial_lora_copy`), and the saved
 adapter is the plain LoRA adapter of the update on the untouched base (:func:`lora_from_mutated_init`).
+
+Prefix and prompt tuning (peft's prompt learning) change no weight: their virtual tokens go in front of every
+sequence, as keys and values in every layer (prefix) or as input embeddings (prompt). A prompt-tuned model's
+forward is made to return logits for the given tokens only (:func:`score_given_tokens_only`).
 """
 
 from __future__ import annotations
@@ -16,10 +20,22 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+)
 from peft.utils import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    PeftType,
+    load_peft_weights,
+    set_peft_model_state_dict,
 )
 
 from align.models.load import ModelError
@@ -47,7 +63,8 @@ def apply_adapter(
     ``init_from`` is an earlier stage's adapter folder: training continues from those weights. With
     ``full`` fine-tuning or ``bias`` the earlier stage's weights are the model itself, so nothing is added.
     ``adapter.init`` applies to a new policy adapter (``task_type`` ``CAUSAL_LM``) only; a reward model's
-    or critic's starts as peft's default.
+    or critic's starts as peft's default. A prompt-tuned model comes back with a forward whose logits are
+    those of the given tokens (:func:`score_given_tokens_only`).
     """
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -61,7 +78,7 @@ def apply_adapter(
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if init_from is not None:
-        return PeftModel.from_pretrained(model, init_from, is_trainable=True)
+        return score_given_tokens_only(continue_adapter(model, init_from))
     config = peft_config(spec, model, task_type)
     if gradient_checkpointing or quantized:
         model.enable_input_require_grads()
@@ -71,11 +88,74 @@ def apply_adapter(
             name: param.detach().to("cpu", copy=True)
             for name, param in model.named_parameters() if ".default." in name and "lora_" in name
         })
+    return score_given_tokens_only(model)
+
+
+def continue_adapter(model: torch.nn.Module, folder: Path) -> PeftModel:
+    """``model`` with the saved adapter in ``folder`` on it, trainable.
+
+    peft loads a prefix- or prompt-tuning adapter for inference only (``PeftModel.from_pretrained`` refuses
+    ``is_trainable``): such an adapter is made anew from its saved config and its virtual tokens loaded into
+    it. One initialised from text is built from its text first (then overwritten), with the tokenizer of
+    this machine's base folder (``model``'s), not the base the artifact names (``builtin:tiny``, another
+    machine's folder).
+    """
+    config = PeftConfig.from_pretrained(folder)
+    if not config.is_prompt_learning:
+        return PeftModel.from_pretrained(model, folder, is_trainable=True)
+    if getattr(config, "prefix_projection", False):
+        raise ModelError(f"the prefix-tuning adapter in {folder} was trained with a prefix projection, which peft "
+                         "saves projected and cannot train further; start a new adapter from the base model")
+    config.inference_mode = False
+    if getattr(config, "prompt_tuning_init", None) == "TEXT":
+        config.tokenizer_name_or_path = str(model.name_or_path)
+    continued = get_peft_model(model, config)
+    set_peft_model_state_dict(continued, load_peft_weights(str(folder)))
+    return continued
+
+
+def score_given_tokens_only(model: torch.nn.Module) -> torch.nn.Module:
+    """A prompt-tuned ``model`` whose forward returns the logits of the tokens it is given, (batch, seq, vocab);
+    any other model as it is.
+
+    Prompt tuning puts its virtual tokens in front of the input embeddings, so peft's forward returns logits
+    for them too, (batch, virtual + seq, vocab); the stages read logits aligned with ``input_ids``. (Prefix
+    tuning's virtual tokens are keys and values only: its logits are aligned already.) peft's
+    ``disable_adapter`` swaps in the base model's forward and back, so the reference passes of a fresh adapter
+    are aligned too.
+    """
+    if not isinstance(model, PeftModel) or model.peft_config["default"].peft_type != PeftType.PROMPT_TUNING:
+        return model
+    prompt_tuned_forward = model.forward
+
+    def forward(*args, **kwargs):
+        output = prompt_tuned_forward(*args, **kwargs)
+        output.logits = output.logits[:, model.active_peft_config.num_virtual_tokens :]
+        return output
+
+    model.forward = forward
     return model
 
 
-def peft_config(spec: AdapterSpec, model: torch.nn.Module, task_type: str) -> LoraConfig | IA3Config:
-    """The peft config of a new ``spec`` adapter on ``model``."""
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (a peft model, a DeepSpeed engine around one, or any model) runs a prefix- or
+    prompt-tuning adapter: virtual tokens in front of every sequence."""
+    if not isinstance(model, PeftModel):
+        model = getattr(model, "module", None)
+    return isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning
+
+
+def peft_config(spec: AdapterSpec, model: torch.nn.Module, task_type: str) -> PeftConfig:
+    """The peft config of a new ``spec`` adapter on ``model``. A prompt-tuning adapter initialised from text reads
+    the tokenizer in the folder ``model`` was loaded from."""
+    if spec.type == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type=task_type)
+    if spec.type == "prompt":
+        if spec.prompt_init_text is None:
+            return PromptTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type=task_type)
+        return PromptTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, prompt_tuning_init="TEXT",
+                                  prompt_tuning_init_text=spec.prompt_init_text,
+                                  tokenizer_name_or_path=str(model.name_or_path), task_type=task_type)
     if spec.type == "ia3":
         targets, feedforward = ia3_modules(spec.target_modules, getattr(model.config, "model_type", None))
         return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type=task_type)
@@ -203,21 +283,33 @@ def save_trainable(
     ``base_model`` is how ``adapter_config.json`` names the base (``base_model_name_or_path``), e.g.
     ``builtin:tiny``, in place of the local folder peft records: the folder the base was loaded from,
     which for ``builtin:tiny`` is a cache folder. It is written after peft saved, since peft reads the
-    base's config.json from that folder while saving.
+    base's config.json from that folder while saving. A prompt-tuning adapter initialised from text names the
+    same base for its tokenizer (``tokenizer_name_or_path``).
     """
     if isinstance(model, PeftModel):
         state = trainable_state_dict(model, zero_stage)
         initial = getattr(model, INITIAL_LORA, None)
         if initial is not None:
             state = lora_from_mutated_init(state, initial)
+        gather = nullcontext()
+        if is_prompt_learning(model) and zero_stage == 3:
+            # peft saves virtual tokens from the prompt encoder itself, not from ``state``.
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(model.prompt_encoder["default"].parameters()),
+                                                       modifier_rank=None)
+        with gather:
+            if write:
+                model.save_pretrained(out_dir, state_dict=state, selected_adapters=["default"])
         if write:
-            model.save_pretrained(out_dir, state_dict=state, selected_adapters=["default"])
             config_file = Path(out_dir) / "adapter_config.json"
             config = json.loads(config_file.read_text())
             if initial is not None:
                 config = converted_lora_config(config)
             if base_model is not None:
                 config["base_model_name_or_path"] = base_model
+                if config.get("tokenizer_name_or_path"):
+                    config["tokenizer_name_or_path"] = base_model
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
         return
     named = list(model.named_parameters())

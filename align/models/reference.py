@@ -18,7 +18,11 @@ class Reference:
 
     - Fresh adapter on the base: the reference is the base, reached by disabling the adapter; after PiSSA or
       OLoRA, whose base holds only the residual, the base with a frozen copy of the adapter's starting
-      matrices (:func:`align.models.adapters.add_initial_lora_copy`).
+      matrices (:func:`align.models.adapters.add_initial_lora_copy`). A fresh prefix- or prompt-tuning
+      adapter is not a no-op (its untrained virtual tokens already change every output); its reference is
+      still the base without them, as TRL's adapter-disabled reference is: the model the job names, not
+      that model behind random or text-initialised virtual tokens. The policy then differs from its
+      reference at step 0 (DPO's first loss is not ln 2).
     - Adapter continued from an earlier stage: a frozen copy of that adapter is loaded beside the
       trainable one and switched in for reference passes.
     - Full fine-tuning has no frozen weights to share; use precomputed reference log-probs instead.
@@ -64,7 +68,8 @@ class Reference:
 
 def _freeze_adapter(model: PeftModel, adapter_name: str) -> None:
     # peft's set_adapter marks the adapter it activates as trainable; the reference never is. A LoRA weight
-    # is named `...lora_A.<adapter>.weight`, an IA3 vector `...ia3_l.<adapter>`.
+    # is named `...lora_A.<adapter>.weight`, an IA3 vector `...ia3_l.<adapter>`, virtual tokens
+    # `prompt_encoder.<adapter>.embedding.weight`.
     for name, param in model.named_parameters():
         if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
             param.requires_grad_(False)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from align.data.collate import collate_preference, collate_sft
 from align.losses.sft import sft_loss
+from align.models.adapters import is_prompt_learning
 from align.models.packed_attention import packed_token_logprobs, use_packed_attention
 from align.ops.logprobs import sequence_logprobs, token_logprobs
 from align.ops.packing import PackedBatch, pack_preference, pack_sft, scored_counts, sequence_sums
@@ -25,8 +26,17 @@ Batch = PackedBatch | dict[str, Tensor]
 def packs(stage, model: torch.nn.Module, message=None) -> bool:
     """Whether ``stage`` trains on packed rows: it asks for ``padding_free`` and ``model`` can attend over
     packed rows (switching it to ``align_packed`` attention). ``message`` hears why a stage that asked
-    to pack pads instead."""
+    to pack pads instead.
+
+    A prefix- or prompt-tuned model pads: its virtual tokens go in front of each sequence, and a packed row
+    holds many sequences in one."""
     if not getattr(stage, "padding_free", False):
+        return False
+    if is_prompt_learning(model):
+        if message is not None:
+            kind = "prefix" if model.active_peft_config.peft_type == "PREFIX_TUNING" else "prompt"
+            message(f"padding_free: the {kind}-tuning adapter puts its virtual tokens in front of every sequence, "
+                    "which packed rows cannot hold; batches are padded")
         return False
     if use_packed_attention(model):
         return True

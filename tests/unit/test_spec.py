@@ -56,13 +56,14 @@ def test_yaml_and_json_give_the_same_job(tmp_path):
 
 def test_spec_hash_is_the_sha256_of_canonical_json():
     """The hash covers the validated spec, defaults filled (but an empty report_to, the adapter's default
-    rslora and init, a stage's default padding_free and unset gate and resources), as JSON with sorted keys
-    and no spaces."""
+    rslora, init, num_virtual_tokens and prompt_init_text, a stage's default padding_free and unset gate and
+    resources), as JSON with sorted keys and no spaces."""
     job = parse_spec(base())
     reordered = parse_spec({"stages": [{"data": {"path": "d.jsonl"}, "type": "sft"}], "base_model": "builtin:tiny",
                             "name": "job"})
     assert job.hash() == reordered.hash()
-    dumped = job.model_dump(mode="json", exclude={"report_to": True, "adapter": {"rslora", "init"},
+    adapter_omits = {"rslora", "init", "num_virtual_tokens", "prompt_init_text"}
+    dumped = job.model_dump(mode="json", exclude={"report_to": True, "adapter": adapter_omits,
                                                   "stages": {0: {"padding_free", "gate", "resources"}}})
     canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     assert canonical.startswith('{"adapter":{"alpha":32.0,"dropout":0.05,"lora_plus_ratio":null,"r":16,')
@@ -317,10 +318,15 @@ def test_adapter_methods_and_what_they_refuse():
 
 
 def test_spec_hash_ignores_the_adapter_fields_at_their_defaults():
-    """Jobs stored before rslora and init existed keep their hash; setting either changes it."""
-    assert parse_spec(base(adapter={"rslora": False, "init": "default"})).hash() == parse_spec(base()).hash()
+    """Jobs stored before rslora, init, num_virtual_tokens and prompt_init_text existed keep their hash; setting
+    any changes it."""
+    at_defaults = {"rslora": False, "init": "default", "num_virtual_tokens": 20, "prompt_init_text": None}
+    assert parse_spec(base(adapter=at_defaults)).hash() == parse_spec(base()).hash()
     assert parse_spec(base(adapter={"rslora": True})).hash() != parse_spec(base()).hash()
     assert parse_spec(base(adapter={"init": "pissa"})).hash() != parse_spec(base()).hash()
+    prompt = parse_spec(base(adapter={"type": "prompt"})).hash()
+    assert parse_spec(base(adapter={"type": "prompt", "num_virtual_tokens": 8})).hash() != prompt
+    assert parse_spec(base(adapter={"type": "prompt", "prompt_init_text": "add"})).hash() != prompt
 
 
 def test_spec_reference_in_docs_is_current():
