@@ -70,7 +70,7 @@ def export_artifact(
         raise ExportError(str(error)) from None
     if kind == REWARD_MODEL_KIND:
         raise ExportError(f"artifact {manifest.get('artifact_id', folder)} is a reward model; export exports "
-                          "policies (an sft, dpo, orpo, simpo, ppo, grpo or rloo stage's artifact)")
+                          "policies (an sft, dpo, orpo, simpo, kto, ppo, grpo or rloo stage's artifact)")
     if adapter and merge and (method := _prompt_learning_method(folder)) is not None:
         raise ExportError(f"artifact {manifest.get('artifact_id', folder)} is a {method} adapter: its virtual "
                           "tokens go in front of every input and change no weight, so there is no merged model "

@@ -35,6 +35,7 @@ _TYPE_HYPERPARAMETERS = {
     "dpo": ("beta", "loss", "label_smoothing", "sft_weight", "reference"),
     "orpo": ("beta",),
     "simpo": ("beta", "gamma", "label_smoothing", "sft_weight"),
+    "kto": ("beta", "desirable_weight", "undesirable_weight", "reference"),
     "ppo": ("reward", "kl_coef", "clip_eps", "ppo_epochs", "critic_lr", "max_new_tokens", "temperature"),
     "grpo": ("reward", "group_size", "kl_coef", "clip_eps", "max_new_tokens", "temperature"),
     "rloo": ("reward", "group_size", "kl_coef", "clip_eps", "max_new_tokens", "temperature"),

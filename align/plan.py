@@ -35,6 +35,8 @@ from align.spec import MODEL_REWARD, PAIR_STAGE_TYPES, POLICY_STAGE_TYPES, Adapt
 
 REFERENCE_FREE = ("orpo", "simpo")
 """Pair stages that hold no reference model."""
+REFERENCED = ("dpo", "kto")
+"""Stages whose reference may be live or precomputed (``reference``)."""
 
 TRAIN_FLOPS_PER_PARAMETER = 6
 """Forward 2 and backward 4 flops per parameter and token (Kaplan et al. 2020); 8 with recomputation."""
@@ -234,7 +236,7 @@ def _residents(job: JobSpec, index: int, shape: ModelShape, dtype_bytes: int) ->
         return _model("reward model", shape, job, "score", dtype_bytes, "reward model", trains=True)
     policy_adapter = _policy_adapter(job, index)
     held = _model("policy", shape, job, "lm", dtype_bytes, "policy", trains=True, adapter_spec=policy_adapter)
-    live_reference = stage.reference == "live" if stage.type == "dpo" else stage.type not in REFERENCE_FREE
+    live_reference = stage.reference == "live" if stage.type in REFERENCED else stage.type not in REFERENCE_FREE
     # A fresh PiSSA/OLoRA adapter's reference is the residual base plus a frozen copy of its starting matrices.
     if live_reference and (_continues_adapter(job, index) or job.adapter.init != "default"):
         held.append(_adapter_copy("reference adapter", shape, policy_adapter, "lm", dtype_bytes, "policy"))
@@ -258,7 +260,8 @@ def _work(job: JobSpec, index: int) -> _Work:
         return _Work((_Train((Pass(batch, length, length, scored),)),))
     if stage.type == "rm":
         return _Work((_Train((Pass(2 * batch, length, length, 0),), head="score"),))
-    if stage.type in PAIR_STAGE_TYPES:
+    if stage.type in (*PAIR_STAGE_TYPES, "kto"):
+        # KTO's rows go through like pairs: each completion, and the completion it takes for the KL estimate.
         scored = 2 * batch * (length - 1) if stage.padding_free else 2 * batch * length
         pairs = Pass(2 * batch, length, length, scored)
         if stage.type in REFERENCE_FREE:

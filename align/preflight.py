@@ -18,7 +18,7 @@ from align.data import load
 from align.spec import JobSpec
 
 DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "orpo": "preference", "simpo": "preference",
-             "ppo": "prompt", "grpo": "prompt", "rloo": "prompt"}
+             "kto": "unpaired", "ppo": "prompt", "grpo": "prompt", "rloo": "prompt"}
 TEMPLATE_SAMPLE_ROWS = 8
 """Rows rendered per file by the chat-template check: the first ones, plus the first row with a system
 turn and the first with several assistant turns among the first ``TEMPLATE_SCAN_ROWS``."""
@@ -257,6 +257,8 @@ def check_chat_template(rows, fmt: load.Format, kind: load.Kind, tokenizer, path
                 tokenize.tokenize_sft(row, fmt, tokenizer, max_length=1 << 30)
             elif kind == "preference":
                 tokenize.tokenize_preference(row, fmt, tokenizer, max_length=1 << 30)
+            elif kind == "unpaired":
+                tokenize.tokenize_unpaired(row, fmt, tokenizer, max_length=1 << 30)
             else:
                 tokenize.tokenize_prompt(row, fmt, tokenizer)
         except load.TemplateError as error:

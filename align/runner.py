@@ -1,7 +1,7 @@
 """Run a job's stages in order on this machine, without the service.
 
 Each stage starts from what :func:`align.lineage.stage_inputs` says: the policy the last policy stage
-(sft, dpo, orpo, simpo, ppo, grpo, rloo) published, and for online stages that score with a reward model, the one
+(sft, dpo, orpo, simpo, kto, ppo, grpo, rloo) published, and for online stages that score with a reward model, the one
 their spec names or the latest one the job trained. A stage with one worker runs in this process; with
 several it runs under torchrun, one process per rank, each with its share of the CPU threads.
 """
@@ -28,10 +28,10 @@ from align.tracking import MLFLOW_TRACKING_URI_ENV
 
 def run_stage(ctx: StageContext) -> StageResult:
     """Run one stage in this process (one rank of it, when launched by torchrun or Ray)."""
-    from align.stages import dpo, grpo, ppo, reference_free, rm, sft
+    from align.stages import dpo, grpo, kto, ppo, reference_free, rm, sft
 
     runs = {"sft": sft.run, "rm": rm.run, "dpo": dpo.run, "orpo": reference_free.run, "simpo": reference_free.run,
-            "ppo": ppo.run, "grpo": grpo.run, "rloo": grpo.run}
+            "kto": kto.run, "ppo": ppo.run, "grpo": grpo.run, "rloo": grpo.run}
     try:
         return runs[ctx.stage.type](ctx)
     except BaseException:

@@ -23,6 +23,7 @@ SECTIONS = [
     ("Stage `dpo`", spec.DPOStage),
     ("Stage `orpo`", spec.ORPOStage),
     ("Stage `simpo`", spec.SimPOStage),
+    ("Stage `kto`", spec.KTOStage),
     ("Stage `ppo`", spec.PPOStage),
     ("Stage `grpo` / `rloo`", spec.GRPOStage),
 ]

@@ -19,6 +19,10 @@ model is asked at inference. The splits, with their columns and purpose:
   the correct answer (greedy exact match).
 - ``prompts`` (``prompt`` as the user turn): prompts only, for reinforcement learning with
   :func:`exact_answer_reward`.
+- ``kto`` (``prompt`` as the user turn, ``completion`` as the assistant turn, ``label``): unpaired rows, one
+  answer per prompt, in TRL's KTO layout: the right parity with ``label`` true (desirable) for about
+  half of them, the wrong parity with ``label`` false for the rest.
+- ``kto_eval`` (as ``kto``): held-out unpaired rows.
 - ``eval_tell`` (as ``eval``): the ``tell`` rows of ``eval``, the family supervised fine-tuning gets
   mostly wrong.
 
@@ -39,7 +43,7 @@ from pathlib import Path
 
 from align.paths import cache_dir
 
-TASK_VERSION = 4
+TASK_VERSION = 5
 SEED = 1234
 MAX_DIGITS = 5
 PHRASINGS = {
@@ -48,9 +52,11 @@ PHRASINGS = {
 }
 FAMILIES = tuple(PHRASINGS)
 ANSWERS = ("even", "odd")
-SPLIT_SIZES = {"sft": 512, "prefs": 640, "prefs_eval": 128, "eval": 160, "prompts": 192}
+SPLIT_SIZES = {"sft": 512, "prefs": 640, "prefs_eval": 128, "eval": 160, "prompts": 192, "kto": 640, "kto_eval": 128}
 MISTAKE_RATE = {"ask": 0.1, "tell": 0.9}
 """Fraction of ``sft`` demonstrations, per family, that give the wrong parity."""
+DESIRABLE_RATE = 0.5
+"""Fraction of ``kto`` and ``kto_eval`` rows whose answer is right (``label`` true)."""
 
 DERIVED_SPLITS = {"eval_tell": ("eval", "tell")}
 """Splits that are one family's rows of another split: (source split, family)."""
@@ -143,6 +149,10 @@ def build_splits(seed: int = SEED) -> dict[str, list[dict]]:
                 rows.append({"prompt": question, "chosen": _reply(correct), "rejected": _reply(mistake(correct))})
             elif split == "eval":
                 rows.append({"prompt": question, "completion": _reply(correct)})
+            elif split in ("kto", "kto_eval"):
+                desirable = rng.random() < DESIRABLE_RATE
+                answer = correct if desirable else mistake(correct)
+                rows.append({"prompt": question, "completion": _reply(answer), "label": desirable})
             else:
                 rows.append({"prompt": question})
         splits[split] = rows
@@ -157,7 +167,7 @@ def _reply(answer: str) -> list[dict]:
 
 def data_key() -> str:
     """Short hash of everything the rows depend on; part of the cache folder's name."""
-    parameters = [TASK_VERSION, SEED, MAX_DIGITS, PHRASINGS, ANSWERS, SPLIT_SIZES, MISTAKE_RATE]
+    parameters = [TASK_VERSION, SEED, MAX_DIGITS, PHRASINGS, ANSWERS, SPLIT_SIZES, MISTAKE_RATE, DESIRABLE_RATE]
     return hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:12]
 
 

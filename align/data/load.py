@@ -9,6 +9,10 @@ Column conventions follow TRL, so files prepared for TRL work unchanged:
 | ``preference`` | preference | ``prompt``, ``chosen``, ``rejected``: strings |
 | ``preference_conversational`` | preference | ``chosen``, ``rejected``: lists of messages; ``prompt`` (optional) |
 | ``prompt`` | prompt | ``prompt``: a string or a list of messages |
+| ``unpaired`` | unpaired | ``prompt``, ``completion`` (strings or lists of messages), ``label`` (true: desirable) |
+
+An unpaired dataset (KTO) may also be a preference dataset: each pair gives two rows, the chosen
+answer desirable and the rejected one undesirable (as TRL's ``unpair_preference_dataset`` does).
 
 Without a ``prompt``, the shared leading turns of ``chosen`` and ``rejected`` are the prompt.
 
@@ -29,8 +33,8 @@ from typing import Any, Literal
 
 import datasets
 
-Kind = Literal["sft", "preference", "prompt"]
-Format = Literal["messages", "prompt_completion", "preference", "preference_conversational", "prompt"]
+Kind = Literal["sft", "preference", "prompt", "unpaired"]
+Format = Literal["messages", "prompt_completion", "preference", "preference_conversational", "prompt", "unpaired"]
 
 ROLES = ("system", "user", "assistant")
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -38,6 +42,7 @@ ACCEPTED_COLUMNS: dict[Kind, str] = {
     "sft": "{'messages'} or {'prompt', 'completion'}",
     "preference": "{'prompt', 'chosen', 'rejected'} or {'chosen', 'rejected'} with lists of messages",
     "prompt": "{'prompt'}, {'messages'}, {'prompt', 'completion'} or {'prompt', 'chosen', 'rejected'}",
+    "unpaired": "{'prompt', 'completion', 'label'} or a preference dataset ({'prompt', 'chosen', 'rejected'})",
 }
 
 
@@ -200,7 +205,12 @@ def detect_format(dataset: datasets.Dataset, kind: Kind, path: str) -> Format:
                 raise missing("completion")
             return "prompt_completion"
         raise missing("messages")
-    if kind == "preference":
+    if kind == "unpaired" and not {"chosen", "rejected"} & columns:
+        for column in ("prompt", "completion", "label"):
+            if column not in columns:
+                raise missing(column)
+        return "unpaired"
+    if kind in ("preference", "unpaired"):
         for column in ("chosen", "rejected"):
             if column not in columns:
                 raise missing(column)
@@ -219,7 +229,7 @@ def detect_format(dataset: datasets.Dataset, kind: Kind, path: str) -> Format:
         if "messages" in columns:
             return "messages"
         raise missing("prompt")
-    raise ValueError(f"unknown dataset kind {kind!r}; expected one of 'sft', 'preference', 'prompt'")
+    raise ValueError(f"unknown dataset kind {kind!r}; expected one of 'sft', 'preference', 'prompt', 'unpaired'")
 
 
 def _holds_text(dataset: datasets.Dataset, column: str) -> bool:
@@ -255,9 +265,13 @@ def _validate_row(row: dict[str, Any], fmt: Format, kind: Kind, path: str, row_i
             check("messages", _last_role_problem(messages), "end each conversation with the reply to learn")
         elif messages[-1]["role"] == "assistant" and len(messages) == 1:
             check("messages", "has only an assistant turn, so there is no prompt", "add the user turn")
-    elif fmt in ("prompt_completion", "prompt"):
+    elif fmt in ("prompt_completion", "prompt", "unpaired"):
         check("prompt", _text_or_messages_problem(row["prompt"]), _TEXT_FIX)
-        if fmt == "prompt_completion" and (kind != "prompt" or row["completion"] is not None):
+        if fmt == "unpaired":
+            label = row["label"]
+            check("label", None if isinstance(label, bool) else f"expected true or false, got {_describe(label)}",
+                  "give true for a desirable completion and false for an undesirable one")
+        if fmt != "prompt" and (kind != "prompt" or row["completion"] is not None):
             completion = row["completion"]
             check("completion", _text_or_messages_problem(completion), _TEXT_FIX)
             if isinstance(completion, list):

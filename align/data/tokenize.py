@@ -103,8 +103,10 @@ def prompt_and_reference(row: dict[str, Any], fmt: Format) -> tuple[list[Message
     """The prompt turns of a row of any format, and the text of its reference answer if it has one."""
     if fmt == "prompt":
         return _as_messages(row["prompt"], "user"), None
-    if fmt == "prompt_completion":
+    if fmt in ("prompt_completion", "unpaired"):
         completion = row.get("completion")
+        if fmt == "unpaired" and not row.get("label"):
+            completion = None  # an undesirable completion is no reference answer
         reference = None if completion is None else _as_messages(completion, "assistant")[-1]["content"]
         return _as_messages(row["prompt"], "user"), reference
     if fmt == "messages":
@@ -124,7 +126,7 @@ def is_text_row(row: dict[str, Any], fmt: Format) -> bool:
         return True
     if fmt == "prompt":
         return isinstance(row["prompt"], str)
-    if fmt == "prompt_completion":
+    if fmt in ("prompt_completion", "unpaired"):
         return isinstance(row["prompt"], str) and isinstance(row.get("completion"), (str, type(None)))
     return False
 
@@ -252,6 +254,53 @@ def tokenize_preference(
     }
 
 
+def tokenize_unpaired(
+    row: dict[str, Any],
+    fmt: Format,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int | None = None,
+) -> list[dict[str, Any]]:
+    """The rows KTO trains on: ``{"prompt_ids", "completion_ids", "completion_mask", "label"}`` each.
+
+    An ``unpaired`` row gives one (``label`` True for a desirable completion); a preference row gives two,
+    its chosen answer desirable and its rejected one undesirable. Prompts and replies are cut as for
+    preference rows (the prompt from the left to ``max_prompt_length``, the reply on the right to fit
+    ``max_length``); a reply left with no loss token is left out.
+    """
+    if fmt == "unpaired":
+        if is_text_row(row, fmt):
+            prompt_ids, (completion_ids,) = _text_replies(tokenizer, row["prompt"], [row["completion"]])
+            completion_mask = [1] * len(completion_ids)
+        else:
+            ensure_chat_template(tokenizer)
+            prompt_ids, (completion_ids, completion_mask) = _conversation_replies(
+                tokenizer, _as_messages(row["prompt"], "user"), _as_messages(row["completion"], "assistant")
+            )
+        replies = [(completion_ids, completion_mask, bool(row["label"]))]
+    else:
+        pair = tokenize_preference(row, fmt, tokenizer, 1 << 30)
+        if pair is None:
+            return []
+        prompt_length = pair["prompt_length"]
+        prompt_ids = pair["chosen_input_ids"][:prompt_length]
+        replies = [
+            (pair[f"{side}_input_ids"][prompt_length:], pair[f"{side}_loss_mask"][prompt_length:], side == "chosen")
+            for side in ("chosen", "rejected")
+        ]
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
+    reply_room = max_length - len(prompt_ids)
+    if reply_room <= 0:
+        return []
+    return [
+        {"prompt_ids": prompt_ids, "completion_ids": ids[:reply_room], "completion_mask": mask[:reply_room],
+         "label": label}
+        for ids, mask, label in replies
+        if any(mask[:reply_room])
+    ]
+
+
 def tokenize_prompt(
     row: dict[str, Any],
     fmt: Format,
@@ -288,6 +337,7 @@ def tokenize_dataset(
     many rows were dropped.
 
     For ``kind="prompt"`` prompts are cut to ``max_prompt_length``, or to ``max_length`` if that is unset.
+    For ``kind="unpaired"`` a preference row gives two features and counts as dropped only when it gives none.
     """
     features: list[dict[str, Any]] = []
     dropped = 0
@@ -298,8 +348,15 @@ def tokenize_dataset(
             tokenized = tokenize_preference(row, fmt, tokenizer, max_length, max_prompt_length)
         elif kind == "prompt":
             tokenized = tokenize_prompt(row, fmt, tokenizer, max_prompt_length or max_length)
+        elif kind == "unpaired":
+            unpaired = tokenize_unpaired(row, fmt, tokenizer, max_length, max_prompt_length)
+            features.extend(unpaired)
+            dropped += not unpaired
+            continue
         else:
-            raise ValueError(f"unknown dataset kind {kind!r}; expected one of 'sft', 'preference', 'prompt'")
+            raise ValueError(
+                f"unknown dataset kind {kind!r}; expected one of 'sft', 'preference', 'prompt', 'unpaired'"
+            )
         if tokenized is None:
             dropped += 1
         else:

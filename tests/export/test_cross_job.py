@@ -90,7 +90,7 @@ def test_stage_inputs_start_from_the_named_policy():
     (None, "lora", "no artifact 'x.sft-v1-0123456789ab'; give artifact:<id> of a policy that a stage of one of "
                    "your jobs published"),
     ("reward_model", "lora", "'x.sft-v1-0123456789ab' is an artifact of kind 'reward_model', not a policy; give "
-                             "artifact:<id> of an artifact an sft, dpo, orpo, simpo, ppo, grpo or rloo stage "
+                             "artifact:<id> of an artifact an sft, dpo, orpo, simpo, kto, ppo, grpo or rloo stage "
                              "published (kind adapter or full)"),
     ("adapter", "full", "'x.sft-v1-0123456789ab' is an adapter and this job sets adapter.type 'full'; set "
                         "adapter.type to 'lora', 'dora' or 'ia3' to continue the adapter, or export the merged model "

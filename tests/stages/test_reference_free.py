@@ -76,19 +76,6 @@ def test_packed_and_padded_pairs_give_the_same_losses(small_model, small_data, j
 # --- on the built-in task ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def parity_sft(tmp_path_factory) -> tuple[dict, str, Path]:
-    """The SFT stage of examples/tiny-sft-dpo.yaml in fp32, run once: (the example, the SFT artifact id,
-    the artifact root). SFT learns the demonstrations' mistakes, which the preference stages then fix."""
-    example = yaml.safe_load((REPO / "examples" / "tiny-sft-dpo.yaml").read_text())
-    example["deepspeed"]["precision"] = "fp32"
-    sft = {**example["stages"][0], "eval_exact_match": False}
-    root = tmp_path_factory.mktemp("parity")
-    (result,) = run_job(parse_spec({**example, "stages": [sft]}), work_root=root / "sft",
-                        artifact_root=str(root / "artifacts"))
-    return example, result.artifact.artifact_id, root
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("example_file", ["tiny-sft-orpo.yaml", "tiny-sft-simpo.yaml"])
 def test_a_reference_free_stage_raises_held_out_accuracy_over_sft(example_file, parity_sft):

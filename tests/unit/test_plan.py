@@ -304,6 +304,21 @@ def test_reference_free_stages_hold_no_reference():
     assert orpo.flops == simpo.flops == pytest.approx(dpo.flops * 6 / 8, rel=0.01)
 
 
+def test_kto_is_planned_as_dpo_is():
+    """A KTO row runs like a DPO pair (its completion and the mismatched one for the KL estimate, after one
+    prompt) against the same reference: the frozen copy of the SFT adapter, or a table computed once."""
+    config = LlamaConfig(**TINY)
+    plans = {}
+    for kind in ("dpo", "kto"):
+        for reference in ("live", "precomputed"):
+            stage = {"type": kind, "data": {"path": "p.jsonl"}, "max_length": 64, "reference": reference}
+            plans[kind, reference] = plan_job(_job([SFT, stage]), config, GPUS["h200"])[1]
+    for reference in ("live", "precomputed"):
+        dpo, kto = plans["dpo", reference], plans["kto", reference]
+        assert (kto.parameters, kto.tokens, kto.flops) == (dpo.parameters, dpo.tokens, dpo.flops)
+    assert plans["kto", "live"].parameters == 4_313_344 and plans["kto", "precomputed"].parameters == 4_001_024
+
+
 def test_online_stages_hold_a_kv_cache_and_time_the_sampling():
     """GRPO, 8 prompts x 8 samples, prompts of 64 - 4 = 60, 4 new tokens: a KV cache of 64 rows of 64
     positions (16,777,216 bytes in bf16), trained tokens 8 x 60 + 64 x 4 = 736. Sampling 4 tokens takes at
