@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from align.engine.host_memory import fix_mmap_threshold
 from align.engine.op_locks import use_owned_batons
 from align.ports import free_port
 
@@ -43,8 +44,13 @@ def configure_environment(threads: int | None = None) -> None:
 
 
 def init_distributed(threads: int | None = None) -> Rank:
-    """Join (or create) the process group: NCCL on GPUs, gloo on CPU. Safe to call twice."""
+    """Join (or create) the process group: NCCL on GPUs, gloo on CPU. Safe to call twice.
+
+    A rank on the CPU also fixes glibc's mmap threshold (:func:`align.engine.host_memory.fix_mmap_threshold`)
+    before it loads a model, so that what each step frees leaves its resident set."""
     configure_environment(threads)
+    if not torch.cuda.is_available():
+        fix_mmap_threshold()
     use_owned_batons()  # DeepSpeed compiles its CPU communication op here
     import deepspeed
 
