@@ -184,6 +184,8 @@ def _load(auto_class, path: Path, dtype: torch.dtype, quantization: Quantization
     model = auto_class.from_pretrained(path, **options)
     if quantization is not None:
         disable_bnb_cpu_inference_repack(model)
+        if options["device_map"][""] == "cpu":
+            release_weight_files(model)
     return model
 
 
@@ -202,6 +204,29 @@ def load_reward_model(
     model = _load(AutoModelForSequenceClassification, path, dtype, quantization, num_labels=1)
     model.config.pad_token_id = pad_token_id
     return model
+
+
+def release_weight_files(model: torch.nn.Module) -> int:
+    """Copy a quantised model's unquantised tensors (embeddings, norms, head) out of the weight files, so
+    that the files' memory maps close. Returns the number of tensors copied.
+
+    On a CPU those tensors are views of the mapped safetensors files, and the quantisation has read every
+    page of the files: while any view lives, the whole files' full-precision weights stay resident beside
+    the quantised ones (a 56M-parameter Llama in fp32: 221 MiB of file pages besides 37 MiB of 4-bit
+    weights).
+    """
+    copied = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                if param.__class__.__name__ not in ("Params4bit", "Int8Params"):
+                    param.data = param.data.clone()
+                    copied += 1
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None:
+                    module._buffers[name] = buffer.clone()
+                    copied += 1
+    return copied
 
 
 def disable_bnb_cpu_inference_repack(model: torch.nn.Module) -> int:
