@@ -1,4 +1,5 @@
-"""Held-out evaluation shared by the stages: generation-based exact match."""
+"""Held-out evaluation shared by the stages: generation-based exact match (sampled replies scored with a
+reward: :mod:`align.evaluate_generations`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from align.generation import CachedGenerator, SamplingParams
 from align.models.adapters import is_prompt_learning
 
 
-def _shard(items: list, rank: Rank) -> tuple[list, list[bool]]:
+def rank_share(items: list, rank: Rank) -> tuple[list, list[bool]]:
     """This rank's share, padded so every rank runs the same number of batches (ZeRO-3 needs it)."""
     per_rank = -(-len(items) // rank.world_size)
     mine = items[rank.rank * per_rank : (rank.rank + 1) * per_rank]
@@ -44,7 +45,7 @@ def exact_match(
     prompts = [p for p in prompts if p.get("reference") is not None]
     if not prompts:
         return float("nan")
-    mine, counted = _shard(prompts, rank)
+    mine, counted = rank_share(prompts, rank)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
