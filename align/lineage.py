@@ -6,8 +6,9 @@ One rule for the local runner and the service alike:
   stage that published one; before any, the policy another job published that ``base_model:
   artifact:<id>`` names (an adapter is continued; full weights are the base a new adapter trains on), and
   none for a job on a plain base model;
-- an online stage with ``reward: model`` scores with the artifact its ``reward_model: artifact:<id>``
-  names, else with the artifact of the latest rm stage before it; that artifact must be a reward
+- an online stage with ``reward: model``, or a dpo, orpo or simpo stage with ``eval_reward: model``, scores
+  with the artifact its ``reward_model: artifact:<id>`` names, else with the artifact of the latest rm stage
+  before it; that artifact must be a reward
   model trained on the job's base model (on both sides, the one under ``artifact:<id>`` of an adapter;
   full weights named so are a base model of their own);
 - the parents recorded in the stage's manifest are the start policy's id, then the reward model's, so
@@ -45,7 +46,7 @@ class StageInputs(NamedTuple):
     parents: list[str]
     """Artifact ids the stage builds on: the policy, then the reward model."""
     reward_model: str | None
-    """URI of the reward model an online stage with ``reward: model`` scores with."""
+    """URI of the reward model a stage with ``reward: model`` or ``eval_reward: model`` scores with."""
 
 
 class MissingInput(ValueError):
@@ -126,7 +127,7 @@ def stage_inputs(
     parents = [policy.artifact_id] if policy else []
     stage = job.stages[index]
     reward_model = None
-    if getattr(stage, "reward", None) == MODEL_REWARD:
+    if scores_with_reward_model(stage):
         field = f"stages[{index}].reward_model"
         if stage.reward_model is not None:
             artifact_id = stage.reward_model.removeprefix(ARTIFACT_REF_PREFIX)
@@ -144,6 +145,12 @@ def stage_inputs(
                 raise MissingInput(field, "no rm stage before this one has published a reward model")
         parents.append(reward_model.artifact_id)
     return StageInputs(start_policy, parents, reward_model.uri if reward_model else None)
+
+
+def scores_with_reward_model(stage) -> bool:
+    """Whether the stage scores with a reward model: an online stage's ``reward``, or the ``eval_reward`` its
+    held-out replies are scored with."""
+    return MODEL_REWARD in (getattr(stage, "reward", None), getattr(stage, "eval_reward", None))
 
 
 def start_artifact_check(job: JobSpec, find_artifact: Callable[[str], object | None]) -> str | None:

@@ -33,7 +33,9 @@ from align.spec_parts import (
     SpecModel,
 )
 from align.spec_stages import (
+    DEFAULT_GATE_METRIC,
     FINAL_METRICS,
+    GENERATION_METRICS,
     MODEL_REWARD,
     ONLINE_STAGE_TYPES,
     PAIR_STAGE_TYPES,
@@ -53,7 +55,9 @@ from align.spec_stages import (
 )
 
 __all__ = [
+    "DEFAULT_GATE_METRIC",
     "FINAL_METRICS",
+    "GENERATION_METRICS",
     "MODEL_REWARD",
     "ONLINE_STAGE_TYPES",
     "PAIR_STAGE_TYPES",
@@ -91,6 +95,11 @@ HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"report_to": []}
 """Job fields :meth:`JobSpec.hash` leaves out while they hold this default (their JSON form)."""
 STAGE_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"padding_free": True, "gate": None, "resources": None}
 """Stage fields :meth:`JobSpec.hash` leaves out while they hold this default."""
+GENERATION_EVAL_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {
+    "eval_reward": None, "reward_model": None, "max_new_tokens": 64, "temperature": 1.0, "eval_samples": 1,
+}
+"""Fields of the stages with ``eval_reward`` (dpo, orpo, simpo) that :meth:`JobSpec.hash` leaves out while they
+hold this default (online stages had ``max_new_tokens`` and ``temperature`` from the start)."""
 ADAPTER_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"rslora": False, "init": "default", "num_virtual_tokens": 20,
                                                  "prompt_init_text": None}
 """``adapter`` fields :meth:`JobSpec.hash` leaves out while they hold this default."""
@@ -169,6 +178,7 @@ class JobSpec(SpecModel):
         for i, stage in enumerate(self.stages):
             if stage.type in ONLINE_STAGE_TYPES:
                 self._check_online_stage(i, stage)
+            self._check_reward_model(i, stage, "eval_reward")
             if (problem := adapter.stage_problem(stage.type, f"stages[{i}]")) is not None:
                 raise ValueError(problem)
             if stage.type in ONLINE_STAGE_TYPES and not adapter.is_peft:
@@ -184,13 +194,18 @@ class JobSpec(SpecModel):
                 )
         return self
 
-    def _check_online_stage(self, i: int, stage: Any) -> None:
+    def _check_reward_model(self, i: int, stage: Any, choice: str) -> None:
+        """A stage whose ``choice`` field (``reward``, ``eval_reward``) is ``model`` needs a reward model: the one
+        its ``reward_model`` names, else the latest rm stage's before it."""
         earlier_rm = any(s.type == "rm" for s in self.stages[:i])
-        if stage.reward == MODEL_REWARD and stage.reward_model is None and not earlier_rm:
+        if getattr(stage, choice, None) == MODEL_REWARD and stage.reward_model is None and not earlier_rm:
             raise ValueError(
-                f"stages[{i}].reward_model: reward '{MODEL_REWARD}' needs a reward model; add an rm stage "
+                f"stages[{i}].reward_model: {choice} '{MODEL_REWARD}' needs a reward model; add an rm stage "
                 "before this one or set reward_model: artifact:<id>"
             )
+
+    def _check_online_stage(self, i: int, stage: Any) -> None:
+        self._check_reward_model(i, stage, "reward")
         if getattr(stage, "critic_init", None) == "reward_model" and stage.reward != MODEL_REWARD:
             raise ValueError(
                 f"stages[{i}].critic_init: 'reward_model' needs reward '{MODEL_REWARD}'; "
@@ -247,14 +262,17 @@ class JobSpec(SpecModel):
     def hash(self) -> str:
         """Content hash of the spec (canonical JSON, defaults filled). Fields added after specs were first
         stored (:data:`HASH_OMITS_AT_DEFAULT`, :data:`ADAPTER_HASH_OMITS_AT_DEFAULT`,
-        :data:`STAGE_HASH_OMITS_AT_DEFAULT`) are left out while at their
-        default, so a spec that does not use them keeps the hash it had before they existed (stored jobs'
+        :data:`STAGE_HASH_OMITS_AT_DEFAULT`, :data:`GENERATION_EVAL_HASH_OMITS_AT_DEFAULT`) are left out while at
+        their default, so a spec that does not use them keeps the hash it had before they existed (stored jobs'
         ``spec_hash`` and idempotency keys)."""
         import hashlib
 
         data = self.model_dump(mode="json")
+        stage_omits = [(stage, STAGE_HASH_OMITS_AT_DEFAULT) for stage in data["stages"]]
+        stage_omits += [(stage, GENERATION_EVAL_HASH_OMITS_AT_DEFAULT)
+                        for stage in data["stages"] if "eval_reward" in stage]
         for fields, defaults in [(data, HASH_OMITS_AT_DEFAULT), (data["adapter"], ADAPTER_HASH_OMITS_AT_DEFAULT),
-                                 *((stage, STAGE_HASH_OMITS_AT_DEFAULT) for stage in data["stages"])]:
+                                 *stage_omits]:
             for name, default in defaults.items():
                 if name in fields and fields[name] == default:
                     del fields[name]

@@ -29,7 +29,11 @@ if get_args(RewardChoice) != (MODEL_REWARD, *get_args(RewardName)):
     raise RuntimeError("RewardChoice must be 'model' followed by the RewardName functions")
 
 _PAIR_REWARDS = ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")
-_PAIR_HELD_OUT = ("eval_logp_accuracy", "eval_exact_match")
+GENERATION_METRICS = ("eval_reward_mean", "eval_win_rate")
+"""What a stage that scores its replies to the held-out prompts reports (``align.evaluate_generations``)."""
+DEFAULT_GATE_METRIC = "eval_win_rate"
+"""The metric of a `gate` that names none, on a stage that scores its replies to the held-out prompts."""
+_PAIR_HELD_OUT = ("eval_logp_accuracy", "eval_exact_match", *GENERATION_METRICS)
 _ONLINE = ("reward_mean", "kl", "response_length", "eval_exact_match")
 _ORPO = ("loss", "nll_loss", "odds_ratio_loss", "log_odds_ratio", *_PAIR_REWARDS)
 _SIMPO = ("loss", "simpo_loss", "nll_loss", *_PAIR_REWARDS)
@@ -40,10 +44,10 @@ FINAL_METRICS: dict[str, tuple[str, ...]] = {
             "eval_rewards_accuracy", "eval_rewards_margin", *_PAIR_HELD_OUT),
     "orpo": (*_ORPO, *(f"eval_{key}" for key in _ORPO), *_PAIR_HELD_OUT),
     "simpo": (*_SIMPO, *(f"eval_{key}" for key in _SIMPO), *_PAIR_HELD_OUT),
-    "ppo": (*_ONLINE, "reward_std", "kl_coef", "policy_loss", "value_loss", "eval_reward_mean", "eval_reward_std",
+    "ppo": (*_ONLINE, "reward_std", "kl_coef", "policy_loss", "value_loss", *GENERATION_METRICS, "eval_reward_std",
             "eval_prompt_reward_std", "eval_kl"),
-    "grpo": ("loss", "accuracy", *_ONLINE),
-    "rloo": ("loss", "accuracy", *_ONLINE),
+    "grpo": ("loss", "accuracy", *_ONLINE, *GENERATION_METRICS),
+    "rloo": ("loss", "accuracy", *_ONLINE, *GENERATION_METRICS),
 }
 """The final metrics each stage type's artifact records (the last logged value of each; `eval_` ones come
 from the held-out data), besides throughput and counts. A stage's `gate` may name any of them."""
@@ -56,8 +60,10 @@ class GateSpec(SpecModel):
     published either way; when the condition fails the stage ends `failed` with error code `failed_gate`
     and the reason, and the stages after it never start."""
 
-    metric: str = Field(max_length=100)
-    """One of the final metrics the stage type reports, e.g. `eval_rewards_accuracy` or `eval_exact_match`."""
+    metric: str | None = Field(None, max_length=100)
+    """One of the final metrics the stage type reports, e.g. `eval_rewards_accuracy` or `eval_exact_match`.
+    Unset: `eval_win_rate`, on a stage that scores its replies to the held-out prompts (dpo, orpo and simpo
+    with `eval_reward`; ppo, grpo and rloo always); a stage that does not must name a metric."""
     min: float | None = Field(None, ge=-1e12, le=1e12)
     """The metric must be at least this."""
     max: float | None = Field(None, ge=-1e12, le=1e12)
@@ -71,7 +77,8 @@ class GateSpec(SpecModel):
     @model_validator(mode="after")
     def _some_condition(self) -> GateSpec:
         if self.min is None and self.max is None and self.min_delta_vs_parent is None:
-            raise ValueError(f"names metric '{self.metric}' but no condition; set min, max or min_delta_vs_parent")
+            named = f"names metric '{self.metric}' but" if self.metric else "sets"
+            raise ValueError(f"{named} no condition; set min, max or min_delta_vs_parent")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min: {self.min:g} is above max ({self.max:g}), so no value can pass; "
                              "lower min or raise max")
@@ -120,11 +127,26 @@ class _StageBase(SpecModel):
     """A condition on the stage's final metrics for the job to go on, e.g. `{metric: eval_rewards_accuracy,
     min: 0.6}` or `{metric: eval_exact_match, min_delta_vs_parent: 0.0}` (see Gate below)."""
 
+    @property
+    def scores_generations(self) -> bool:
+        """Whether the stage samples replies to its held-out prompts and scores them (`eval_reward_mean`,
+        `eval_win_rate`)."""
+        return False
+
     @model_validator(mode="after")
     def _gate_metric_is_reported(self):
         gate = self.gate
         if gate is None:
             return self
+        if gate.metric is None:
+            if not self.scores_generations:
+                can_score = "eval_reward" in type(self).model_fields
+                scorer = " or set eval_reward (model or exact_answer)" if can_score else ""
+                raise ValueError(f"gate.metric: a {self.type} stage that does not score its replies to held-out "
+                                 f"prompts has no default metric ({DEFAULT_GATE_METRIC}); name one{scorer}")
+            # The model is frozen: the gate with its metric filled replaces the one given.
+            object.__setattr__(self, "gate", gate.model_copy(update={"metric": DEFAULT_GATE_METRIC}))
+            gate = self.gate
         reported = FINAL_METRICS[self.type]
         if gate.metric not in reported:
             raise ValueError(f"gate.metric: a {self.type} stage does not report '{gate.metric}'; use one of "
@@ -135,6 +157,9 @@ class _StageBase(SpecModel):
         if gate.metric == "eval_exact_match" and not self.eval_exact_match:
             raise ValueError("gate.metric: 'eval_exact_match' is only measured with eval_exact_match: true; "
                              "set it or gate on another metric")
+        if gate.metric in GENERATION_METRICS and not self.scores_generations:
+            raise ValueError(f"gate.metric: '{gate.metric}' is only measured with eval_reward set; set eval_reward "
+                             "(model or exact_answer) or gate on another metric")
         return self
 
 
@@ -178,7 +203,51 @@ class _PairStage(_StageBase):
     padded either way, with a message."""
 
 
-class DPOStage(_PairStage):
+class _GenerationEval(SpecModel):
+    """Settings of the preference stages that sample and score replies to their held-out prompts."""
+
+    eval_reward: RewardChoice | None = None
+    """Also sample replies to the held-out prompts at every evaluation and score them: `model` with a reward
+    model (see `reward_model`), or a reward function by name from a fixed list: `exact_answer` (1 when the
+    reply is exactly the right answer of the built-in parity task, else 0). Reports `eval_reward_mean`, the
+    mean score, and `eval_win_rate`, the fraction of held-out prompts where the policy's reply scores above
+    the starting policy's (ties count half). The starting policy's replies are sampled and scored at step 0,
+    with the sampling seeds of every later evaluation, and their scores kept beside the checkpoints, so a
+    resumed stage compares with them too. A `gate` with no metric gates on `eval_win_rate`. Unset: off."""
+    reward_model: str | None = Field(None, pattern=r"^artifact:[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """With `eval_reward: model`, the reward model to score with, as `artifact:<id>` of an `rm` stage's
+    artifact. Unset: the artifact of the latest `rm` stage before this one in the job."""
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
+    """With `eval_reward`, most tokens sampled per reply (EOS included). Prompts are cut from the left to
+    `max_length - max_new_tokens` tokens (and to `max_prompt_length`)."""
+    temperature: float = Field(1.0, gt=0, le=4.0)
+    """With `eval_reward`, the temperature the replies are sampled at (from the whole distribution)."""
+    eval_samples: int = Field(1, ge=1, le=64)
+    """With `eval_reward`, replies sampled per held-out prompt; a prompt's win is then the fraction of
+    (reply, starting policy's reply) pairs the reply wins."""
+
+    @property
+    def scores_generations(self) -> bool:
+        return self.eval_reward is not None
+
+    @model_validator(mode="after")
+    def _generation_settings(self):
+        if self.reward_model is not None and self.eval_reward != MODEL_REWARD:
+            given = f", not '{self.eval_reward}'" if self.eval_reward else ", which is unset"
+            raise ValueError(f"reward_model: only used with eval_reward '{MODEL_REWARD}'{given}; "
+                             f"set eval_reward: {MODEL_REWARD} or drop reward_model")
+        if self.eval_reward is None:
+            return self
+        if self.data.eval_path is None and not self.data.eval_fraction:
+            raise ValueError("eval_reward: scores replies to held-out prompts and this stage has none; set "
+                             "data.eval_path or data.eval_fraction, or drop eval_reward")
+        if self.max_new_tokens >= self.max_length:
+            raise ValueError(f"max_new_tokens: {self.max_new_tokens} must be below max_length ({self.max_length}), "
+                             "which holds the prompt and the sampled reply; lower max_new_tokens or raise max_length")
+        return self
+
+
+class DPOStage(_GenerationEval, _PairStage):
     """Direct Preference Optimization against the frozen starting policy."""
 
     type: Literal["dpo"]
@@ -215,7 +284,7 @@ class DPOStage(_PairStage):
         return self
 
 
-class ORPOStage(_PairStage):
+class ORPOStage(_GenerationEval, _PairStage):
     """Odds-ratio preference optimisation (Hong et al. 2024): the chosen response's NLL plus a penalty
     on the log odds ratio of chosen to rejected, with no reference model."""
 
@@ -225,7 +294,7 @@ class ORPOStage(_PairStage):
     """Weight λ of the odds-ratio term beside the NLL (TRL's `ORPOConfig.beta`)."""
 
 
-class SimPOStage(_PairStage):
+class SimPOStage(_GenerationEval, _PairStage):
     """Simple preference optimisation (Meng et al. 2024): a margin loss on length-normalised
     log-likelihoods, with no reference model."""
 
@@ -247,8 +316,11 @@ class _OnlineStage(_StageBase):
     """What every online RL stage shares: prompts, sampling and the reward."""
 
     data: DataSpec
-    """Prompts to train on (a `prompt` column, or any format a prompt can be taken from); `eval_path`
-    rows with a reference answer (`prompt`/`completion`) also give held-out greedy accuracy."""
+    """Prompts to train on (a `prompt` column, or any format a prompt can be taken from). Held-out prompts
+    (`eval_path` or `eval_fraction`) are sampled and scored at every evaluation: `eval_reward_mean`, and
+    `eval_win_rate` against the starting policy's samples, taken at step 0 with the same seeds and kept beside
+    the checkpoints (a `gate` with no metric gates on it); held-out rows with a reference answer
+    (`prompt`/`completion`) also give greedy accuracy."""
     reward_model: str | None = Field(None, pattern=r"^artifact:[A-Za-z0-9][A-Za-z0-9._-]*$")
     """With `reward: model`, the reward model to score with, as `artifact:<id>` of an `rm` stage's
     artifact. Unset: the artifact of the latest `rm` stage before this one in the job."""
@@ -265,6 +337,10 @@ class _OnlineStage(_StageBase):
     """Prompts per micro-batch on each worker."""
     lr: float = Field(1e-5, gt=0, le=1.0)
     """Peak learning rate."""
+
+    @property
+    def scores_generations(self) -> bool:
+        return True
 
     @model_validator(mode="after")
     def _room_for_completions(self):

@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from align.engine.dist import Rank, all_reduce_sum, init_distributed
 from align.precision import PrecisionChoice, resolve
 from align.spec import DPOStage, GRPOStage, JobSpec, ORPOStage, PPOStage, RewardModelStage, SFTStage, SimPOStage
 from align.tracking import StageTracker
+
+if TYPE_CHECKING:
+    from align.evaluate_generations import HeldOutReplies
 
 StageT = TypeVar(
     "StageT", bound=SFTStage | RewardModelStage | DPOStage | ORPOStage | SimPOStage | PPOStage | GRPOStage
@@ -39,7 +42,7 @@ class StageContext(Generic[StageT]):
     parents: list[str] = field(default_factory=list)
     """Artifact ids this stage builds on, recorded in its manifest."""
     reward_model: Path | None = None
-    """Local folder of the reward-model artifact an online stage scores with (``reward: model``)."""
+    """Local folder of the reward-model artifact the stage scores with (``reward: model``, ``eval_reward: model``)."""
     threads: int | None = None
     resume: bool = True
     """Continue from the newest complete checkpoint in ``work_dir/checkpoints`` if there is one."""
@@ -114,6 +117,9 @@ class StageModels:
     tokenizer: Any
     packed: bool = field(default=False, kw_only=True)
     """Micro-batches are packed padding-free (``align.stages.batches``), not padded."""
+    replies: HeldOutReplies | None = field(default=None, kw_only=True)
+    """Samples and scores the policy's replies to the held-out prompts, when the stage does
+    (:mod:`align.evaluate_generations`)."""
 
 
 def start(ctx: StageContext) -> Rank:

@@ -21,6 +21,7 @@ from align.engine.build import build_engine
 from align.engine.dist import Rank, all_reduce_sum
 from align.engine.metrics import MetricsLog, Throughput, means_over_ranks
 from align.evaluate import exact_match
+from align.evaluate_generations import pair_stage_replies
 from align.losses.dpo import DPOOutput, chosen_nll, dpo_loss, implicit_reward_accuracy
 from align.models.policy import disable_dropout, load_policy
 from align.models.reference import Reference
@@ -67,6 +68,7 @@ def run(ctx: StageContext[DPOStage]) -> StageResult:
         models.precomputed = precompute_reference(ctx, rank, models, data)
     metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics, ctx.tracker)
     first_step = resume(ctx, engine, rank, metrics)["step"]
+    models.replies = pair_stage_replies(ctx, rank, engine, tokenizer, data.eval_rows, first_step)
     if first_step == 0 and (held_out := evaluate(ctx, rank, models, data)):
         # The starting policy's numbers on the same held-out pairs, for comparison.
         metrics.log({"step": 0, **held_out})
@@ -222,7 +224,8 @@ class IndexedPairs:
 @torch.no_grad()
 def evaluate(ctx: StageContext[DPOStage], rank: Rank, models: DPOModels, data: StageData) -> dict:
     """Held-out loss (and its DPO and NLL parts), implicit-reward accuracy and margin; greedy exact
-    match when asked."""
+    match when asked; with ``eval_reward``, the mean score of replies sampled for the held-out prompts and
+    their win rate against the starting policy's."""
     if not data.eval:
         return {}
     stage, engine = ctx.stage, models.engine
@@ -253,5 +256,7 @@ def evaluate(ctx: StageContext[DPOStage], rank: Rank, models: DPOModels, data: S
             max_prompt_length=stage.max_prompt_length or stage.max_length,
             synced_gpus=ctx.job.deepspeed.zero_stage == 3,
         )
+    if models.replies is not None:
+        result.update(models.replies.evaluate(rank))
     engine.train()
     return result

@@ -27,16 +27,14 @@ from align.engine.build import build_engine
 from align.engine.dist import Rank, all_reduce_sum
 from align.engine.metrics import MetricsLog, Throughput
 from align.evaluate import exact_match
+from align.evaluate_generations import load_scorer, online_stage_replies
 from align.generation import CachedGenerator, Completion, SamplingParams
 from align.losses.ppo import grpo_loss
-from align.models.load import resolve_base_model
 from align.models.policy import disable_dropout, load_policy
 from align.models.reference import Reference
-from align.models.reward import load_frozen_reward_model
 from align.ops.advantages import grpo_advantages, kl_k1, rloo_advantages
 from align.ops.aggregate import accumulation_scale, global_count
-from align.rewards import Scorer
-from align.spec import FINAL_METRICS, MODEL_REWARD, GRPOStage
+from align.spec import FINAL_METRICS, GRPOStage
 from align.stages import artifact
 from align.stages.context import StageContext, StageModels, StageResult, start
 from align.stages.loop import after_step, resume, to_device
@@ -54,17 +52,18 @@ def run(ctx: StageContext[GRPOStage]) -> StageResult:
     disable_dropout(model)
     reference = Reference(model, ctx.start_policy)
     data = load_stage_data(stage, "prompt", tokenizer)
-    scorer = reward_scorer(ctx, tokenizer)
     advantages_of = grpo_advantages if stage.type == "grpo" else rloo_advantages
     steps = total_steps(stage, len(data.train), rank.world_size)
     engine, _, scheduler = build_engine(model, job, stage, steps, rank, dtype=ctx.dtype)
+    scorer = load_scorer(ctx, tokenizer, stage.reward, engine.device)
     models = StageModels(engine, tokenizer)
     metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics, ctx.tracker)
     first_step = resume(ctx, engine, rank, metrics)["step"]
-    if first_step == 0 and (held_out := evaluate(ctx, rank, models, data)):
-        # The starting policy's held-out accuracy, for comparison with the end.
-        metrics.log({"step": 0, **held_out})
     generator = CachedGenerator(engine.module, tokenizer, synced=job.deepspeed.zero_stage == 3)
+    models.replies = online_stage_replies(ctx, rank, generator, scorer, data.eval, first_step, engine.device)
+    if first_step == 0 and (held_out := evaluate(ctx, rank, models, data)):
+        # The starting policy's held-out reward and accuracy, for comparison with the end.
+        metrics.log({"step": 0, **held_out})
     # Each prompt is encoded once for its whole group (see align.stages.rollout.completion_logps); gradient
     # checkpointing keeps no KV cache, so then every completion carries its own copy of the prompt.
     shared_prefix = not job.deepspeed.gradient_checkpointing
@@ -186,30 +185,22 @@ def _step_record(sample_sums: torch.Tensor, token_sums: torch.Tensor, samples: f
     }
 
 
-def reward_scorer(ctx: StageContext[GRPOStage], tokenizer) -> Scorer:
-    """The named reward function, or the reward model loaded frozen on its own."""
-    stage, job = ctx.stage, ctx.job
-    if stage.reward != MODEL_REWARD:
-        return Scorer.named(tokenizer.pad_token_id, stage.reward)
-    base = resolve_base_model(job.base_model, artifact_root=ctx.artifact_root)
-    model = load_frozen_reward_model(base, ctx.reward_model, ctx.dtype, tokenizer.pad_token_id, job.quantization)
-    return Scorer(tokenizer.pad_token_id, model=model)
-
-
 @torch.no_grad()
 def evaluate(ctx: StageContext[GRPOStage], rank: Rank, models: StageModels, data: StageData) -> dict:
-    """Held-out greedy exact-match accuracy (rows with a reference answer)."""
+    """Held-out prompts: the mean reward of a reply sampled for each and the win rate against the starting
+    policy's replies (sampled with the same seeds at step 0); greedy exact-match accuracy (rows with a
+    reference answer) when asked."""
     stage, engine = ctx.stage, models.engine
-    if not data.eval_rows or not stage.eval_exact_match:
-        return {}
-    accuracy = exact_match(
-        engine.module,
-        models.tokenizer,
-        data.eval_rows,
-        rank,
-        max_prompt_length=stage.max_length - stage.max_new_tokens,
-        max_new_tokens=stage.max_new_tokens,
-        synced_gpus=ctx.job.deepspeed.zero_stage == 3,
-    )
+    result = models.replies.evaluate(rank) if models.replies is not None else {}
+    if data.eval_rows and stage.eval_exact_match:
+        result["eval_exact_match"] = exact_match(
+            engine.module,
+            models.tokenizer,
+            data.eval_rows,
+            rank,
+            max_prompt_length=stage.max_length - stage.max_new_tokens,
+            max_new_tokens=stage.max_new_tokens,
+            synced_gpus=ctx.job.deepspeed.zero_stage == 3,
+        )
     engine.train()
-    return {"eval_exact_match": accuracy}
+    return result

@@ -35,6 +35,7 @@ from align.engine.build import build_engine
 from align.engine.dist import Rank, all_reduce_sum
 from align.engine.metrics import MetricsLog, Throughput
 from align.evaluate import exact_match
+from align.evaluate_generations import PARENT_SCORES, ParentScores
 from align.generation import CachedGenerator, SamplingParams
 from align.losses.ppo import entropy_from_logits, policy_loss, value_loss
 from align.models.adapters import apply_adapter
@@ -85,6 +86,8 @@ class PPOModels(StageModels):
     reference: Reference
     scorer: Scorer
     generator: CachedGenerator
+    parent_scores: ParentScores
+    """The starting policy's scores of its held-out samples, for ``eval_win_rate``."""
 
 
 def run(ctx: StageContext[PPOStage]) -> StageResult:
@@ -109,7 +112,8 @@ def run(ctx: StageContext[PPOStage]) -> StageResult:
         else FixedKLController(stage.kl_coef)
     )
     generator = CachedGenerator(policy_engine.module, tokenizer, synced=job.deepspeed.zero_stage == 3)
-    models = PPOModels(policy_engine, tokenizer, reference, scorer, generator)
+    parent_scores = ParentScores(ctx.work_dir / PARENT_SCORES, rank, first_step, ctx.message)
+    models = PPOModels(policy_engine, tokenizer, reference, scorer, generator, parent_scores)
     pad = tokenizer.pad_token_id
     if first_step == 0 and (held_out := evaluate(ctx, rank, models, data)):
         metrics.log({"step": 0, **held_out})  # the starting policy, for comparison with the end
@@ -310,14 +314,17 @@ def load_critic(ctx: StageContext[PPOStage], tokenizer) -> tuple[TokenValues, Sc
 @torch.no_grad()
 def evaluate(ctx: StageContext[PPOStage], rank: Rank, models: PPOModels, data: StageData) -> dict:
     """Held-out prompts, ``eval_samples`` sampled completions of each: the mean reward, its standard
-    deviation over completions and over prompts (of each prompt's mean reward), the KL to the
-    reference per completion, and greedy exact match when the rows have answers."""
+    deviation over completions and over prompts (of each prompt's mean reward), the win rate against the
+    starting policy's completions (sampled with the same seeds at step 0), the KL to the reference per
+    completion, and greedy exact match when the rows have answers."""
     stage, policy_engine, pad = ctx.stage, models.engine, models.tokenizer.pad_token_id
     if not data.eval:
         return {}
     shard = data.eval[rank.rank :: rank.world_size]
     # completions, score, score², KL, prompts, prompt mean, prompt mean²
     sums = torch.zeros(7, dtype=torch.float64)
+    # Every prompt's scores, this rank's rows filled: shard[j] is held-out prompt rank + j * world_size.
+    prompt_scores = torch.zeros(len(data.eval), stage.eval_samples, dtype=torch.float64)
     batches = -(-len(data.eval) // (stage.batch_size * rank.world_size))
     for b in range(batches):
         prompts = shard[b * stage.batch_size : (b + 1) * stage.batch_size]
@@ -336,17 +343,23 @@ def evaluate(ctx: StageContext[PPOStage], rank: Rank, models: PPOModels, data: S
         with models.reference.active():
             reference_logps = sequence_logps(policy_engine, batch)
         kl = masked_sum(kl_estimate(logps, reference_logps, "k1"), mask)
-        prompt_means = scores.reshape(len(prompts), stage.eval_samples).mean(dim=1)
+        by_prompt = scores.cpu().reshape(len(prompts), stage.eval_samples)
+        prompt_means = by_prompt.mean(dim=1)
+        if weight:
+            first = rank.rank + b * stage.batch_size * rank.world_size
+            prompt_scores[first : first + len(prompts) * rank.world_size : rank.world_size] = by_prompt
         sums += weight * torch.tensor([len(completions), scores.sum().item(), (scores**2).sum().item(), kl.item(),
                                        len(prompts), prompt_means.sum().item(), (prompt_means**2).sum().item()],
                                       dtype=torch.float64)
     count, total, squares, kl_total, prompt_count, prompt_total, prompt_squares = all_reduce_sum(sums.tolist())
+    prompt_scores = torch.tensor(all_reduce_sum(prompt_scores.flatten().tolist())).reshape(prompt_scores.shape)
     mean = total / count
     result = {
         "eval_reward_mean": mean,
         "eval_reward_std": max(squares / count - mean**2, 0.0) ** 0.5,
         "eval_prompt_reward_std": max(prompt_squares / prompt_count - (prompt_total / prompt_count) ** 2, 0.0) ** 0.5,
         "eval_kl": kl_total / count,
+        **models.parent_scores.win_rate(prompt_scores),
     }
     if stage.eval_exact_match and data.eval_rows:
         result["eval_exact_match"] = exact_match(

@@ -21,6 +21,7 @@ from align.engine.build import build_engine
 from align.engine.dist import Rank, all_reduce_sum
 from align.engine.metrics import MetricsLog, Throughput, means_over_ranks
 from align.evaluate import exact_match
+from align.evaluate_generations import pair_stage_replies
 from align.losses.dpo import chosen_nll, implicit_reward_accuracy
 from align.losses.orpo import orpo_loss
 from align.losses.simpo import simpo_loss
@@ -60,6 +61,7 @@ def run(ctx: StageContext[ORPOStage | SimPOStage]) -> StageResult:
     models = StageModels(engine, tokenizer, packed=packs(stage, model, ctx.message))
     metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics, ctx.tracker)
     first_step = resume(ctx, engine, rank, metrics)["step"]
+    models.replies = pair_stage_replies(ctx, rank, engine, tokenizer, data.eval_rows, first_step)
     if first_step == 0 and (held_out := evaluate(ctx, rank, models, data)):
         # The starting policy's numbers on the same held-out pairs, for comparison.
         metrics.log({"step": 0, **held_out})
@@ -122,7 +124,9 @@ def pair_loss(
 @torch.no_grad()
 def evaluate(ctx: StageContext[ORPOStage | SimPOStage], rank: Rank, models: StageModels, data: StageData) -> dict:
     """The step metrics on the held-out pairs (``eval_`` before each), how often the policy gives the chosen
-    response the higher summed log-prob (``eval_logp_accuracy``), and greedy exact match when asked."""
+    response the higher summed log-prob (``eval_logp_accuracy``), greedy exact match when asked, and with
+    ``eval_reward`` the mean score of replies sampled for the held-out prompts and their win rate against the
+    starting policy's."""
     if not data.eval:
         return {}
     stage, engine = ctx.stage, models.engine
@@ -152,5 +156,7 @@ def evaluate(ctx: StageContext[ORPOStage | SimPOStage], rank: Rank, models: Stag
             max_prompt_length=stage.max_prompt_length or stage.max_length,
             synced_gpus=ctx.job.deepspeed.zero_stage == 3,
         )
+    if models.replies is not None:
+        result.update(models.replies.evaluate(rank))
     engine.train()
     return result

@@ -75,7 +75,8 @@ def errors(stages: list[dict], **job) -> dict[str, str]:
     ({"type": "dpo", "data": PAIRS, "gate": {"metric": "accuracy", "min": 0.5}}, "stages[0].gate.metric",
      "a dpo stage does not report 'accuracy'; use one of loss, dpo_loss, nll_loss, rewards_chosen, "
      "rewards_rejected, rewards_margin, rewards_accuracy, eval_loss, eval_dpo_loss, eval_nll_loss, "
-     "eval_rewards_accuracy, eval_rewards_margin, eval_logp_accuracy, eval_exact_match"),
+     "eval_rewards_accuracy, eval_rewards_margin, eval_logp_accuracy, eval_exact_match, eval_reward_mean, "
+     "eval_win_rate"),
     ({"type": "dpo", "data": {"path": "prefs.jsonl"}, "gate": {"metric": "eval_rewards_accuracy", "min": 0.5}},
      "stages[0].gate.metric", "'eval_rewards_accuracy' is measured on held-out data and this stage has none; "
      "set data.eval_path or data.eval_fraction"),
@@ -83,6 +84,17 @@ def errors(stages: list[dict], **job) -> dict[str, str]:
      "'eval_exact_match' is only measured with eval_exact_match: true; set it or gate on another metric"),
     ({"type": "dpo", "data": PAIRS, "gate": {"metric": "eval_loss"}}, "stages[0].gate",
      "names metric 'eval_loss' but no condition; set min, max or min_delta_vs_parent"),
+    ({"type": "dpo", "data": PAIRS, "eval_reward": "exact_answer", "max_length": 64, "max_new_tokens": 8,
+      "gate": {}}, "stages[0].gate", "sets no condition; set min, max or min_delta_vs_parent"),
+    ({"type": "dpo", "data": PAIRS, "gate": {"min": 0.5}}, "stages[0].gate.metric",
+     "a dpo stage that does not score its replies to held-out prompts has no default metric (eval_win_rate); "
+     "name one or set eval_reward (model or exact_answer)"),
+    ({"type": "sft", "data": PAIRS, "gate": {"min": 0.5}}, "stages[0].gate.metric",
+     "a sft stage that does not score its replies to held-out prompts has no default metric (eval_win_rate); "
+     "name one"),
+    ({"type": "simpo", "data": PAIRS, "gate": {"metric": "eval_win_rate", "min": 0.5}}, "stages[0].gate.metric",
+     "'eval_win_rate' is only measured with eval_reward set; set eval_reward (model or exact_answer) or gate on "
+     "another metric"),
     ({"type": "dpo", "data": PAIRS, "gate": {"metric": "eval_loss", "min": 2, "max": 1}}, "stages[0].gate.min",
      "2 is above max (1), so no value can pass; lower min or raise max"),
     ({"type": "sft", "data": PAIRS, "gate": {"metric": "eval_loss", "min_delta_vs_parent": -0.1}},
@@ -94,6 +106,20 @@ def errors(stages: list[dict], **job) -> dict[str, str]:
 ])
 def test_a_gate_that_cannot_be_decided_is_refused(stage, field, message):
     assert errors([stage]) == {field: message}
+
+
+@pytest.mark.parametrize("stage", [
+    {"type": "dpo", "data": PAIRS, "eval_reward": "exact_answer", "max_length": 64, "max_new_tokens": 8},
+    {"type": "orpo", "data": PAIRS, "eval_reward": "model", "reward_model": "artifact:rm.rm-v1-0123456789ab"},
+    {"type": "grpo", "data": PAIRS, "reward": "exact_answer"},
+    {"type": "ppo", "data": PAIRS, "reward": "exact_answer", "critic_init": "policy"},
+], ids=["dpo", "orpo", "grpo", "ppo"])
+def test_a_gate_without_a_metric_gates_on_the_win_rate_of_a_stage_that_scores_its_replies(stage):
+    job = parse_spec({"name": "j", "base_model": "builtin:tiny",
+                      "stages": [{**stage, "gate": {"min_delta_vs_parent": 0.05}}]})
+    assert job.stages[0].gate.metric == "eval_win_rate"
+    assert parse_spec(job.model_dump(mode="json")) == job
+    assert {"eval_reward_mean", "eval_win_rate"} <= set(FINAL_METRICS[stage["type"]])
 
 
 def test_a_gate_changes_the_spec_hash():

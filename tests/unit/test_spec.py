@@ -155,6 +155,64 @@ def test_ppo_reward_fields_must_agree():
     assert set(errors) == {"stages[1].reward_model"}
 
 
+def scored_stage(type_: str = "dpo", **fields) -> dict:
+    """A preference stage on the built-in pairs whose replies to the held-out prompts fit in max_length."""
+    data = {"path": "builtin:parity/prefs", "eval_path": "builtin:parity/prefs_eval"}
+    return {"type": type_, "data": data, "max_length": 64, "max_new_tokens": 8, **fields}
+
+
+@pytest.mark.parametrize("type_", ["dpo", "orpo", "simpo"])
+def test_a_preference_stage_may_score_its_held_out_replies(type_):
+    stage = parse_spec(base(stages=[scored_stage(type_, eval_reward="exact_answer")])).stages[0]
+    assert (stage.eval_reward, stage.reward_model, stage.temperature, stage.eval_samples) == (
+        "exact_answer", None, 1.0, 1)
+    assert stage.scores_generations
+    stage = parse_spec(base(stages=[rm_stage(), scored_stage(type_, eval_reward="model")])).stages[1]
+    assert (stage.eval_reward, stage.reward_model) == ("model", None), "the rm stage before it scores"
+    assert not parse_spec(base(stages=[scored_stage(type_)])).stages[0].scores_generations
+
+
+def test_eval_reward_model_needs_a_reward_model():
+    assert errors_of(base(stages=[scored_stage(eval_reward="model")])) == {
+        "stages[0].reward_model": "eval_reward 'model' needs a reward model; add an rm stage before this one or "
+                                  "set reward_model: artifact:<id>"}
+    assert "stages[0].reward_model" in errors_of(base(stages=[scored_stage(eval_reward="model"), rm_stage()]))
+    job = parse_spec(base(stages=[scored_stage(eval_reward="model", reward_model="artifact:rm.rm-v1-0123456789ab")]))
+    assert job.stages[0].reward_model == "artifact:rm.rm-v1-0123456789ab"
+
+
+@pytest.mark.parametrize(("fields", "field", "message"), [
+    ({"reward_model": "artifact:rm.rm-v1-0123456789ab"}, "stages[0].reward_model",
+     "only used with eval_reward 'model', which is unset; set eval_reward: model or drop reward_model"),
+    ({"eval_reward": "exact_answer", "reward_model": "artifact:rm.rm-v1-0123456789ab"}, "stages[0].reward_model",
+     "only used with eval_reward 'model', not 'exact_answer'; set eval_reward: model or drop reward_model"),
+    ({"eval_reward": "exact_answer", "max_new_tokens": 64}, "stages[0].max_new_tokens",
+     "64 must be below max_length (64), which holds the prompt and the sampled reply; lower max_new_tokens or "
+     "raise max_length"),
+    ({"eval_reward": "exact_answer", "data": {"path": "builtin:parity/prefs"}}, "stages[0].eval_reward",
+     "scores replies to held-out prompts and this stage has none; set data.eval_path or data.eval_fraction, or "
+     "drop eval_reward"),
+    ({"eval_reward": "exact_answers"}, "stages[0].eval_reward",
+     "Input should be 'model' or 'exact_answer' (got 'exact_answers')"),
+    ({"eval_samples": 0}, "stages[0].eval_samples", "Input should be greater than or equal to 1 (got 0)"),
+])
+def test_held_out_reply_settings_are_checked(fields, field, message):
+    assert errors_of(base(stages=[scored_stage(**fields)])) == {field: message}
+
+
+def test_held_out_reply_settings_only_matter_with_eval_reward():
+    """Without eval_reward the sampling settings go unchecked (max_new_tokens may exceed max_length) and, at
+    their defaults, leave the spec hash as it was before they existed; online stages keep theirs in it."""
+    plain = {"type": "dpo", "data": {"path": "p.jsonl"}, "max_length": 32}
+    assert parse_spec(base(stages=[plain])).stages[0].max_new_tokens == 64
+    defaults = {"eval_reward": None, "reward_model": None, "max_new_tokens": 64, "temperature": 1.0,
+                "eval_samples": 1}
+    assert parse_spec(base(stages=[{**plain, **defaults}])).hash() == parse_spec(base(stages=[plain])).hash()
+    assert parse_spec(base(stages=[{**plain, "temperature": 0.7}])).hash() != parse_spec(base(stages=[plain])).hash()
+    online = ppo_stage(reward="exact_answer", critic_init="policy")
+    assert "max_new_tokens" in json.loads(parse_spec(base(stages=[online])).model_dump_json())["stages"][0]
+
+
 def test_ppo_refuses_full_fine_tuning():
     errors = errors_of(base(adapter={"type": "full"}, stages=[rm_stage(), ppo_stage()]))
     assert "needs adapter.type 'lora', 'dora' or 'ia3' (got 'full')" in errors["stages[1].type"]
