@@ -180,7 +180,7 @@ def load_scorer(ctx: StageContext, tokenizer, reward: str, device: torch.device)
 
 def pair_stage_replies(ctx: StageContext, rank: Rank, engine, tokenizer, eval_rows: list[dict],
                        first_step: int) -> HeldOutReplies | None:
-    """The held-out replies of a dpo, orpo or simpo stage with ``eval_reward`` (None without): the prompts
+    """The held-out replies of a dpo, orpo, simpo or kto stage with ``eval_reward`` (None without): the prompts
     of its held-out rows, cut from the left to leave room for ``max_new_tokens``, sampled from the policy
     ``engine`` trains."""
     stage = ctx.stage

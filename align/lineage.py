@@ -2,11 +2,11 @@
 
 One rule for the local runner and the service alike:
 
-- the start policy is the artifact of the latest policy stage (sft, dpo, orpo, simpo, ppo, grpo, rloo) before the
+- the start policy is the artifact of the latest policy stage (sft, dpo, orpo, simpo, kto, ppo, grpo, rloo) before the
   stage that published one; before any, the policy another job published that ``base_model:
   artifact:<id>`` names (an adapter is continued; full weights are the base a new adapter trains on), and
   none for a job on a plain base model;
-- an online stage with ``reward: model``, or a dpo, orpo or simpo stage with ``eval_reward: model``, scores
+- an online stage with ``reward: model``, or a dpo, orpo, simpo or kto stage with ``eval_reward: model``, scores
   with the artifact its ``reward_model: artifact:<id>`` names, else with the artifact of the latest rm stage
   before it; that artifact must be a reward
   model trained on the job's base model (on both sides, the one under ``artifact:<id>`` of an adapter;
@@ -95,7 +95,7 @@ def start_artifact_problem(artifact_id: str, kind: str, adapter_type: str) -> st
     ``adapter_type``; None when it can."""
     if kind not in POLICY_KINDS:
         return (f"'{artifact_id}' is an artifact of kind '{kind}', not a policy; give artifact:<id> of an artifact "
-                f"an sft, dpo, orpo, simpo, ppo, grpo or rloo stage published (kind {' or '.join(POLICY_KINDS)})")
+                f"an sft, dpo, orpo, simpo, kto, ppo, grpo or rloo stage published (kind {' or '.join(POLICY_KINDS)})")
     if kind == "adapter" and adapter_type in WHOLE_MODEL_ADAPTERS:
         return (f"'{artifact_id}' is an adapter and this job sets adapter.type '{adapter_type}'; set adapter.type "
                 "to 'lora', 'dora' or 'ia3' to continue the adapter, or export the merged model (align export "

@@ -44,6 +44,7 @@ from align.spec_stages import (
     DPOStage,
     GateSpec,
     GRPOStage,
+    KTOStage,
     ORPOStage,
     PPOStage,
     RewardChoice,
@@ -74,6 +75,7 @@ __all__ = [
     "GRPOStage",
     "GateSpec",
     "JobSpec",
+    "KTOStage",
     "ORPOStage",
     "PPOStage",
     "QuantizationSpec",
@@ -98,7 +100,7 @@ STAGE_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"padding_free": True, "gate": Non
 GENERATION_EVAL_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {
     "eval_reward": None, "reward_model": None, "max_new_tokens": 64, "temperature": 1.0, "eval_samples": 1,
 }
-"""Fields of the stages with ``eval_reward`` (dpo, orpo, simpo) that :meth:`JobSpec.hash` leaves out while they
+"""Fields of the stages with ``eval_reward`` (dpo, orpo, simpo, kto) that :meth:`JobSpec.hash` leaves out while they
 hold this default (online stages had ``max_new_tokens`` and ``temperature`` from the start)."""
 ADAPTER_HASH_OMITS_AT_DEFAULT: dict[str, Any] = {"rslora": False, "init": "default", "num_virtual_tokens": 20,
                                                  "prompt_init_text": None}
@@ -114,8 +116,8 @@ class JobSpec(SpecModel):
     """Job name: lower-case letters, digits, `.`, `_`, `-`. Names the artifact lineages."""
     base_model: str
     """`builtin:tiny`, a local Hugging Face model folder (safetensors), or `artifact:<id>`: a policy another
-    of your jobs published (an sft, dpo, orpo, simpo, ppo, grpo or rloo stage's artifact, not a reward model). The first
-    stage then starts from that policy: an adapter is continued (on the base model it names, with its own
+    of your jobs published (an sft, dpo, orpo, simpo, kto, ppo, grpo or rloo stage's artifact, not a reward
+    model). The first stage then starts from that policy: an adapter is continued (on the base model it names, with its own
     rank and targets; `adapter.type` must not be `full` or `bias`), full weights become the base a new adapter or
     full fine-tuning trains. DPO's reference is that policy, and the first stage's artifact lists it as
     its parent. `align train` and `align validate` look the id up in the local artifact store."""

@@ -1,5 +1,5 @@
-"""The stages of a job spec: SFT, reward model, DPO, ORPO and SimPO train on fixed rows; PPO, GRPO and
-RLOO sample from the policy while they train.
+"""The stages of a job spec: SFT, reward model, DPO, ORPO, SimPO and KTO train on fixed rows; PPO, GRPO
+and RLOO sample from the policy while they train.
 
 ``StageSpec`` is the union a job's ``stages`` list holds, told apart by each stage's ``type``.
 """
@@ -12,8 +12,8 @@ from pydantic import Field, model_validator
 
 from align.spec_parts import MAX_STEPS, MAX_TOKENS, DataSpec, ResourcesSpec, SpecModel
 
-STAGE_TYPES = ("sft", "rm", "dpo", "orpo", "simpo", "ppo", "grpo", "rloo")
-POLICY_STAGE_TYPES = ("sft", "dpo", "orpo", "simpo", "ppo", "grpo", "rloo")
+STAGE_TYPES = ("sft", "rm", "dpo", "orpo", "simpo", "kto", "ppo", "grpo", "rloo")
+POLICY_STAGE_TYPES = ("sft", "dpo", "orpo", "simpo", "kto", "ppo", "grpo", "rloo")
 """Stages that leave a policy: the next stage starts from the latest of them."""
 ONLINE_STAGE_TYPES = ("ppo", "grpo", "rloo")
 """Stages that sample from the policy while they train."""
@@ -37,6 +37,7 @@ _PAIR_HELD_OUT = ("eval_logp_accuracy", "eval_exact_match", *GENERATION_METRICS)
 _ONLINE = ("reward_mean", "kl", "response_length", "eval_exact_match")
 _ORPO = ("loss", "nll_loss", "odds_ratio_loss", "log_odds_ratio", *_PAIR_REWARDS)
 _SIMPO = ("loss", "simpo_loss", "nll_loss", *_PAIR_REWARDS)
+_KTO = ("loss", "kl", "rewards_desirable", "rewards_undesirable", "rewards_accuracy")
 FINAL_METRICS: dict[str, tuple[str, ...]] = {
     "sft": ("loss", "eval_loss", "eval_exact_match"),
     "rm": ("loss", "accuracy", "margin", "reward_mean", "eval_loss", "eval_accuracy", "eval_margin"),
@@ -44,6 +45,7 @@ FINAL_METRICS: dict[str, tuple[str, ...]] = {
             "eval_rewards_accuracy", "eval_rewards_margin", *_PAIR_HELD_OUT),
     "orpo": (*_ORPO, *(f"eval_{key}" for key in _ORPO), *_PAIR_HELD_OUT),
     "simpo": (*_SIMPO, *(f"eval_{key}" for key in _SIMPO), *_PAIR_HELD_OUT),
+    "kto": (*_KTO, *(f"eval_{key}" for key in _KTO), "eval_exact_match", *GENERATION_METRICS),
     "ppo": (*_ONLINE, "reward_std", "kl_coef", "policy_loss", "value_loss", *GENERATION_METRICS, "eval_reward_std",
             "eval_prompt_reward_std", "eval_kl"),
     "grpo": ("loss", "accuracy", *_ONLINE, *GENERATION_METRICS),
@@ -51,7 +53,7 @@ FINAL_METRICS: dict[str, tuple[str, ...]] = {
 }
 """The final metrics each stage type's artifact records (the last logged value of each; `eval_` ones come
 from the held-out data), besides throughput and counts. A stage's `gate` may name any of them."""
-STARTING_EVALUATION_TYPES = ("dpo", "orpo", "simpo", "ppo", "grpo", "rloo")
+STARTING_EVALUATION_TYPES = ("dpo", "orpo", "simpo", "kto", "ppo", "grpo", "rloo")
 """Stages that evaluate their starting policy on the held-out data before the first step (step 0)."""
 
 
@@ -62,7 +64,7 @@ class GateSpec(SpecModel):
 
     metric: str | None = Field(None, max_length=100)
     """One of the final metrics the stage type reports, e.g. `eval_rewards_accuracy` or `eval_exact_match`.
-    Unset: `eval_win_rate`, on a stage that scores its replies to the held-out prompts (dpo, orpo and simpo
+    Unset: `eval_win_rate`, on a stage that scores its replies to the held-out prompts (dpo, orpo, simpo and kto
     with `eval_reward`; ppo, grpo and rloo always); a stage that does not must name a metric."""
     min: float | None = Field(None, ge=-1e12, le=1e12)
     """The metric must be at least this."""
@@ -312,6 +314,33 @@ class SimPOStage(_GenerationEval, _PairStage):
     defaults to 1 there). 0 is plain SimPO."""
 
 
+class KTOStage(_GenerationEval, _PairStage):
+    """Kahneman-Tversky optimisation (Ethayarajh et al. 2024) on unpaired rows, each one completion marked
+    desirable or undesirable, against the frozen starting policy (as DPO's reference). The reference
+    point is the batch's KL estimate from completions paired with other rows' prompts."""
+
+    type: Literal["kto"]
+    """`kto`. Its data: TRL's unpaired layout (`prompt`, `completion`, `label`: true for a desirable
+    completion, false for an undesirable one), or preference pairs, each giving a desirable row (the chosen
+    answer) and an undesirable one (the rejected answer)."""
+    beta: float = Field(0.1, gt=0, le=1e6)
+    """Strength of the KL constraint to the reference (TRL's `KTOConfig.beta`)."""
+    desirable_weight: float = Field(1.0, ge=0, le=1e6)
+    """Weight λ_D of the desirable rows' loss. The paper advises `λ_D·n_D / (λ_U·n_U)` between 1 and 4/3 for
+    n_D desirable and n_U undesirable rows: raise the weight of the rarer kind."""
+    undesirable_weight: float = Field(1.0, ge=0, le=1e6)
+    """Weight λ_U of the undesirable rows' loss."""
+    reference: Literal["live", "precomputed"] = "live"
+    """Reference log-probs computed beside each step (`live`) or once before training (`precomputed`)."""
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> KTOStage:
+        if not self.desirable_weight and not self.undesirable_weight:
+            raise ValueError("desirable_weight and undesirable_weight are both 0, so nothing would be learnt; "
+                             "set either above 0")
+        return self
+
+
 class _OnlineStage(_StageBase):
     """What every online RL stage shares: prompts, sampling and the reward."""
 
@@ -434,5 +463,6 @@ class PPOStage(_OnlineStage):
 
 
 StageSpec = Annotated[
-    SFTStage | RewardModelStage | DPOStage | ORPOStage | SimPOStage | PPOStage | GRPOStage, Field(discriminator="type")
+    SFTStage | RewardModelStage | DPOStage | ORPOStage | SimPOStage | KTOStage | PPOStage | GRPOStage,
+    Field(discriminator="type"),
 ]

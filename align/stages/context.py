@@ -14,14 +14,24 @@ import torch
 from align.artifacts import PublishedArtifact
 from align.engine.dist import Rank, all_reduce_sum, init_distributed
 from align.precision import PrecisionChoice, resolve
-from align.spec import DPOStage, GRPOStage, JobSpec, ORPOStage, PPOStage, RewardModelStage, SFTStage, SimPOStage
+from align.spec import (
+    DPOStage,
+    GRPOStage,
+    JobSpec,
+    KTOStage,
+    ORPOStage,
+    PPOStage,
+    RewardModelStage,
+    SFTStage,
+    SimPOStage,
+)
 from align.tracking import StageTracker
 
 if TYPE_CHECKING:
     from align.evaluate_generations import HeldOutReplies
 
 StageT = TypeVar(
-    "StageT", bound=SFTStage | RewardModelStage | DPOStage | ORPOStage | SimPOStage | PPOStage | GRPOStage
+    "StageT", bound=SFTStage | RewardModelStage | DPOStage | ORPOStage | SimPOStage | KTOStage | PPOStage | GRPOStage
 )
 
 

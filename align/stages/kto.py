@@ -24,6 +24,7 @@ from align.engine.build import build_engine
 from align.engine.dist import Rank, all_reduce_sum
 from align.engine.metrics import MetricsLog, Throughput
 from align.evaluate import exact_match
+from align.evaluate_generations import pair_stage_replies
 from align.losses.kto import KTOOutput, kto_kl_estimate, kto_loss, mismatched_completion_index
 from align.models.policy import disable_dropout, load_policy
 from align.models.reference import Reference
@@ -58,6 +59,7 @@ def run(ctx: StageContext[KTOStage]) -> StageResult:
         models.precomputed = precompute_reference(ctx, rank, models, data)
     metrics = MetricsLog(ctx.work_dir / "metrics.jsonl", rank.is_main, ctx.on_metrics, ctx.tracker)
     first_step = resume(ctx, engine, rank, metrics)["step"]
+    models.replies = pair_stage_replies(ctx, rank, engine, tokenizer, data.eval_rows, first_step)
     if first_step == 0 and (held_out := evaluate(ctx, rank, models, data)):
         # The starting policy's numbers on the same held-out rows, for comparison.
         metrics.log({"step": 0, **held_out})
@@ -209,7 +211,8 @@ def step_means(sums: torch.Tensor, prefix: str = "") -> dict:
 @torch.no_grad()
 def evaluate(ctx: StageContext[KTOStage], rank: Rank, models: DPOModels, data: StageData) -> dict:
     """The step metrics on the held-out rows (``eval_`` before each), each micro-batch with its own reference
-    point; greedy exact match on the desirable rows' prompts when asked."""
+    point; greedy exact match on the desirable rows' prompts when asked; with ``eval_reward``, the mean score of
+    replies sampled for the held-out prompts and their win rate against the starting policy's."""
     if not data.eval:
         return {}
     stage, engine = ctx.stage, models.engine
@@ -234,5 +237,7 @@ def evaluate(ctx: StageContext[KTOStage], rank: Rank, models: DPOModels, data: S
             max_prompt_length=stage.max_prompt_length or stage.max_length,
             synced_gpus=ctx.job.deepspeed.zero_stage == 3,
         )
+    if models.replies is not None:
+        result.update(models.replies.evaluate(rank))
     engine.train()
     return result

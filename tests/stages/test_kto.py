@@ -74,17 +74,26 @@ def test_packed_padded_and_precomputed_give_the_same_losses(small_model, small_d
 @pytest.mark.slow
 def test_kto_raises_held_out_accuracy_over_sft(parity_sft):
     """The KTO stage of examples/tiny-sft-kto.yaml from the shared SFT artifact: its step-0 evaluation is the
-    SFT policy's greedy accuracy on the desirable held-out rows' prompts, its last one the trained policy's."""
+    SFT policy's greedy accuracy on the desirable held-out rows' prompts, its last one the trained policy's. Its
+    replies to the held-out prompts, sampled and scored by `exact_answer`, win against the SFT policy's, which a
+    gate with no metric (so on `eval_win_rate`) checks."""
     example, sft_id, root = parity_sft
     stage = yaml.safe_load((REPO / "examples" / "tiny-sft-kto.yaml").read_text())["stages"][1]
+    stage.update(eval_reward="exact_answer", max_new_tokens=8, temperature=0.7, gate={"min_delta_vs_parent": 0.05})
     started = time.perf_counter()
     job = parse_spec({**example, "name": "kto", "base_model": f"artifact:{sft_id}", "stages": [stage]})
     (trained,) = run_job(job, work_root=root / "kto", artifact_root=str(root / "artifacts"))
     evals = [r for r in metrics_of(root / "kto", "kto") if "eval_exact_match" in r]
     before, after = evals[0]["eval_exact_match"], evals[-1]["eval_exact_match"]
     print(f"held-out greedy accuracy: sft {before:.3f} -> kto {after:.3f}; reward accuracy "
-          f"{evals[-1]['eval_rewards_accuracy']:.3f}; {time.perf_counter() - started:.0f} s")
+          f"{evals[-1]['eval_rewards_accuracy']:.3f}; sampled replies' reward {evals[0]['eval_reward_mean']:.3f} -> "
+          f"{evals[-1]['eval_reward_mean']:.3f}, win rate {evals[-1]['eval_win_rate']:.3f}; "
+          f"{time.perf_counter() - started:.0f} s")
     assert evals[0]["step"] == 0 and 0.4 < before < 0.85, "SFT learns the demonstrations' mistakes"
     assert after >= 0.92 and after >= before + 0.15
     assert evals[-1]["eval_rewards_accuracy"] >= 0.9
     assert trained.artifact.manifest.parents == [sft_id]
+    assert evals[0]["eval_win_rate"] == 0.5 and evals[-1]["eval_win_rate"] > 0.6
+    assert evals[-1]["eval_reward_mean"] >= evals[0]["eval_reward_mean"] + 0.2
+    gate = trained.artifact.manifest.gate
+    assert (gate["metric"], gate["passed"]) == ("eval_win_rate", True)

@@ -108,8 +108,16 @@ def test_bad_enum_value_names_field_value_and_choices():
 
 
 def test_unknown_stage_type_lists_types():
-    assert errors_of(base(stages=[{"type": "kto", "data": {"path": "x"}}])) == {
-        "stages[0]": "unknown stage type 'kto'; use one of sft, rm, dpo, orpo, simpo, ppo, grpo, rloo"
+    assert errors_of(base(stages=[{"type": "cpo", "data": {"path": "x"}}])) == {
+        "stages[0]": "unknown stage type 'cpo'; use one of sft, rm, dpo, orpo, simpo, kto, ppo, grpo, rloo"
+    }
+
+
+def test_a_kto_stage_needs_some_weight():
+    stage = {"type": "kto", "data": {"path": "x"}, "desirable_weight": 0, "undesirable_weight": 0}
+    assert errors_of(base(stages=[stage])) == {
+        "stages[0]": "desirable_weight and undesirable_weight are both 0, so nothing would be learnt; "
+                     "set either above 0"
     }
 
 
