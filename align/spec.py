@@ -115,12 +115,12 @@ class JobSpec(SpecModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
     """Job name: lower-case letters, digits, `.`, `_`, `-`. Names the artifact lineages."""
     base_model: str
-    """`builtin:tiny`, a local Hugging Face model folder (safetensors), or `artifact:<id>`: a policy another
-    of your jobs published (an sft, dpo, orpo, simpo, kto, ppo, grpo or rloo stage's artifact, not a reward
-    model). The first stage then starts from that policy: an adapter is continued (on the base model it names, with its own
-    rank and targets; `adapter.type` must not be `full` or `bias`), full weights become the base a new adapter or
-    full fine-tuning trains. DPO's reference is that policy, and the first stage's artifact lists it as
-    its parent. `align train` and `align validate` look the id up in the local artifact store."""
+    """`builtin:tiny`, a local Hugging Face model folder (safetensors), or `artifact:<id>`: a policy another of your
+    jobs published (an sft, dpo, orpo, simpo, kto, ppo, grpo or rloo stage's artifact, not a reward model). The
+    first stage then starts from that policy: an adapter is continued (on the base model it names, with its own rank
+    and targets; `adapter.type` must not be `full` or `bias`), full weights become the base a new adapter or full
+    fine-tuning trains. DPO's reference is that policy, and the first stage's artifact lists it as its parent.
+    `align train` and `align validate` look the id up in the local artifact store."""
     adapter: AdapterSpec = AdapterSpec()
     """How the policy trains: LoRA, DoRA, IA3, prefix or prompt tuning, its biases only (BitFit) or full
     fine-tuning."""
