@@ -248,6 +248,8 @@ def _residents(job: JobSpec, index: int, shape: ModelShape, dtype_bytes: int) ->
             held += _model("reward model", shape, job, "score", dtype_bytes, None, trains=False)
     if stage.type in ("grpo", "rloo") and stage.reward == MODEL_REWARD:
         held += _model("reward model", shape, job, "score", dtype_bytes, None, trains=False)
+    if getattr(stage, "eval_reward", None) == MODEL_REWARD:  # scores the held-out replies
+        held += _model("reward model", shape, job, "score", dtype_bytes, None, trains=False)
     return held
 
 

@@ -319,6 +319,20 @@ def test_kto_is_planned_as_dpo_is():
     assert plans["kto", "live"].parameters == 4_313_344 and plans["kto", "precomputed"].parameters == 4_001_024
 
 
+def test_a_preference_stage_scoring_its_replies_with_a_reward_model_holds_it():
+    """`eval_reward: model` loads the job's reward model beside the policy, frozen: DPO after SFT and an RM stage
+    holds what it held without it plus that reward model, as GRPO holds its reward model."""
+    config = LlamaConfig(**TINY)
+    rm = {"type": "rm", "data": {"path": "p.jsonl"}}
+    stage = {"type": "dpo", "data": {"path": "p.jsonl", "eval_fraction": 0.1}, "max_length": 64, "max_new_tokens": 8}
+    plain = plan_job(_job([SFT, rm, stage]), config, GPUS["h200"])[2]
+    scored = plan_job(_job([SFT, rm, {**stage, "eval_reward": "model"}]), config, GPUS["h200"])[2]
+    grpo = {"type": "grpo", "data": {"path": "q.jsonl"}, "reward": "model", "max_length": 64, "max_new_tokens": 8}
+    grpo_plan = plan_job(_job([SFT, rm, grpo]), config, GPUS["h200"])[2]
+    grpo_plain = plan_job(_job([SFT, rm, {**grpo, "reward": "exact_answer"}]), config, GPUS["h200"])[2]
+    assert scored.parameters - plain.parameters == grpo_plan.parameters - grpo_plain.parameters > 0
+
+
 def test_online_stages_hold_a_kv_cache_and_time_the_sampling():
     """GRPO, 8 prompts x 8 samples, prompts of 64 - 4 = 60, 4 new tokens: a KV cache of 64 rows of 64
     positions (16,777,216 bytes in bf16), trained tokens 8 x 60 + 64 x 4 = 736. Sampling 4 tokens takes at
