@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from align.data import tokenize
-from align.engine.dist import Rank, all_reduce_sum
+from align.engine.dist import Rank, all_reduce_sum, broadcast_from_main
 from align.evaluate import rank_share
 from align.generation import CachedGenerator, SamplingParams
 from align.rewards import Scorer
@@ -110,7 +110,7 @@ class ParentScores:
         self.scores: torch.Tensor | None = None
         self._take_next = first_step == 0
         if not self._take_next:
-            self.scores = _from_main_rank(_read(self.path) if rank.is_main else None)
+            self.scores = broadcast_from_main(_read(self.path) if rank.is_main else None)
             if self.scores is None and rank.is_main and message is not None:
                 message(f"no scores of the starting policy's held-out replies in {self.path}; eval_win_rate is "
                         "not measured in this attempt", "warning")
@@ -135,14 +135,6 @@ def _read(path: Path) -> torch.Tensor | None:
         return None
     saved = torch.load(path)
     return saved.get("scores") if isinstance(saved, dict) else None
-
-
-def _from_main_rank(value):
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
 
 
 class HeldOutReplies:

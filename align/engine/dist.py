@@ -67,6 +67,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def broadcast_from_main(obj):
+    """The main rank's ``obj`` on every rank (any picklable object; identity in a world of one)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few floats over all ranks (identity in a world of one)."""
     tensor = torch.tensor(values, dtype=torch.float64)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from align.artifacts import ArtifactNotFound, ArtifactStore
-from align.engine.dist import Rank
+from align.engine.dist import Rank, broadcast_from_main
 from align.gates import check_gate, starting_value
 from align.model_card import base_model_license, write_model_card
 from align.models.adapters import save_trainable
@@ -81,7 +81,7 @@ def publish(
                         "info" if gate["passed"] else "error")
         if ctx.tracker is not None:
             ctx.tracker.end(published.artifact_id)
-    published = _broadcast(published)
+    published = broadcast_from_main(published)
     return StageResult(published, metrics)
 
 
@@ -114,10 +114,3 @@ def _stage_record(ctx: StageContext) -> dict:
         stage.update(stage_run_id=ctx.stage_run_id, attempt=ctx.attempt)
     return stage
 
-
-def _broadcast(obj):
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
