@@ -166,6 +166,29 @@ def test_dpo_on_two_ranks_starts_at_ln2_from_the_sft_adapter(sft_runs, tmp_path)
     assert math.isfinite(manifest["metrics"]["loss"]) and manifest["metrics"]["steps"] == 2
 
 
+def test_kto_on_two_ranks_ends_with_one_policy_from_the_sft_adapter(sft_runs, small_data, tmp_path):
+    """KTO's reference point is the KL estimate averaged over the ranks, so both ranks take the same loss. At
+    step 0 the policy is its reference (the frozen SFT adapter): every row's loss is 1 - σ(0) = 0.5."""
+    sft_ctx, (sft_rank0, _) = sft_runs(2)
+    sft_artifact = ArtifactStore(sft_ctx.artifact_root).get(sft_rank0["artifact"])
+    spec = sft_ctx.spec.model_dump(mode="json")
+    spec["stages"][1] = {"type": "kto", "data": {"path": str(small_data["prefs"]), "eval_fraction": 0.25},
+                         "batch_size": 2, "max_steps": 2, "lr": 1e-3, "seed": 7}
+    ctx = StageLaunch(spec=parse_spec(spec), index=1, work_dir=sft_ctx.work_dir.parent / "kto",
+                      artifact_root=sft_ctx.artifact_root, start_policy=sft_artifact.uri,
+                      parents=[sft_artifact.artifact_id])
+    rank0, rank1 = run_ranks(ctx, tmp_path / "reports")
+
+    assert rank0["digest"] == rank1["digest"], "the ranks disagree on the trained adapter"
+    assert shared_metrics(rank0) == shared_metrics(rank1)
+    assert rank0["digest"] != sft_rank0["digest"]
+    records = metrics_of(ctx.work_dir)
+    assert records[0]["step"] == 0 and records[0]["eval_loss"] == pytest.approx(0.5, abs=1e-4)
+    assert records[0]["eval_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert json.loads((Path(rank0["artifact"]) / "manifest.json").read_text())["parents"] == [
+        sft_artifact.artifact_id]
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_ppo_on_two_ranks_ends_with_one_policy(small_model, small_data, tmp_path, zero_stage):
     """Each rank samples and scores its share of the prompts; advantages are whitened over both;
