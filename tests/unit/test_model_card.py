@@ -102,7 +102,7 @@ def test_card_of_a_later_stage_lists_the_chain_with_parents_and_key_hyperparamet
         {"type": "sft", "data": {"path": "/data/sft.jsonl"}, "max_steps": 6, "lr": 1e-3, "seed": 7},
         {"type": "rm", "data": {"path": "/data/prefs.jsonl"}, "epochs": 2},
         {"type": "dpo", "name": "align", "data": {"path": "/data/prefs.jsonl", "eval_path": "/data/held.jsonl"},
-         "beta": 0.2, "warmup_ratio": 0.1},
+         "beta": 0.2, "warmup_ratio": 0.1, "eval_reward": "model", "max_new_tokens": 16},
     ], quantization={"bits": 4})
     parents = ["card.sft-v3-0123456789ab"]
     text = render_model_card(
@@ -124,7 +124,7 @@ def test_card_of_a_later_stage_lists_the_chain_with_parents_and_key_hyperparamet
            "gradient_accumulation_steps=1, epochs=2, max_length=512, seed=42, init=policy | - |" in text
     assert "| 2 | align | dpo | lr=5e-05, lr_scheduler=cosine, warmup_ratio=0.1, batch_size=8, " \
            "gradient_accumulation_steps=1, epochs=1, max_length=512, seed=42, beta=0.2, loss=sigmoid, " \
-           "label_smoothing=0, sft_weight=0, reference=live | this artifact |" in text
+           "label_smoothing=0, sft_weight=0, reference=live, eval_reward=model | this artifact |" in text
     assert f"| eval | `/data/held.jsonl` | `sha256:{'cd' * 32}` |" in text
     assert "| loss | 0.123457 |" in text and "| steps | 40 |" in text
     assert "- parents: `artifact:card.sft-v3-0123456789ab`" in text
