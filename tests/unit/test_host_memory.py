@@ -48,7 +48,7 @@ def resident_after_free(mode: str) -> float:
 
 def test_a_fixed_threshold_returns_freed_blocks_that_a_raised_one_keeps():
     """128 MiB freed: with glibc's dynamic threshold raised to 4 MiB by one freed block, the 2 MiB blocks
-    come from the heap, and the small tensors between them keep it from shrinking; fixed at 128 KiB, each
+    come from the heap, and the small tensors between them keep it from shrinking; fixed at 1 MiB, each
     block is its own mapping, unmapped when freed."""
     assert resident_after_free("dynamic") > 64
     assert resident_after_free("fixed") < 8
