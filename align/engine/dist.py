@@ -54,8 +54,13 @@ def init_distributed(threads: int | None = None) -> Rank:
     use_owned_batons()  # DeepSpeed compiles its CPU communication op here
     import deepspeed
 
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.distributed.is_initialized() and os.environ.get("WORLD_SIZE") == "1":
+        # A world of one needs no rendezvous: an in-memory store, so that no port is bound and two stages
+        # started at once on one machine cannot collide on MASTER_PORT.
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     # Also wraps a process group that a launcher (Ray Train, torchrun) already created.
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
