@@ -36,17 +36,20 @@ CONFIGS = {
 TOLERANCE = 0.25
 
 STAGE_PROCESS = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from align.runner import run_job
 from align.spec import parse_spec
 work = Path(sys.argv[1])
 run_job(parse_spec(json.loads((work / "spec.json").read_text())), work_root=work / "work",
         artifact_root=str(work / "artifacts"))
-(work / "peak.json").write_text(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+(work / "peak.json").write_text(json.dumps({"peak_rss": int(status["VmHWM"].split()[0]) * 1024}))
 """
-"""One stage in this process, then its own peak resident set (Linux: ``ru_maxrss`` in KiB), which leaves
-out any child it started (a compiler building a DeepSpeed op)."""
+"""One stage in this process, then its own peak resident set: ``VmHWM``, the high-water mark of this
+process's memory since it started its program, which leaves out any child it started (a compiler building a
+DeepSpeed op). Not ``ru_maxrss``: Linux carries that over from the parent across the fork and exec, so under
+a test process of 1.8 GiB every stage would report 1.8 GiB."""
 
 
 @pytest.fixture(scope="module")
