@@ -76,13 +76,14 @@ def run(ctx: StageContext[KTOStage]) -> StageResult:
         sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
         for rows in micro_batches:
             features = [data.train[i] for i in rows]
+            desirable = labels_of(features, engine.device)
             batch = to_device(preference_batch(features, pad, models.packed), engine.device)
             reference_logps = reference_logps_of(models, batch, "train", rows)
             policy_logps = sequence_logps(engine, batch)
-            out = unpaired_loss(stage, policy_logps, reference_logps, labels_of(features, engine.device))
+            out = unpaired_loss(stage, policy_logps, reference_logps, desirable)
             engine.backward(out.losses.sum() * scale)
             engine.step()
-            sums += row_sums(out, labels_of(features), stage.beta)
+            sums += row_sums(out, desirable, stage.beta)
             throughput.add(input_tokens(batch))
         after_step(
             ctx, rank, step + 1, steps, models=models, data=data, evaluate=evaluate, metrics=metrics,
